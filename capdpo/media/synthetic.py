@@ -1,0 +1,422 @@
+"""Procedural synthetic clips whose captions and QA are exact, because they are derived from the scene.
+
+A :class:`Scene` is a few flat shapes on a plain background. Each shape lives in its own quadrant
+of the frame (so shapes never overlap or hide each other), appears at a chosen frame, moves in a
+straight line in one direction without reaching its quadrant's border (so the direction is never
+ambiguous), and may change colour once. Event frames sit on the 8-frame sampling grid
+``linspace(0, n-1, 8)`` so a model that sees 8 uniformly sampled frames can see every event.
+
+Everything is deterministic from an integer seed, and scenes are JSON-serialisable so an oracle can
+check answers against ``scenes.jsonl`` later.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import av
+from PIL import Image, ImageDraw
+
+from capdpo.frames import sample_indices
+from capdpo.records import Video, write_jsonl
+
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 100, 230),
+    "yellow": (240, 215, 40),
+    "purple": (150, 60, 190),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+}
+# Backgrounds are not palette colours, so every shape contrasts with every background.
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "black": (15, 15, 15),
+    "gray": (115, 115, 115),
+    "navy": (20, 25, 75),
+    "brown": (95, 60, 35),
+}
+KINDS = ("circle", "square", "triangle")
+DIRECTIONS = ("left", "right", "up", "down", "none")
+SIZES = {"small": 0.06, "large": 0.1}  # half-extent as a fraction of the frame's short side
+REGIONS = {"upper left": (0, 0), "upper right": (1, 0), "lower left": (0, 1), "lower right": (1, 1)}
+GRID_FRAMES = 8  # events are placed on the frames a model sampling 8 frames sees
+_NUMBERS = ("no", "one", "two", "three", "four")
+_MOTION = {
+    "left": "moves steadily to the left",
+    "right": "moves steadily to the right",
+    "up": "moves steadily upward",
+    "down": "moves steadily downward",
+    "none": "stays still",
+}
+
+
+@dataclass
+class ColourChange:
+    """The shape switches to ``colour`` from ``frame`` on."""
+
+    frame: int
+    colour: str
+
+
+@dataclass
+class Shape:
+    """One shape: what it looks like, where and when it appears, how it moves, how it changes."""
+
+    kind: str  # circle | square | triangle
+    colour: str  # a PALETTE name: the colour it has when it appears
+    size: str  # small | large
+    radius: int  # half-extent in pixels
+    x: float  # centre, in pixels, when it appears
+    y: float
+    direction: str  # left | right | up | down | none
+    speed: float  # pixels per frame along ``direction``
+    appear: int  # first frame on which it is drawn
+    region: str  # quadrant it stays in, a REGIONS key
+    change: ColourChange | None = None
+
+    @property
+    def name(self) -> str:
+        """How captions and questions refer to it: its colour on appearing and its kind."""
+        return f"{self.colour} {self.kind}"
+
+    def position(self, frame: int) -> tuple[float, float]:
+        t = frame - self.appear
+        dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1), "none": (0, 0)}[self.direction]
+        return self.x + dx * self.speed * t, self.y + dy * self.speed * t
+
+    def colour_at(self, frame: int) -> str:
+        return self.change.colour if self.change and frame >= self.change.frame else self.colour
+
+    @property
+    def final_colour(self) -> str:
+        return self.change.colour if self.change else self.colour
+
+
+@dataclass
+class Scene:
+    """A whole clip: background, shapes, length and resolution; the seed that made it."""
+
+    seed: int
+    background: str
+    shapes: list[Shape] = field(default_factory=list)  # in order of appearance
+    n_frames: int = 48
+    fps: int = 8
+    width: int = 224
+    height: int = 224
+
+    @property
+    def seconds(self) -> float:
+        return self.n_frames / self.fps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Scene:
+        shapes = [
+            Shape(**{**s, "change": ColourChange(**s["change"]) if s.get("change") else None}) for s in d["shapes"]
+        ]
+        return cls(**{**d, "shapes": shapes})
+
+
+@dataclass
+class SyntheticClip:
+    """A rendered synthetic clip: its record, its exact QA ``(question, answer, kind)`` and its scene."""
+
+    video: Video
+    qa: list[tuple[str, str, str]]
+    scene: Scene
+
+
+# ----------------------------------------------------------------------------- scenes
+
+
+def random_scene(
+    seed: int,
+    *,
+    width: int = 224,
+    height: int = 224,
+    n_frames: int = 48,
+    fps: int = 8,
+    min_shapes: int = 1,
+    max_shapes: int = 3,
+    change_prob: float = 0.5,
+) -> Scene:
+    """A random scene, fully determined by ``seed`` and the arguments."""
+    if width % 2 or height % 2:
+        raise ValueError(f"width and height must be even for yuv420p video, got {width}x{height}")
+    if not 1 <= min_shapes <= max_shapes <= len(REGIONS):
+        raise ValueError(f"need 1 <= min_shapes <= max_shapes <= {len(REGIONS)}, got {min_shapes}, {max_shapes}")
+    if n_frames < 2 * GRID_FRAMES:
+        raise ValueError(f"n_frames must be >= {2 * GRID_FRAMES} so events land on distinct frames, got {n_frames}")
+    rng = random.Random(seed)
+    n = rng.randint(min_shapes, max_shapes)
+    background = rng.choice(list(BACKGROUNDS))
+    # Distinct colours (plus one spare for a change) make "the red circle" name exactly one shape.
+    colours = rng.sample(list(PALETTE), n + 1)
+    regions = rng.sample(list(REGIONS), n)
+    grid = sample_indices(n_frames, GRID_FRAMES)
+    # The first shape is there from frame 0; later ones appear on distinct grid frames in the first
+    # half, leaving time to see them move.
+    appears = [0] + sorted(rng.sample(grid[1:4], n - 1))
+    shapes = [
+        _random_shape(rng, colours[i], regions[i], appears[i], width, height, n_frames) for i in range(n)
+    ]
+    if rng.random() < change_prob:
+        s = rng.choice(shapes)
+        frame = rng.choice([g for g in grid[2:GRID_FRAMES - 1] if g > s.appear])
+        s.change = ColourChange(frame=frame, colour=colours[n])
+    return Scene(seed=seed, background=background, shapes=shapes, n_frames=n_frames, fps=fps, width=width, height=height)
+
+
+def _random_shape(
+    rng: random.Random, colour: str, region: str, appear: int, width: int, height: int, n_frames: int
+) -> Shape:
+    kind, size, direction = rng.choice(KINDS), rng.choice(list(SIZES)), rng.choice(DIRECTIONS)
+    short = min(width, height)
+    r = round(SIZES[size] * short)
+    margin = 0.03 * short
+    col, row = REGIONS[region]
+    qw, qh = width / 2, height / 2
+    # Range of centre positions that keeps the whole shape inside its quadrant.
+    x_lo, x_hi = col * qw + margin + r, (col + 1) * qw - margin - r
+    y_lo, y_hi = row * qh + margin + r, (row + 1) * qh - margin - r
+    x, y = rng.uniform(x_lo, x_hi), rng.uniform(y_lo, y_hi)
+    speed = 0.0
+    if direction != "none":
+        horizontal = direction in ("left", "right")
+        lo, hi = (x_lo, x_hi) if horizontal else (y_lo, y_hi)
+        travel = (hi - lo) * rng.uniform(0.7, 1.0)  # a long, clearly visible path
+        start = lo + rng.uniform(0, hi - lo - travel)
+        if direction in ("left", "up"):
+            start += travel  # start at the far end and travel back
+        x, y = (start, y) if horizontal else (x, start)
+        speed = travel / (n_frames - 1 - appear)
+    # Rounded to keep the JSON tidy; the margin absorbs the rounding.
+    return Shape(kind=kind, colour=colour, size=size, radius=r, x=round(x, 2), y=round(y, 2),
+                 direction=direction, speed=round(speed, 4), appear=appear, region=region)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+def draw_frame(scene: Scene, frame: int) -> Image.Image:
+    """The RGB image of one frame of the scene."""
+    img = Image.new("RGB", (scene.width, scene.height), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(img)
+    for s in scene.shapes:
+        if frame < s.appear:
+            continue
+        x, y = s.position(frame)
+        r, fill = s.radius, PALETTE[s.colour_at(frame)]
+        box = (x - r, y - r, x + r, y + r)
+        if s.kind == "circle":
+            draw.ellipse(box, fill=fill)
+        elif s.kind == "square":
+            draw.rectangle(box, fill=fill)
+        else:  # triangle, apex up
+            draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+    return img
+
+
+def video_codec() -> str:
+    """H.264 when this FFmpeg build has libx264, else MPEG-4 part 2 (always built in)."""
+    return "libx264" if "libx264" in av.codecs_available else "mpeg4"
+
+
+def render_scene(scene: Scene, path: str | os.PathLike) -> Path:
+    """Render the scene to an mp4 (yuv420p) at ``path``; written to a temp file, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    codec = video_codec()
+    with av.open(str(tmp), "w", format="mp4") as container:
+        stream = container.add_stream(codec, rate=scene.fps)
+        stream.width, stream.height, stream.pix_fmt = scene.width, scene.height, "yuv420p"
+        if codec == "libx264":
+            stream.options = {"crf": "18", "preset": "fast"}  # near-lossless: colours stay nameable
+        else:
+            stream.bit_rate = 2_000_000
+        for f in range(scene.n_frames):
+            frame = av.VideoFrame.from_image(draw_frame(scene, f))
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())  # flush the encoder's delayed frames
+    tmp.replace(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- language
+
+
+def _when(scene: Scene, frame: int) -> str:
+    if frame == 0:
+        return "at the start"
+    f = frame / (scene.n_frames - 1)
+    return "early in the video" if f < 1 / 3 else "in the middle of the video" if f < 2 / 3 else "late in the video"
+
+
+def _at(scene: Scene, frame: int) -> str:
+    return f"at about {frame / scene.fps:.1f} seconds"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{_NUMBERS[n] if n < len(_NUMBERS) else n} {noun}{'' if n == 1 else 's'}"
+
+
+def _is(n: int) -> str:
+    return "is" if n == 1 else "are"
+
+
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def caption_scene(scene: Scene) -> str:
+    """A detailed, exact caption: background, each shape (size, colour, kind, place, motion) in
+    order of appearance, any colour change and when, and the final count."""
+    ordinals = ("first", "second", "third", "fourth")
+    parts = [
+        f"The video shows simple flat shapes on a plain {scene.background} background, "
+        f"filmed by a still camera for {scene.seconds:g} seconds."
+    ]
+    for i, s in enumerate(scene.shapes):
+        if i == 0:
+            parts.append(f"At the start, a {s.size} {s.name} is in the {s.region} of the frame, and it {_MOTION[s.direction]}.")
+        else:
+            when = _when(scene, s.appear)
+            parts.append(
+                f"{when[0].upper()}{when[1:]}, {_at(scene, s.appear)}, a {ordinals[i]} shape appears: a {s.size} "
+                f"{s.name} in the {s.region}, which {_MOTION[s.direction]}."
+            )
+    changed = [s for s in scene.shapes if s.change]
+    for s in changed:
+        when = _when(scene, s.change.frame)
+        parts.append(
+            f"{when[0].upper()}{when[1:]}, {_at(scene, s.change.frame)}, the {s.name} suddenly changes colour "
+            f"from {s.colour} to {s.change.colour} and stays {s.change.colour} until the end."
+        )
+    if not changed:
+        parts.append("No shape changes colour.")
+    final = [f"{_a(s.final_colour)} {s.final_colour} {s.kind}" for s in scene.shapes]
+    n = len(scene.shapes)
+    parts.append(f"By the end, {_count(n, 'shape')} {_is(n)} visible: {_join(final)}.")
+    parts.append("The shapes never touch each other, and none leaves the frame." if n > 1 else "It never leaves the frame.")
+    return " ".join(parts)
+
+
+def scene_qa(scene: Scene) -> list[tuple[str, str, str]]:
+    """Exact ``(question, answer, kind)`` pairs; kinds: colour, shape, count, motion, order, change.
+
+    Every scene gets colour, shape, count, motion and change questions, plus order when it has two
+    or more shapes. Phrasing varies with the scene's seed.
+    """
+    rng = random.Random(scene.seed * 7919 + 1)  # own stream: QA phrasing never shifts the scene
+    shapes = scene.shapes
+    # Prefer shapes that keep their colour, so "what colour" has one answer for the whole clip.
+    stable = [s for s in shapes if not s.change] or shapes
+    qa: list[tuple[str, str, str]] = []
+
+    s = rng.choice(stable)
+    first = " when it first appears" if s.change else ""
+    q = rng.choice([
+        f"What colour is the {s.kind} in the {s.region} of the frame{first}?",
+        f"Which colour does the {s.size} {s.kind} in the {s.region} have{first}?",
+    ])
+    qa.append((q, rng.choice([f"It is {s.colour}{first}.", f"The {s.kind} is {s.colour}{first}."]), "colour"))
+
+    s = rng.choice(stable)
+    who = f"the object that is {s.colour} at first" if s.change else f"the {s.colour} object"
+    q = rng.choice([f"What shape is {who}?", f"What kind of shape is {who}?"])
+    qa.append((q, rng.choice([f"It is a {s.kind}.", f"{who[0].upper()}{who[1:]} is a {s.kind}."]), "shape"))
+
+    n = len(shapes)
+    kind = rng.choice([s.kind for s in shapes])
+    k = sum(s.kind == kind for s in shapes)
+    n_shapes, appear = _count(n, "shape"), "appears" if n == 1 else "appear"
+    qa.append(rng.choice([
+        ("How many shapes appear in the video?", f"{n_shapes.capitalize()} {appear} in the video.", "count"),
+        ("How many shapes are visible at the end of the video?", f"There {_is(n)} {n_shapes} at the end.", "count"),
+        (f"How many {kind}s are there in the video?", f"There {_is(k)} {_count(k, kind)}.", "count"),
+    ]))
+
+    s = rng.choice(shapes)
+    if s.direction == "none":
+        qa.append((f"Does the {s.name} move during the video?", "No, it stays still the whole time.", "motion"))
+    else:
+        way = {"left": "to the left", "right": "to the right", "up": "upward", "down": "downward"}[s.direction]
+        qa.append(rng.choice([
+            (f"In which direction does the {s.name} move?", f"It moves {way}.", "motion"),
+            (f"Does the {s.name} move during the video?", f"Yes, it moves steadily {way}.", "motion"),
+        ]))
+
+    if n >= 2:
+        a, b = rng.sample(shapes, 2)
+        early = min(a, b, key=lambda s: s.appear)
+        qa.append(rng.choice([
+            (f"Which appears first, the {a.name} or the {b.name}?", f"The {early.name} appears first.", "order"),
+            ("Which shape is there from the very beginning?", f"The {shapes[0].name} is there from the beginning.", "order"),
+            ("Which shape appears last?", f"The {shapes[-1].name} appears last.", "order"),
+        ]))
+
+    changed = [s for s in shapes if s.change]
+    if changed:
+        s = changed[0]
+        ans = f"The {s.kind} changes colour from {s.colour} to {s.change.colour} {_when(scene, s.change.frame)}."
+        q = rng.choice(["What changes during the video?", f"What happens to the {s.name} during the video?"])
+        qa.append((q, ans, "change"))
+    else:
+        qa.append(rng.choice([
+            ("Does any shape change colour during the video?", "No, every shape keeps its colour throughout.", "change"),
+            ("Does every shape keep its colour for the whole video?", "Yes, no shape changes colour.", "change"),
+        ]))
+    return qa
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def load_scenes(path: str | os.PathLike) -> dict[str, Scene]:
+    """Scenes by video id from a ``scenes.jsonl`` written by :func:`make_synthetic_dataset`."""
+    path = Path(path)
+    out = {}
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                out[row["id"]] = Scene.from_dict(row["scene"])
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{lineno}: not a scene row ({e!r})") from None
+    return out
+
+
+def make_synthetic_dataset(out_dir: str | os.PathLike, n_videos: int, seed: int = 0, **scene_kwargs) -> list[SyntheticClip]:
+    """Render ``out_dir/videos/synth_0000.mp4 ...`` and write ``out_dir/scenes.jsonl``.
+
+    Clip ``i`` uses scene seed ``seed * 100_000 + i``. A clip already on disk whose recorded scene
+    is unchanged is not rendered again, so re-running is cheap and a killed run resumes.
+    """
+    out_dir = Path(out_dir)
+    scenes_path = out_dir / "scenes.jsonl"
+    previous = load_scenes(scenes_path) if scenes_path.exists() else {}
+    clips = []
+    for i in range(n_videos):
+        vid = f"synth_{i:04d}"
+        scene = random_scene(seed * 100_000 + i, **scene_kwargs)
+        path = out_dir / "videos" / f"{vid}.mp4"
+        if not path.exists() or previous.get(vid) != scene:
+            render_scene(scene, path)
+        video = Video(id=vid, video=str(path), caption=caption_scene(scene), source="synthetic")
+        clips.append(SyntheticClip(video=video, qa=scene_qa(scene), scene=scene))
+    write_jsonl(scenes_path, ({"id": c.video.id, "video": c.video.video, "scene": c.scene.to_dict()} for c in clips))
+    return clips

@@ -1,0 +1,1 @@
+"""Models: turning weights shipped in odd formats into plain Hugging Face checkpoints."""

@@ -1,0 +1,78 @@
+"""Stage 7: preference pairs from judged candidates.
+
+Per question: chosen = the best-scoring candidate, rejected = the worst, kept only when the
+chosen scores at least ``min_chosen``, the rejected at most ``max_rejected`` and they differ by
+at least ``min_gap`` (ties are always dropped). Failed judgments take no part: a candidate whose
+judge failed is neither good nor bad, just unknown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from capdpo.config import PairsConfig
+from capdpo.records import Candidate, Judgment, PreferencePair, QAItem, RecordFile, Video
+
+
+@dataclass
+class PairStats:
+    questions: int = 0
+    pairs: int = 0
+    no_scored_candidates: int = 0
+    ties: int = 0
+    below_thresholds: int = 0
+
+    def __str__(self) -> str:
+        return (f"{self.pairs} pairs from {self.questions} questions "
+                f"(dropped: {self.ties} all tied, {self.below_thresholds} outside score thresholds, "
+                f"{self.no_scored_candidates} without 2 scored candidates)")
+
+
+def select_pair(scored: list[tuple[Candidate, float]], cfg: PairsConfig) -> tuple[tuple[Candidate, float], tuple[Candidate, float]] | str:
+    """Best and worst candidate, or the reason there is no pair. Among equal scores the earliest
+    sample wins, so the choice is deterministic."""
+    if len(scored) < 2:
+        return "no_scored_candidates"
+    best = max(scored, key=lambda cs: cs[1])
+    worst = min(scored, key=lambda cs: cs[1])
+    if best[1] == worst[1]:
+        return "ties"
+    if best[1] - worst[1] < cfg.min_gap or best[1] < cfg.min_chosen or worst[1] > cfg.max_rejected:
+        return "below_thresholds"
+    return best, worst
+
+
+def build_pairs(videos: dict[str, Video], qa: dict[str, QAItem], candidates: list[Candidate],
+                judgments: dict[str, Judgment], cfg: PairsConfig) -> tuple[list[PreferencePair], PairStats]:
+    by_question: dict[str, list[tuple[Candidate, float]]] = {}
+    for c in candidates:
+        if qa[c.qa_id].split != "train":
+            continue  # a held-out question never feeds training, whatever was sampled for it
+        scored = by_question.setdefault(c.qa_id, [])  # a question with no scored candidate still counts
+        j = judgments.get(c.id)
+        if j is not None and j.score is not None:
+            scored.append((c, j.score))
+    stats, pairs = PairStats(questions=len(by_question)), []
+    for qa_id, scored in by_question.items():
+        picked = select_pair(scored, cfg)
+        if isinstance(picked, str):
+            setattr(stats, picked, getattr(stats, picked) + 1)
+            continue
+        (chosen, cs), (rejected, rs) = picked
+        q = qa[qa_id]
+        pairs.append(PreferencePair(
+            id=qa_id, qa_id=qa_id, video_id=q.video_id, video=videos[q.video_id].video, prompt=q.question,
+            answer=q.answer, chosen=chosen.answer, rejected=rejected.answer, chosen_score=cs, rejected_score=rs,
+            chosen_id=chosen.id, rejected_id=rejected.id,
+        ))
+    stats.pairs = len(pairs)
+    return pairs, stats
+
+
+def run_pairs(videos_file: RecordFile[Video], qa_file: RecordFile[QAItem], candidates_file: RecordFile[Candidate],
+              judgments_file: RecordFile[Judgment], out: RecordFile[PreferencePair], cfg: PairsConfig) -> PairStats:
+    """The ``pairs`` stage. Pairs are a pure function of the judgments, so the file is rewritten
+    whole (atomically) rather than appended."""
+    pairs, stats = build_pairs(videos_file.by_id(), qa_file.by_id(), candidates_file.all(), judgments_file.by_id(), cfg)
+    out.write(pairs)
+    return stats

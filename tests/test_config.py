@@ -1,0 +1,134 @@
+"""Run configuration: defaults, YAML, CLI overrides, errors naming the file/field, descriptions."""
+
+from __future__ import annotations
+
+import pytest
+
+from capdpo.config import BUILTIN_LLM, BUILTIN_POLICY, ConfigError, RunConfig, describe, load_config, save_config
+
+
+def test_defaults_load():
+    cfg = load_config()
+    assert isinstance(cfg, RunConfig)
+    assert cfg.sample.n == 4 and cfg.sample.temperature == 1.0 and cfg.sample.top_p == 0.95
+    assert cfg.train.beta == 0.1 and cfg.train.lora is True
+    assert cfg.judge.max_answer_words == 256 and cfg.judge.llm.model == BUILTIN_LLM
+    assert cfg.policy.model == BUILTIN_POLICY and cfg.frames.num_frames == 8
+    assert cfg.pairs.min_gap == 1.0 and cfg.evaluate.pass_score == 3.0
+    assert cfg.data.videos is None
+
+
+def test_yaml_load(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("run_dir: runs/x\nsample:\n  n: 6\n  temperature: 0.7\njudge:\n  llm:\n    backend: openai\n    model: gpt-x\n")
+    cfg = load_config(path)
+    assert cfg.run_dir == "runs/x"
+    assert cfg.sample.n == 6 and cfg.sample.temperature == 0.7 and cfg.sample.top_p == 0.95  # untouched default
+    assert cfg.judge.llm.backend == "openai" and cfg.judge.llm.model == "gpt-x"
+    assert cfg.qa.llm.model == BUILTIN_LLM  # a section's LLM is its own
+
+
+def test_empty_yaml_is_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(path) == load_config()
+
+
+def test_overrides(tmp_path):
+    cfg = load_config(overrides=["sample.n=8", "train.lora=false", "judge.llm.base_url=http://x/v1"])
+    assert cfg.sample.n == 8 and isinstance(cfg.sample.n, int)
+    assert cfg.train.lora is False
+    assert cfg.judge.llm.base_url == "http://x/v1"
+    assert cfg.qa.llm.base_url is None
+    path = tmp_path / "run.yaml"
+    path.write_text("sample:\n  n: 6\n")
+    assert load_config(path, overrides=["sample.n=2"]).sample.n == 2  # overrides win over the file
+    assert load_config(overrides=["judge.llm.base_url=null"]).judge.llm.base_url is None
+    assert load_config(overrides=["judge.llm.base_url=http://127.0.0.1:8000/v1"]).judge.llm.base_url == "http://127.0.0.1:8000/v1"
+
+
+@pytest.mark.parametrize("bad", ["sample.n", "=8", "sample.n8"])
+def test_bad_override_syntax(bad):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(overrides=[bad])
+
+
+def test_override_value_that_is_not_yaml_gives_config_error():
+    with pytest.raises(ConfigError, match=r"sample\.n"):
+        load_config(overrides=["sample.n=["])
+
+
+def test_unknown_field_names_it(tmp_path):
+    with pytest.raises(ConfigError, match=r"sample\.nn"):
+        load_config(overrides=["sample.nn=3"])
+    path = tmp_path / "typo.yaml"
+    path.write_text("train:\n  betta: 0.2\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and "train.betta" in str(e.value)
+    path.write_text("trian:\n  beta: 0.2\n")
+    with pytest.raises(ConfigError, match="trian"):
+        load_config(path)
+
+
+def test_wrong_type_names_file_and_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"sample\.n"):
+        load_config(overrides=["sample.n=many"])
+    with pytest.raises(ConfigError, match=r"judge\.llm\.backend"):
+        load_config(overrides=["judge.llm.backend=vllm"])
+    with pytest.raises(ConfigError, match="is not a section"):
+        load_config(overrides=["sample=3", "sample.n=2"])
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  lora: maybe\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(path) in str(e.value) and "train.lora" in str(e.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(tmp_path / "missing.yaml")
+    path = tmp_path / "broken.yaml"
+    path.write_text("sample: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path)
+
+
+def test_relative_videos_path_is_relative_to_the_config_file(tmp_path, monkeypatch):
+    conf_dir = tmp_path / "configs"
+    conf_dir.mkdir()
+    path = conf_dir / "run.yaml"
+    path.write_text("data:\n  videos: ../data/videos.jsonl\n")
+    monkeypatch.chdir(tmp_path / "configs")  # the answer must not depend on the working directory
+    expected = str((tmp_path / "data" / "videos.jsonl").resolve())
+    assert load_config(path).data.videos == expected
+    monkeypatch.chdir("/")
+    assert load_config(path).data.videos == expected
+    path.write_text("data:\n  videos: /abs/videos.jsonl\n")
+    assert load_config(path).data.videos == "/abs/videos.jsonl"
+
+
+def test_save_then_load_round_trips(tmp_path):
+    cfg = load_config(overrides=["sample.n=8", "train.lora=false", "judge.llm.base_url=http://x/v1"])
+    save_config(cfg, tmp_path / "saved" / "config.yaml")
+    assert load_config(tmp_path / "saved" / "config.yaml") == cfg
+
+
+def test_describe_covers_every_leaf_with_a_description():
+    rows = describe()
+    keys = [k for k, _, _ in rows]
+    assert len(keys) == len(set(keys))
+    assert {"sample.n", "train.lora", "judge.llm.base_url", "qa.llm.model", "data.videos", "run_dir"} <= set(keys)
+    missing = [k for k, _, desc in rows if not desc.strip()]
+    assert missing == []
+    # every leaf is settable by its dotted key (the keys are real)
+    cfg = load_config().model_dump()
+    for key in keys:
+        node = cfg
+        for part in key.split("."):
+            node = node[part]
+    defaults = dict((k, d) for k, d, _ in rows)
+    assert defaults["sample.n"] == "4" and defaults["data.videos"] == "None"

@@ -1,0 +1,130 @@
+"""Preference pairs: best vs worst per question, thresholds, ties, failed judgments, stats."""
+
+from __future__ import annotations
+
+import pytest
+
+from capdpo.config import PairsConfig
+from capdpo.pairs import PairStats, build_pairs, run_pairs, select_pair
+from capdpo.records import Candidate, Judgment, PreferencePair, QAItem, RecordFile, Video
+
+CFG = PairsConfig()  # min_gap 1, min_chosen 3, max_rejected 3
+
+
+def cand(qa_id: str, k: int, answer: str | None = None) -> Candidate:
+    return Candidate(id=f"{qa_id}#{k}", qa_id=qa_id, video_id=qa_id.rsplit("_", 1)[0], answer=answer or f"{qa_id} answer {k}",
+                     model="m", seed=k, temperature=1.0, top_p=0.95)
+
+
+def judgment(c: Candidate, score: float | None) -> Judgment:
+    return Judgment(id=c.id, target_id=c.id, qa_id=c.qa_id, score=score,
+                    failure=None if score is not None else "no valid score 1-5 in reply after 2 attempt(s)",
+                    judge_backend="hf", judge_model="j", template="caption_reward", template_hash="t", prompt_hash="p")
+
+
+def world(scores: dict[str, list[float | None]]):
+    """Videos, QA, candidates and judgments for {qa_id: [score of candidate 0, 1, ...]}."""
+    videos, qa, cands, judged = {}, {}, [], {}
+    for qa_id, row in scores.items():
+        vid = qa_id.rsplit("_", 1)[0]
+        videos[vid] = Video(id=vid, video=f"/data/{vid}.mp4", caption=f"caption of {vid}")
+        qa[qa_id] = QAItem(id=qa_id, video_id=vid, question=f"question {qa_id}?", answer=f"reference {qa_id}.")
+        for k, s in enumerate(row):
+            c = cand(qa_id, k)
+            cands.append(c)
+            if s != "missing":
+                judged[c.id] = judgment(c, s)
+    return videos, qa, cands, judged
+
+
+def scored(*scores: float) -> list[tuple[Candidate, float]]:
+    return [(cand("v_0", k), s) for k, s in enumerate(scores)]
+
+
+def test_select_pair_takes_best_and_worst():
+    (best, bs), (worst, ws) = select_pair(scored(3, 5, 1, 4), CFG)
+    assert (best.id, bs, worst.id, ws) == ("v_0#1", 5, "v_0#2", 1)
+
+
+def test_select_pair_reasons():
+    assert select_pair([], CFG) == "no_scored_candidates"
+    assert select_pair(scored(5), CFG) == "no_scored_candidates"
+    assert select_pair(scored(3, 3, 3), CFG) == "ties"
+    assert select_pair(scored(1, 1), CFG) == "ties"
+    assert select_pair(scored(2, 1), CFG) == "below_thresholds"  # best below min_chosen
+    assert select_pair(scored(5, 4), CFG) == "below_thresholds"  # worst above max_rejected
+
+
+@pytest.mark.parametrize("best,worst,cfg,ok", [
+    (4, 3, PairsConfig(min_gap=1), True),
+    (4, 3, PairsConfig(min_gap=2), False),
+    (5, 3, PairsConfig(min_gap=2), True),
+    (3, 2, PairsConfig(min_chosen=3), True),
+    (3, 2, PairsConfig(min_chosen=4), False),
+    (3, 1, PairsConfig(max_rejected=1, min_chosen=3), True),
+    (4, 2, PairsConfig(max_rejected=1), False),
+    (3.5, 3.0, PairsConfig(min_gap=0.5), True),
+    (3.5, 3.0, PairsConfig(min_gap=1.0), False),
+])
+def test_thresholds_are_inclusive(best, worst, cfg, ok):
+    picked = select_pair(scored(worst, best), cfg)
+    if ok:
+        assert not isinstance(picked, str) and picked[0][1] == best and picked[1][1] == worst
+    else:
+        assert picked == "below_thresholds"
+
+
+def test_ties_among_best_and_worst_break_to_the_earliest_sample():
+    (best, _), (worst, _) = select_pair(scored(1, 5, 1, 5, 3), CFG)
+    assert (best.id, worst.id) == ("v_0#1", "v_0#0")
+    # the same input always gives the same pair
+    assert all(select_pair(scored(1, 5, 1, 5, 3), CFG)[0][0].id == "v_0#1" for _ in range(5))
+
+
+def test_build_pairs_rows_and_stats():
+    videos, qa, cands, judged = world({
+        "a_0": [2, 5, 4],         # pair: #1 (5) over #0 (2)
+        "a_1": [3, 3, 3],         # all tied
+        "b_0": [4, 5],            # worst 4 > max_rejected
+        "b_1": [None, 5, None],   # failed judgments are ignored: only one scored candidate
+        "c_0": [None, 4, None, 1],  # failed judgments ignored, the scored ones still pair
+        "c_1": ["missing", "missing"],  # never judged
+    })
+    pairs, stats = build_pairs(videos, qa, cands, judged, CFG)
+    assert [p.id for p in pairs] == ["a_0", "c_0"]
+    p = pairs[0]
+    assert isinstance(p, PreferencePair)
+    assert (p.qa_id, p.video_id, p.video) == ("a_0", "a", "/data/a.mp4")
+    assert (p.prompt, p.answer) == ("question a_0?", "reference a_0.")
+    assert (p.chosen, p.rejected) == ("a_0 answer 1", "a_0 answer 0")
+    assert (p.chosen_id, p.rejected_id, p.chosen_score, p.rejected_score) == ("a_0#1", "a_0#0", 5, 2)
+    assert (pairs[1].chosen_id, pairs[1].rejected_id) == ("c_0#1", "c_0#3")
+    assert stats == PairStats(questions=6, pairs=2, no_scored_candidates=2, ties=1, below_thresholds=1)
+    assert stats.pairs + stats.ties + stats.below_thresholds + stats.no_scored_candidates == stats.questions
+    assert str(stats) == ("2 pairs from 6 questions (dropped: 1 all tied, 1 outside score thresholds, "
+                          "2 without 2 scored candidates)")
+
+
+def test_failed_judgment_never_becomes_the_rejected_answer():
+    videos, qa, cands, judged = world({"a_0": [None, 5, 3]})
+    [p], _ = build_pairs(videos, qa, cands, judged, CFG)
+    assert p.rejected_id == "a_0#2" and p.rejected_score == 3
+
+
+def test_build_pairs_is_deterministic():
+    videos, qa, cands, judged = world({"a_0": [1, 5, 5, 1], "a_1": [2, 4, 2, 4]})
+    first = build_pairs(videos, qa, cands, judged, CFG)
+    assert build_pairs(videos, qa, cands, judged, CFG) == first
+    assert [(p.chosen_id, p.rejected_id) for p in first[0]] == [("a_0#1", "a_0#0"), ("a_1#1", "a_1#0")]
+
+
+def test_run_pairs_rewrites_the_file(tmp_path):
+    videos, qa, cands, judged = world({"a_0": [1, 5], "b_0": [3, 3]})
+    vf, qf = RecordFile(tmp_path / "videos.jsonl", Video), RecordFile(tmp_path / "qa.jsonl", QAItem)
+    cf, jf = RecordFile(tmp_path / "candidates.jsonl", Candidate), RecordFile(tmp_path / "judgments.jsonl", Judgment)
+    out = RecordFile(tmp_path / "pairs.jsonl", PreferencePair)
+    vf.write(videos.values()), qf.write(qa.values()), cf.write(cands), jf.write(judged.values())
+    stats = run_pairs(vf, qf, cf, jf, out, CFG)
+    assert stats.pairs == 1 and [p.id for p in out.read()] == ["a_0"]
+    run_pairs(vf, qf, cf, jf, out, CFG)  # a rerun does not duplicate
+    assert [p.id for p in out.read()] == ["a_0"]

@@ -1,0 +1,65 @@
+"""The video policy adapter on a tiny random LLaVA-NeXT-Video."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from capdpo.policy import VideoPolicy
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_policy_dir, cache_dir) -> VideoPolicy:
+    return VideoPolicy.load(str(tiny_policy_dir), cache_dir, device="cpu")
+
+
+def frames(seed: int, n: int = 4) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_pixel_values_are_cropped_and_normalised(policy):
+    x = policy.pixel_values(frames(0))
+    assert x.shape == (4, 3, 56, 56)
+    assert -3 < x.mean().item() < 3
+
+
+def test_prompt_expands_the_video_placeholder(policy):
+    ids = policy.prompt_ids("What happens?", n_visual=16)
+    assert ids.count(policy.video_token_id) == 16
+    assert "What happens?" in policy.tokenizer.decode(ids)
+
+
+def test_generate_is_deterministic_with_a_seed(policy):
+    video = policy.video_embeds(policy.pixel_values(frames(1)).unsqueeze(0))[0]
+    a = policy.generate(video, "Describe it.", n=3, temperature=1.0, top_p=0.95, max_new_tokens=6, seed=5)
+    b = policy.generate(video, "Describe it.", n=3, temperature=1.0, top_p=0.95, max_new_tokens=6, seed=5)
+    assert a == b and len(a) == 3
+
+
+def test_logps_do_not_depend_on_batching(policy):
+    videos = policy.video_embeds(torch.stack([policy.pixel_values(frames(s)) for s in (2, 3)]))
+    n_visual = videos.shape[1]
+    prompts = [policy.prompt_ids("Which colour?", n_visual), policy.prompt_ids("How many shapes are there in the end?", n_visual)]
+    responses = [policy.response_ids("Red."), policy.response_ids("There are three shapes, a circle and two squares.")]
+    with torch.no_grad():
+        together, counts = policy.sequence_logps(videos, prompts, responses)
+        alone = [policy.sequence_logps(videos[i : i + 1], prompts[i : i + 1], responses[i : i + 1])[0] for i in range(2)]
+    assert counts.tolist() == [len(r) for r in responses]
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_logps_equal_the_model_own_loss(policy):
+    """Summed response log-prob agrees with transformers' own labels-based loss."""
+    pixels = policy.pixel_values(frames(4)).unsqueeze(0)
+    video = policy.video_embeds(pixels)
+    prompt = policy.prompt_ids("What is shown?", video.shape[1])
+    response = policy.response_ids("A blue circle.")
+    ids = torch.tensor([prompt + response])
+    labels = torch.tensor([[-100] * len(prompt) + response])
+    with torch.no_grad():
+        ours, n = policy.sequence_logps(video, [prompt], [response])
+        loss = policy.model(input_ids=ids, pixel_values_videos=pixels, labels=labels).loss
+    torch.testing.assert_close(-ours / n, loss.unsqueeze(0), atol=1e-5, rtol=1e-5)
