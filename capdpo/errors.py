@@ -9,8 +9,18 @@ from capdpo.records import RecordError
 
 log = logging.getLogger("capdpo")
 
-# Errors that concern one item (a corrupt video, a malformed row) and leave the others fine.
-ITEM_ERRORS = (FrameError, RecordError, FileNotFoundError)
+
+class OverBudgetError(ValueError):
+    """A video + question that does not fit the policy's token budget; the message names the item."""
+
+
+# Errors that concern one item (a corrupt video, a malformed row, an over-budget video) and leave the others fine.
+ITEM_ERRORS = (FrameError, RecordError, FileNotFoundError, OverBudgetError)
+
+
+class BudgetExceeded(RuntimeError):
+    """A judge ceiling (requests, tokens or cost) would be passed. Raised before the request
+    that would pass it is sent; everything judged before is saved, so a later run resumes."""
 
 
 class ItemErrors:

@@ -1,7 +1,13 @@
-"""Stage 9: greedy answers on held-out questions, graded by the caption judge.
+"""Stage 9: greedy answers on held-out questions, graded by the LLM judge.
 
-accuracy = share of judged answers scoring >= ``pass_score`` (paper: 3), plus the mean score.
-Failed judgments are counted and shown apart, never folded in as wrong answers.
+Two protocols (method.md, step 9), chosen by the judge's ``protocol``:
+
+- ``caption_reward``: accuracy = share of judged answers scoring >= ``pass_score`` (paper: 3),
+  plus the mean 1-5 score;
+- ``video_chatgpt``: accuracy = yes / (yes + no), plus the mean 0-5 score.
+
+Failed judgments are counted and shown apart, never folded in as wrong answers. Predictions and
+judgments are resumable by id, so evaluating again costs nothing for what is already on disk.
 """
 
 from __future__ import annotations
@@ -16,19 +22,22 @@ from capdpo.judge import CaptionJudge, JudgeItem, judge_items
 from capdpo.policy import VideoPolicy
 from capdpo.records import EvalSummary, Judgment, Prediction, QAItem, RecordFile, Video
 from capdpo.sample import encode_video
+from capdpo.suites import HELD_OUT
 
 
 def predict(videos: dict[str, Video], questions: list[QAItem], policy: VideoPolicy, out: RecordFile[Prediction],
             cfg: EvaluateConfig, frames: FramesConfig, errors: ItemErrors) -> None:
     done = out.ids()
     todo = [q for q in questions if q.id not in done]
+    if not todo:
+        return  # nothing to answer: the policy need not even be loaded
     by_video: dict[str, list[QAItem]] = {}
     for q in todo:
         by_video.setdefault(q.video_id, []).append(q)
     with tqdm(total=len(todo), desc=f"evaluate: answer ({policy.name})", unit="question") as bar:
         for video_id, qs in by_video.items():
             try:
-                video = encode_video(policy, videos[video_id], frames.num_frames)
+                video = encode_video(policy, videos[video_id], frames, [q.question for q in qs], cfg.max_new_tokens)
             except ITEM_ERRORS as e:
                 errors.record(video_id, e)
                 bar.update(len(qs))
@@ -39,27 +48,61 @@ def predict(videos: dict[str, Video], questions: list[QAItem], policy: VideoPoli
                 bar.update()
 
 
-def summarize(tag: str, model: str, questions: int, judgments: list[Judgment], judge: CaptionJudge, pass_score: float) -> EvalSummary:
+def summary_id(tag: str, dataset: str) -> str:
+    """Summaries of the held-out questions keep the bare tag (``before``), suites ``<dataset>/<tag>``."""
+    return tag if dataset == HELD_OUT else f"{dataset}/{tag}"
+
+
+def accuracy_of(judgments: list[Judgment], protocol: str, pass_score: float) -> tuple[float | None, int]:
+    """Accuracy over the judged answers and how many judged answers it leaves out (``undecided``:
+    a video_chatgpt score whose yes/no votes tied). Failed judgments are never counted."""
+    scored = [j for j in judgments if j.score is not None]
+    if protocol == "video_chatgpt":
+        verdicts = [j.verdict for j in scored if j.verdict in ("yes", "no")]
+        return (verdicts.count("yes") / len(verdicts) if verdicts else None), len(scored) - len(verdicts)
+    return (sum(j.score >= pass_score for j in scored) / len(scored) if scored else None), 0
+
+
+def summarize(tag: str, model: str, questions: int, judgments: list[Judgment], judge: CaptionJudge, pass_score: float, *,
+              dataset: str = HELD_OUT, round_: int = 1, skipped: int = 0) -> EvalSummary:
+    protocol = judge.cfg.protocol
     scores = [j.score for j in judgments if j.score is not None]
+    accuracy, undecided = accuracy_of(judgments, protocol, pass_score)
     return EvalSummary(
-        id=tag, model=model, questions=questions, judged=len(scores), failed=len(judgments) - len(scores),
-        accuracy=sum(s >= pass_score for s in scores) / len(scores) if scores else None,
-        mean_score=statistics.fmean(scores) if scores else None, pass_score=pass_score,
+        id=summary_id(tag, dataset), tag=tag, dataset=dataset, protocol=protocol, round=round_, model=model,
+        questions=questions, judged=len(scores), failed=len(judgments) - len(scores), skipped=skipped, undecided=undecided,
+        accuracy=accuracy, mean_score=statistics.fmean(scores) if scores else None, pass_score=pass_score,
         judge_backend=judge.llm.backend, judge_model=judge.model_id, template=judge.template.name,
         template_hash=judge.template.hash,
     )
 
 
-def run_evaluate(tag: str, videos_file: RecordFile[Video], qa_file: RecordFile[QAItem], policy: VideoPolicy,
-                 judge: CaptionJudge, predictions: RecordFile[Prediction], judgments: RecordFile[Judgment],
-                 cfg: EvaluateConfig, frames: FramesConfig, *, fail_fast: bool = False) -> EvalSummary:
-    """The ``evaluate`` stage for one policy (``tag``: before / after / round name)."""
-    videos = videos_file.by_id()
-    questions = [q for q in qa_file.read() if q.split == "test"]
-    errors = ItemErrors("evaluate", fail_fast)
+def format_summary(s: EvalSummary) -> str:
+    """One line per evaluation, the judge and template hash beside the numbers they produced."""
+    acc = "n/a" if s.accuracy is None else f"{s.accuracy:.1%}"
+    score = "n/a" if s.mean_score is None else f"{s.mean_score:.2f}"
+    rule = "yes/(yes+no)" if s.protocol == "video_chatgpt" else f"score>={s.pass_score:g}"
+    extra = "".join(f", {n} {what}" for n, what in ((s.skipped, "skipped (missing media)"), (s.undecided, "undecided"))
+                    if n)
+    where = f"round {s.round} " if s.round > 1 else ""
+    return (f"{where}{s.dataset}/{s.tag or s.id}: accuracy {acc} ({rule}), mean score {score}; {s.judged} judged, "
+            f"{s.failed} failed of {s.questions} questions{extra} | judge {s.judge_backend}:{s.judge_model}, "
+            f"template {s.template} {s.template_hash}")
+
+
+def run_evaluate(tag: str, videos: dict[str, Video], questions: list[QAItem], policy: VideoPolicy, judge: CaptionJudge,
+                 predictions: RecordFile[Prediction], judgments: RecordFile[Judgment], cfg: EvaluateConfig,
+                 frames: FramesConfig, *, dataset: str = HELD_OUT, round_: int = 1, skipped: int = 0,
+                 fail_fast: bool = False) -> EvalSummary:
+    """Answer ``questions`` with ``policy`` (greedy) and judge the answers with ``judge``'s protocol."""
+    errors = ItemErrors(f"evaluate {dataset}", fail_fast)
     predict(videos, questions, policy, predictions, cfg, frames, errors)
     qa = {q.id: q for q in questions}
-    items = [JudgeItem(p.id, p.qa_id, videos[p.video_id].caption, qa[p.qa_id].question, qa[p.qa_id].answer, p.answer)
+    items = [JudgeItem(p.id, p.qa_id, videos[p.video_id].caption, qa[p.qa_id].question, qa[p.qa_id].answer, p.answer,
+                       videos[p.video_id].video)
              for p in predictions.read() if p.qa_id in qa]
-    graded = judge_items(judge, items, judgments, batch_size=judge.cfg.llm.batch_size, desc=f"evaluate: judge ({tag})")
-    return summarize(tag, policy.name, len(questions), graded, judge, cfg.pass_score)
+    graded = judge_items(judge, items, judgments, batch_size=judge.cfg.llm.batch_size,
+                         desc=f"evaluate: judge ({summary_id(tag, dataset)})")
+    model = next((p.model for p in predictions.read()), policy.name)
+    return summarize(tag, model, len(questions), graded, judge, cfg.pass_score, dataset=dataset, round_=round_,
+                     skipped=skipped)

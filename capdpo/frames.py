@@ -110,6 +110,22 @@ def sample_indices(n: int, num_frames: int) -> list[int]:
     return [int(i) for i in np.linspace(0, n - 1, num_frames).round()]
 
 
+def frame_rate(path: str | os.PathLike) -> float | None:
+    """Frames per second of a video file, or of a frame folder written by ``extract_frame_folder``
+    (read from its marker); None when unknown."""
+    path = Path(path)
+    if path.is_dir():
+        done = _read_done(path)
+        return float(done["settings"]["fps"]) if done else None
+    container = _open_video(path)
+    try:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        return float(rate) if rate else None
+    finally:
+        container.close()
+
+
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     """Resize so the short side is ``size``, then crop the centre ``size`` x ``size`` square."""
     w, h = img.size

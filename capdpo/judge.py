@@ -1,25 +1,41 @@
-"""Stage 6: the caption-grounded reward.
+"""Stages 6 and 9: the LLM judge.
 
-A text-only LLM reads the video's detailed caption (its stand-in for the video), the question,
-the reference answer and a candidate answer, and replies ``Explanation: ...`` then
-``Score: <1-5>``. A score is only ever what the judge said: a reply that does not parse is
-re-asked, then recorded as a failure with its reason - never turned into a number.
+The paper's reward (``protocol=caption_reward``): a text-only LLM reads the video's detailed
+caption (its stand-in for the video), the question, the reference answer and a candidate answer,
+and replies ``Explanation: ...`` then ``Score: <1-5>``. The zero-shot QA suites use the
+Video-ChatGPT protocol instead (``protocol=video_chatgpt``: no caption, reply
+``{'pred': 'yes'|'no', 'score': 0-5}``). A score is only ever what a judge said: a reply that does
+not parse is re-asked, then recorded as a failure with its reason - never turned into a number.
+
+Controls, all in :class:`~capdpo.config.JudgeConfig`: several sampled replies per answer
+(self-consistency), several judge LLMs (ensemble), sampled frames instead of the caption
+(``evidence=frames``, a vision judge), and request/token/cost ceilings (:class:`JudgeBudget`).
+:func:`pairwise_preference` compares two answers in both orders; :func:`estimate` sizes a run
+before anything is sent.
 """
 
 from __future__ import annotations
 
 import ast
+import base64
+import io
 import json
 import logging
+import math
 import re
-from collections.abc import Iterable, Iterator
+import statistics
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 from tqdm import tqdm
 
 from capdpo.config import JudgeConfig
-from capdpo.llm import HFChatLLM, load_llm
+from capdpo.errors import BudgetExceeded
+from capdpo.frames import FrameError, sample_frames
+from capdpo.llm import HFChatLLM, Reply, load_llm
 from capdpo.prompts import Template, load_template, short_hash
 from capdpo.records import Candidate, Judgment, QAItem, RecordFile, Video
 
@@ -28,6 +44,8 @@ log = logging.getLogger(__name__)
 SCORE_RANGE = (1, 5)
 REASK = ("\n\nYour previous reply was:\n{reply}\n\nIt did not end with a valid score. "
          "Reply with exactly one line: Score: <one integer from 1 to 5>")
+VIDEO_CHATGPT_REASK = ("\n\nYour previous reply was:\n{reply}\n\nIt was not a valid Python dictionary. "
+                       "Reply with only the dictionary: {{'pred': 'yes' or 'no', 'score': <one integer from 0 to 5>}}")
 
 # "Score: 4", "**Score:** 4", "score = 4/5", "Rating: 4 out of 5", "Score (1-5): 4". The number is
 # captured with any decimal part or sign so that "4.5", "6" or "-1" are seen - and then rejected,
@@ -37,7 +55,12 @@ _SCORE_LINE = re.compile(r"(?:score|rating)(?:\s*\(\s*(?:\d+\s*(?:-|–|to)\s*(\
                          r"\s*(?:/\s*(\d+)|out of\s*(\d+))?",
                          re.IGNORECASE)
 _MAPPING = re.compile(r"\{[^{}]*\}", re.DOTALL)
+# "Better: 1", "**Better:** Answer 2", "better = tie"; a hedge such as "1 or 2" is no verdict.
+_BETTER = re.compile(r"better\W{0,6}?(?:is\s*)?[:=]?\s*\**\s*(?:answer\s*)?(1|2|tie)\b"
+                     r"(?!\s*(?:or|/|,|and)\s*(?:answer\s*)?(?:1|2|tie)\b)", re.IGNORECASE)
 
+
+# -- reading replies -------------------------------------------------------------------------
 
 def parse_reward(text: str, low: int = SCORE_RANGE[0], high: int = SCORE_RANGE[1]) -> int | None:
     """The integer score a judge reply states, or None when it states no single valid one.
@@ -65,6 +88,38 @@ def parse_reward(text: str, low: int = SCORE_RANGE[0], high: int = SCORE_RANGE[1
     return None
 
 
+def parse_video_chatgpt(text: str) -> tuple[str, int] | None:
+    """``(pred, score)`` of a Video-ChatGPT judge reply - ``pred`` 'yes' or 'no', ``score`` an
+    integer 0-5 - or None when the reply holds no single valid ``{'pred': .., 'score': ..}``.
+
+    The dict may be JSON or a Python literal, alone or inside prose/fences; keys and the yes/no
+    are case-insensitive. A missing key, another word than yes/no, a fractional or out-of-range
+    score, or two dicts that disagree all give None.
+    """
+    found = set()
+    for blob in _MAPPING.findall(text or ""):
+        obj = _load_mapping(blob)
+        if obj is None:
+            continue
+        fields = {str(k).strip().lower(): v for k, v in obj.items()}
+        if "pred" not in fields and "score" not in fields:
+            continue  # some other mapping, not an attempt at the verdict
+        pred = fields.get("pred")
+        pred = pred.strip().lower() if isinstance(pred, str) else None
+        score = _valid(fields.get("score"), 0, 5) if not isinstance(fields.get("score"), bool) else None
+        found.add((pred, score) if pred in ("yes", "no") and score is not None else None)
+    if len(found) == 1:
+        return found.pop()
+    return None
+
+
+def parse_pairwise(text: str) -> str | None:
+    """The verdict of a pairwise reply: ``'1'``, ``'2'`` or ``'tie'`` from its ``Better: ...``
+    line, or None when it states none or several different ones."""
+    found = {m.group(1).lower() for m in _BETTER.finditer(text or "")}
+    return found.pop() if len(found) == 1 else None
+
+
 def _load_mapping(blob: str) -> dict | None:
     for loader in (json.loads, ast.literal_eval):
         try:
@@ -86,9 +141,49 @@ def _valid(value: object, low: int, high: int) -> int | None:
     return int(number)
 
 
+# -- protocols -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Vote:
+    """What one valid reply said: its score and, for video_chatgpt, its yes/no."""
+
+    score: int
+    verdict: str | None = None
+
+
+def _caption_reward_vote(text: str) -> Vote | None:
+    score = parse_reward(text)
+    return None if score is None else Vote(score)
+
+
+def _video_chatgpt_vote(text: str) -> Vote | None:
+    parsed = parse_video_chatgpt(text)
+    return None if parsed is None else Vote(parsed[1], parsed[0])
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How one judging protocol reads replies and asks again."""
+
+    template: str  # default template (caption evidence)
+    parse: Callable[[str], Vote | None]
+    reask: str
+    reask_tokens: int  # room for the corrected reply alone
+    expects: str  # what a valid reply states, for failure messages
+
+
+PROTOCOLS = {
+    "caption_reward": Protocol("caption_reward", _caption_reward_vote, REASK, 16, "valid score 1-5"),
+    "video_chatgpt": Protocol("video_chatgpt", _video_chatgpt_vote, VIDEO_CHATGPT_REASK, 32,
+                              "valid {'pred': yes/no, 'score': 0-5} dict"),
+}
+
+
+# -- items and evidence ----------------------------------------------------------------------
+
 @dataclass(frozen=True)
 class JudgeItem:
-    """One answer to grade, with everything the prompt needs."""
+    """One answer to grade, with everything the prompt needs (``video`` only for evidence=frames)."""
 
     target_id: str
     qa_id: str
@@ -96,6 +191,7 @@ class JudgeItem:
     question: str
     reference: str
     answer: str
+    video: str | None = None
 
 
 def truncate_words(text: str, max_words: int) -> str:
@@ -103,89 +199,583 @@ def truncate_words(text: str, max_words: int) -> str:
     return text if len(words) <= max_words else " ".join(words[:max_words])
 
 
-class CaptionJudge:
-    """Scores answers with the caption-reward template through a chat LLM."""
+def load_frames(video: str | Path, num_frames: int, size: int | None = None, quality: int = 90) -> list[bytes]:
+    """``num_frames`` frames sampled uniformly over a video file or frame folder, as JPEG bytes."""
+    encoded = []
+    for frame in sample_frames(video, num_frames, size):
+        buf = io.BytesIO()
+        frame.save(buf, format="JPEG", quality=quality)
+        encoded.append(buf.getvalue())
+    return encoded
 
-    def __init__(self, cfg: JudgeConfig, cache_dir: str | Path, llm=None):
+
+def chat_messages(prompt: str, images: list[bytes] | None = None) -> list[dict]:
+    """One user turn for an OpenAI-compatible chat API: each image (JPEG bytes) as a base64
+    ``image_url`` part, in order, then the text prompt (the frames come first so the prompt can
+    refer to "the frames above"). Without images the content is the plain prompt."""
+    if not images:
+        return [{"role": "user", "content": prompt}]
+    parts = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")}}
+             for jpeg in images]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
+
+
+def caption_messages(video: str | Path, num_frames: int = 8, size: int | None = None) -> list[dict]:
+    """The request asking a vision chat model for a detailed caption of ``video`` (template
+    ``detailed_caption``), for videos that come without one."""
+    return chat_messages(load_template("detailed_caption").text, load_frames(video, num_frames, size))
+
+
+# -- budget ----------------------------------------------------------------------------------
+
+@dataclass
+class Usage:
+    """Requests, tokens and USD of some judge calls (spent or planned); ``cost_usd`` None when
+    a model involved has no price."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float | None = 0.0
+
+    def __add__(self, other: Usage) -> Usage:
+        cost = None if self.cost_usd is None or other.cost_usd is None else self.cost_usd + other.cost_usd
+        return Usage(self.requests + other.requests, self.prompt_tokens + other.prompt_tokens,
+                     self.completion_tokens + other.completion_tokens, cost)
+
+    def as_dict(self) -> dict:
+        cost = None if self.cost_usd is None else round(self.cost_usd, 6)
+        return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "cost_usd": cost}
+
+
+class JudgeBudget:
+    """What the judge spent in this run (from the replies' reported usage) and its ceilings.
+
+    Ceilings are checked before sending, against the spend so far plus an estimate of the
+    requests about to be sent (prompt tokens estimated, completion at ``max_new_tokens``), so a
+    run stops *before* passing one. Image tokens are not estimated, only counted afterwards.
+    Cached replies count as spent: the count never underestimates.
+    """
+
+    def __init__(self, cfg: JudgeConfig):
+        self.max_requests, self.max_tokens, self.max_cost_usd = cfg.max_requests, cfg.max_tokens, cfg.max_cost_usd
+        self.prices = cfg.price_per_million
+        self.used = Usage()
+        self.exhausted: str | None = None  # why the last refused request was refused
+        self.reasks_refused = 0  # answers recorded as failed because their re-ask did not fit
+
+    @property
+    def limited(self) -> bool:
+        return any(x is not None for x in (self.max_requests, self.max_tokens, self.max_cost_usd))
+
+    def usage(self, model: str, requests: int, prompt_tokens: int, completion_tokens: int) -> Usage:
+        price = self.prices.get(model)
+        cost = None if price is None else (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
+        return Usage(requests, prompt_tokens, completion_tokens, cost)
+
+    def over(self, planned: Usage) -> str | None:
+        """Why sending ``planned`` on top of what was spent would pass a ceiling; None if it fits."""
+        total = self.used + planned
+        if self.max_requests is not None and total.requests > self.max_requests:
+            return f"judge.max_requests={self.max_requests}: this run would need {total.requests} requests"
+        tokens = total.prompt_tokens + total.completion_tokens
+        if self.max_tokens is not None and tokens > self.max_tokens:
+            return f"judge.max_tokens={self.max_tokens}: this run would need about {tokens} tokens"
+        if self.max_cost_usd is not None and (total.cost_usd or 0.0) > self.max_cost_usd:
+            return f"judge.max_cost_usd={self.max_cost_usd}: this run would need about ${total.cost_usd:.4f}"
+        return None
+
+    def spend(self, model: str, replies: list[Reply]) -> None:
+        self.used += self.usage(model, len(replies), sum(r.prompt_tokens for r in replies),
+                                sum(r.completion_tokens for r in replies))
+
+
+# -- the judge -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class JudgeLLM:
+    """One judge LLM (the main one or an ensemble member) and its reply length."""
+
+    llm: object
+    max_new_tokens: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.llm.backend}:{self.llm.model_id}"
+
+
+@dataclass
+class _Request:
+    """One reply asked of one judge LLM for one item; a re-ask updates it in place."""
+
+    item: int
+    judge: JudgeLLM
+    sample: int
+    prompt: str
+    reply: Reply | None = None
+    vote: Vote | None = None
+    attempts: int = 0
+    latency_s: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    refused: str | None = None  # why a needed re-ask was not sent (budget)
+
+    def take(self, reply: Reply, vote: Vote | None) -> None:
+        self.reply, self.vote = reply, vote
+        self.attempts += 1
+        self.latency_s += reply.latency_s
+        self.prompt_tokens += reply.prompt_tokens
+        self.completion_tokens += reply.completion_tokens
+
+
+class CaptionJudge:
+    """Scores answers through one or more chat LLMs; :meth:`judge` is the single entry point.
+
+    ``llm`` replaces the configured main judge and ``members`` the loaded ``cfg.ensemble``
+    (one LLM per entry, same order) - both for tests or callers holding loaded models.
+    """
+
+    def __init__(self, cfg: JudgeConfig, cache_dir: str | Path, llm=None, *, members: list | None = None,
+                 reply_cache: Path | None = None):
+        _check_config(cfg)  # before loading any model
         self.cfg = cfg
-        self.template: Template = load_template(cfg.template)
-        self.llm = llm if llm is not None else load_llm(cfg.llm, cache_dir)
-        if cfg.mode != "generate" and not isinstance(self.llm, HFChatLLM):
+        self.protocol = PROTOCOLS[cfg.protocol]
+        self.template: Template = load_template(cfg.template or self._default_template())
+        self.llm = llm if llm is not None else load_llm(cfg.llm, cache_dir, reply_cache)
+        if members is None:
+            members = [load_llm(m, cache_dir, reply_cache) for m in cfg.ensemble]
+        if len(members) != len(cfg.ensemble):
+            raise ValueError(f"got {len(members)} ensemble LLMs for {len(cfg.ensemble)} judge.ensemble entries")
+        self.judges = [JudgeLLM(self.llm, cfg.llm.max_new_tokens)] + [
+            JudgeLLM(m, c.max_new_tokens) for m, c in zip(members, cfg.ensemble)]
+        self.budget = JudgeBudget(cfg)
+        self._check_llms()
+
+    def _default_template(self) -> str:
+        return "caption_reward_frames" if self.cfg.evidence == "frames" else self.protocol.template
+
+    def _check_llms(self) -> None:
+        """Refuse judge LLMs that cannot do what the config asks, before any request is sent."""
+        cfg = self.cfg
+        if cfg.mode != "generate" and not isinstance(getattr(self.llm, "llm", self.llm), HFChatLLM):  # may be cached
             raise ValueError(f"judge.mode={cfg.mode} needs judge.llm.backend=hf (it reads the model's logits)")
+        keys = [j.key for j in self.judges]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"judge.ensemble repeats a judge already used: {keys}")
+        if cfg.evidence == "frames":
+            blind = [j.key for j in self.judges if not hasattr(j.llm, "chat_messages")]
+            if blind:
+                raise ValueError(f"judge.evidence=frames sends images, which only the openai backend supports "
+                                 f"(a vision model behind an OpenAI-compatible endpoint); {blind} cannot take them")
+        if cfg.max_cost_usd is not None:
+            unpriced = sorted({j.llm.model_id for j in self.judges} - set(cfg.price_per_million))
+            if unpriced:
+                raise ValueError(f"judge.max_cost_usd needs judge.price_per_million for {unpriced}")
 
     @property
     def model_id(self) -> str:
-        return self.llm.model_id
+        """The judge's identity pinned in every Judgment: the model, or ``ensemble(k1,k2,..)``."""
+        if len(self.judges) == 1:
+            return self.llm.model_id
+        return "ensemble(" + ",".join(j.key for j in self.judges) + ")"
+
+    @property
+    def params(self) -> dict:
+        """Scoring settings pinned with every judgment. Settings at their defaults are left out,
+        so files judged before those settings existed still resume."""
+        cfg = self.cfg
+        params = {"mode": cfg.mode, "temperature": 0.0, "max_new_tokens": cfg.llm.max_new_tokens,
+                  "max_answer_words": cfg.max_answer_words}
+        if cfg.protocol != "caption_reward":
+            params["protocol"] = cfg.protocol
+        if cfg.samples > 1:
+            params.update(temperature=cfg.sample_temperature, samples=cfg.samples, aggregate=cfg.aggregate, seed=cfg.seed)
+        if cfg.evidence != "caption":
+            params.update(evidence=cfg.evidence, frames_num=cfg.frames_num, frames_size=cfg.frames_size)
+        return params
 
     def render(self, item: JudgeItem) -> str:
         return self.template.render(caption=item.caption, question=item.question, answer=item.reference,
                                     prediction=truncate_words(item.answer, self.cfg.max_answer_words))
 
+    # -- judging ---------------------------------------------------------------------------
     def judge(self, items: list[JudgeItem]) -> list[Judgment]:
+        """One Judgment per item, in order. Raises :class:`BudgetExceeded`, sending nothing,
+        when the items' first requests would pass a ceiling (``judge_items`` sends only what fits)."""
+        if self.affordable(items) < len(items):
+            raise BudgetExceeded(self.budget.exhausted)
         prompts = [self.render(it) for it in items]
         if self.cfg.mode != "generate":
-            return [self._constrained_judgment(it, p, probs)
-                    for it, p, probs in zip(items, prompts, self.llm.choose(prompts, "Score: ", ["1", "2", "3", "4", "5"]))]
-        replies = self.llm.chat(prompts, temperature=0.0, max_new_tokens=self.cfg.llm.max_new_tokens)
-        results = [self._judgment(it, p, r.text, parse_reward(r.text), 1, r.latency_s) for it, p, r in zip(items, prompts, replies)]
-        for attempt in range(2, self.cfg.retries + 2):
-            redo = [i for i, j in enumerate(results) if j.score is None]
+            return self._judge_constrained(items, prompts)
+        images, unreadable = self._evidence(items)
+        asked = [i for i in range(len(items)) if i not in unreadable]
+        requests = self._ask(prompts, images, asked)
+        self._reask(requests)
+        by_item: dict[int, list[_Request]] = {i: [] for i in asked}
+        for r in requests:
+            by_item[r.item].append(r)
+        return [self._record(items[i], prompts[i], failure=unreadable[i], attempts=0) if i in unreadable
+                else self._combine(items[i], prompts[i], by_item[i]) for i in range(len(items))]
+
+    def _evidence(self, items: list[JudgeItem]) -> tuple[list[list[bytes]] | None, dict[int, str]]:
+        """The frames of each item (evidence=frames; None otherwise) and, by item index, why an
+        item's frames could not be read: that item is recorded as failed, the others go on."""
+        if self.cfg.evidence != "frames":
+            return None, {}
+        images, unreadable = [], {}
+        for i, it in enumerate(items):
+            if it.video is None:
+                raise ValueError(f"{it.target_id}: judge.evidence=frames needs the video path (JudgeItem.video)")
+            try:
+                images.append(load_frames(it.video, self.cfg.frames_num, self.cfg.frames_size))
+            except FrameError as e:
+                images.append([])
+                unreadable[i] = f"frames: {e}"
+        return images, unreadable
+
+    def _ask(self, prompts: list[str], images: list[list[bytes]] | None, asked: list[int]) -> list[_Request]:
+        """First requests: every judge, every sample, every asked item; one LLM call per
+        (judge, sample) so a backend batches the items. The budget was checked by ``affordable``."""
+        if not asked:
+            return []
+        cfg = self.cfg
+        # one reply is greedy; several are sampled, each sample with its own seed
+        temperature = 0.0 if cfg.samples == 1 else cfg.sample_temperature
+        seeds = [None] if cfg.samples == 1 else [cfg.seed + s for s in range(cfg.samples)]
+        requests = []
+        for jl in self.judges:
+            for sample, seed in enumerate(seeds):
+                batch = [_Request(i, jl, sample, prompts[i]) for i in asked]
+                replies = self._send(jl, [prompts[i] for i in asked], None if images is None else [images[i] for i in asked],
+                                     temperature=temperature, max_new_tokens=jl.max_new_tokens, seed=seed)
+                for r, reply in zip(batch, replies):
+                    r.take(reply, self._parse(reply))
+                requests += batch
+        return requests
+
+    def _reask(self, requests: list[_Request]) -> None:
+        """Re-ask replies that came back but did not parse, up to ``retries`` times. A backend
+        that gave up has already retried (``judge --retry-failed`` redoes those later). The
+        re-ask is text only even with frames: it asks for the score the previous reply meant."""
+        for _ in range(self.cfg.retries):
+            redo = [r for r in requests if r.vote is None and r.reply.error is None and r.refused is None]
             if not redo:
-                break
-            reasks = [prompts[i] + REASK.format(reply=results[i].raw_reply) for i in redo]
-            for i, r in zip(redo, self.llm.chat(reasks, temperature=0.0, max_new_tokens=16)):
-                results[i] = self._judgment(items[i], prompts[i], r.text, parse_reward(r.text), attempt,
-                                            results[i].latency_s + r.latency_s)
-        return results
+                return
+            for jl in self.judges:
+                group = [r for r in redo if r.judge is jl]
+                if not group:
+                    continue
+                prompts = [r.prompt + self.protocol.reask.format(reply=r.reply.text) for r in group]
+                refused = self.budget.over(self._plan(jl, prompts, self.protocol.reask_tokens))
+                if refused:
+                    self.budget.exhausted = refused
+                    self.budget.reasks_refused += len({r.item for r in group})
+                    for r in group:
+                        r.refused = refused
+                    continue
+                replies = self._send(jl, prompts, None, temperature=0.0, max_new_tokens=self.protocol.reask_tokens, seed=None)
+                for r, reply in zip(group, replies):
+                    r.take(reply, self._parse(reply))
 
-    def _judgment(self, item: JudgeItem, prompt: str, reply: str, score: float | None, attempts: int, latency: float) -> Judgment:
-        failure = None if score is not None else f"no valid score 1-5 in reply after {attempts} attempt(s)"
-        return Judgment(id=item.target_id, target_id=item.target_id, qa_id=item.qa_id, score=score, failure=failure,
-                        raw_reply=reply, judge_backend=self.llm.backend, judge_model=self.model_id,
-                        template=self.template.name, template_hash=self.template.hash, prompt_hash=short_hash(prompt),
-                        attempts=attempts, latency_s=round(latency, 4))
+    def _send(self, jl: JudgeLLM, prompts: list[str], images: list[list[bytes]] | None, *, temperature: float,
+              max_new_tokens: int, seed: int | None) -> list[Reply]:
+        """Every call into a judge LLM goes through here, and is counted by the budget. With
+        ``images`` (one list of JPEG frames per prompt) it needs the LLM's ``chat_messages``
+        (OpenAI-compatible multimodal messages, openai backend only)."""
+        params = {"temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
+        if images is None:
+            replies = jl.llm.chat(prompts, **params)
+        else:
+            replies = jl.llm.chat_messages([chat_messages(p, im) for p, im in zip(prompts, images)], **params)
+        self.budget.spend(jl.llm.model_id, replies)
+        return replies
 
-    def _constrained_judgment(self, item: JudgeItem, prompt: str, probs: dict[str, float]) -> Judgment:
+    def _parse(self, reply: Reply) -> Vote | None:
+        return None if reply.error is not None else self.protocol.parse(reply.text)
+
+    # -- one item's judgment ---------------------------------------------------------------
+    def _combine(self, item: JudgeItem, prompt: str, requests: list[_Request]) -> Judgment:
+        """The item's judgment from all its replies: each judge's valid samples aggregated
+        (mean or median), then the mean over the judges that gave any valid score."""
+        per_judge = {jl.key: self._aggregate([r.vote.score for r in requests if r.judge is jl and r.vote])
+                     for jl in self.judges}
+        valid = [s for s in per_judge.values() if s is not None]
+        score = round(statistics.fmean(valid), 4) if valid else None
+        votes = [r.vote for r in requests if r.vote is not None]
+        if len(requests) == 1:
+            raw_reply, samples = requests[0].reply.text, []
+        else:  # every reply, labelled, and every valid score behind the combined one
+            raw_reply = "\n\n".join(f"[{self._label(r)}] {_reply_text(r.reply)}" for r in requests)
+            samples = [float(v.score) for v in votes]
+        return self._record(
+            item, prompt, score=score, failure=None if score is not None else self._failure(requests),
+            verdict=_majority([v.verdict for v in votes if v.verdict is not None]), raw_reply=raw_reply,
+            score_samples=samples, score_spread=round(statistics.pstdev(samples), 4) if samples else None,
+            judge_scores=per_judge if len(self.judges) > 1 else {},
+            attempts=sum(r.attempts for r in requests), latency_s=round(sum(r.latency_s for r in requests), 4),
+            prompt_tokens=sum(r.prompt_tokens for r in requests), completion_tokens=sum(r.completion_tokens for r in requests))
+
+    def _aggregate(self, scores: list[int]) -> float | None:
+        if not scores:
+            return None
+        if len(scores) == 1:
+            return scores[0]
+        value = statistics.median(scores) if self.cfg.aggregate == "median" else statistics.fmean(scores)
+        return round(value, 4)
+
+    def _failure(self, requests: list[_Request]) -> str:
+        errors = [r.reply.error for r in requests if r.reply.error is not None]
+        if len(errors) == len(requests):
+            return f"judge backend failed: {errors[0]}" if len(requests) == 1 else \
+                f"judge backend failed on all {len(requests)} requests: {errors[0]}"
+        attempts = sum(r.attempts for r in requests)
+        what = f"no {self.protocol.expects} in reply after {attempts} attempt(s)" if len(requests) == 1 else \
+            f"no {self.protocol.expects} in any of {len(requests)} replies ({attempts} attempts)"
+        if errors:
+            what += f"; {len(errors)} backend failure(s): {errors[0]}"
+        refused = next((r.refused for r in requests if r.refused), None)
+        if refused:
+            what += f"; re-ask not sent, budget reached: {refused}"
+        return what
+
+    def _label(self, r: _Request) -> str:
+        parts = ([r.judge.key] if len(self.judges) > 1 else []) + ([f"sample {r.sample + 1}"] if self.cfg.samples > 1 else [])
+        return " ".join(parts)
+
+    def _record(self, item: JudgeItem, prompt: str, **fields) -> Judgment:
+        """A Judgment of ``item`` stamped with this judge's identity, template and settings."""
+        return Judgment(id=item.target_id, target_id=item.target_id, qa_id=item.qa_id, judge_backend=self.llm.backend,
+                        judge_model=self.model_id, template=self.template.name, template_hash=self.template.hash,
+                        prompt_hash=short_hash(prompt), params=self.params, **fields)
+
+    def _judge_constrained(self, items: list[JudgeItem], prompts: list[str]) -> list[Judgment]:
         """The reply is the digit distribution after 'Score: '; the score its argmax
         (``constrained``) or its mean (``expected``): always valid, never a parse guess."""
-        if self.cfg.mode == "expected":
-            score = round(sum(int(k) * p for k, p in probs.items()), 4)
-        else:
-            score = int(max(probs, key=probs.get))
-        reply = f"Score: {score}  ({self.cfg.mode}; p=" + ", ".join(f"{k}:{v:.3f}" for k, v in probs.items()) + ")"
-        return self._judgment(item, prompt, reply, score, 1, 0.0)
+        dists = self.llm.choose(prompts, "Score: ", ["1", "2", "3", "4", "5"])
+        self.budget.used += Usage(requests=len(prompts))  # one forward pass each; no tokens generated
+        results = []
+        for item, prompt, probs in zip(items, prompts, dists):
+            if self.cfg.mode == "expected":
+                score = round(sum(int(k) * p for k, p in probs.items()), 4)
+            else:
+                score = int(max(probs, key=probs.get))
+            text = f"Score: {score}  ({self.cfg.mode}; p=" + ", ".join(f"{k}:{v:.3f}" for k, v in probs.items()) + ")"
+            results.append(self._record(item, prompt, score=score, raw_reply=text))
+        return results
 
+    # -- budget ----------------------------------------------------------------------------
+    def affordable(self, items: list[JudgeItem]) -> int:
+        """How many of ``items`` (a prefix) the budget still allows, by estimate of their first
+        requests; when not all, ``budget.exhausted`` says which ceiling stops them."""
+        if not self.budget.limited:
+            return len(items)
+        planned = Usage()
+        for n, item in enumerate(items):
+            planned += sum(self.plan_item(item).values(), Usage())
+            reason = self.budget.over(planned)
+            if reason:
+                self.budget.exhausted = reason
+                return n
+        return len(items)
+
+    def plan_item(self, item: JudgeItem) -> dict[str, Usage]:
+        """Estimated usage of an item's first requests by judge key (every sample; no re-asks)."""
+        prompt = self.render(item)
+        return {jl.key: self._plan(jl, [prompt] * self.cfg.samples, jl.max_new_tokens) for jl in self.judges}
+
+    def _plan(self, jl: JudgeLLM, prompts: list[str], max_new_tokens: int) -> Usage:
+        tokens = {p: count_tokens(jl.llm, p) for p in set(prompts)}
+        return self.budget.usage(jl.llm.model_id, len(prompts), sum(tokens[p] for p in prompts),
+                                 max_new_tokens * len(prompts))
+
+
+def _check_config(cfg: JudgeConfig) -> None:
+    """Refuse setting combinations that cannot work together."""
+    if cfg.mode != "generate" and (cfg.protocol != "caption_reward" or cfg.samples > 1 or cfg.ensemble
+                                   or cfg.evidence != "caption"):
+        raise ValueError(f"judge.mode={cfg.mode} reads one model's 'Score: ' digits: it needs protocol "
+                         "caption_reward, samples=1, no ensemble and evidence=caption")
+    if cfg.evidence == "frames" and cfg.protocol != "caption_reward":
+        raise ValueError("judge.evidence=frames replaces the caption of protocol caption_reward; "
+                         f"protocol {cfg.protocol} has no caption")
+
+
+def _majority(verdicts: list[str]) -> str | None:
+    """The most frequent verdict; None when there is none or the top two tie (not a coin flip)."""
+    ranked = Counter(verdicts).most_common(2)
+    if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
+        return None
+    return ranked[0][0]
+
+
+def _reply_text(reply: Reply) -> str:
+    return f"(backend failed: {reply.error})" if reply.error is not None else reply.text
+
+
+def count_tokens(llm, text: str) -> int:
+    """Prompt tokens of ``text`` as ``llm`` will see it: its tokenizer with its chat template for
+    the hf backend, else ``len(text) / 4`` rounded up (a common rule of thumb for English)."""
+    tokenizer = None
+    if llm.backend == "hf":
+        backend = getattr(llm, "llm", llm)  # a CachedLLM keeps the backend in .llm
+        tokenizer = getattr(backend, "tokenizer", None)
+    if tokenizer is None:
+        return math.ceil(len(text) / 4)
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return len(tokenizer(chat, add_special_tokens=False)["input_ids"])
+
+
+def estimate(judge: CaptionJudge, items: list[JudgeItem]) -> dict:
+    """What judging ``items`` would send, without sending anything (``judge --dry-run``).
+
+    Requests = items x samples x judges; prompt tokens by :func:`count_tokens`; completion tokens
+    at each judge's ``max_new_tokens`` (an upper bound); cost from ``price_per_million`` (None
+    when a judge model has no price). Re-asks depend on the replies and are not included, nor
+    are image tokens (``images`` counts the frames that would be sent). ``over_budget`` says
+    which ceiling the whole run would pass, if any.
+    """
+    per_judge: dict[str, Usage] = {jl.key: Usage() for jl in judge.judges}
+    for item in items:
+        for key, usage in judge.plan_item(item).items():
+            per_judge[key] += usage
+    total = sum(per_judge.values(), Usage())
+    images = len(items) * judge.cfg.samples * len(judge.judges) * judge.cfg.frames_num if judge.cfg.evidence == "frames" else 0
+    return {"items": len(items), **total.as_dict(), "images": images,
+            "judges": {key: u.as_dict() for key, u in per_judge.items()}, "over_budget": judge.budget.over(total)}
+
+
+# -- pairwise --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PairwiseResult:
+    """Which of two answers to one question the judge prefers, asked in both orders.
+
+    ``preference``: +1 A better, -1 B better, 0 a tie or the two orders disagree (position
+    bias); None when a reply gave no verdict (``failure`` says why). ``verdict_ab`` /
+    ``verdict_ba``: 'A', 'B' or 'tie' as read from the (A, B) and (B, A) orders.
+    """
+
+    preference: int | None
+    verdict_ab: str | None
+    verdict_ba: str | None
+    reply_ab: str
+    reply_ba: str
+    failure: str | None
+    judge_model: str
+    template_hash: str
+
+    @property
+    def position_bias(self) -> bool:
+        """Both orders gave a verdict, and they differ: the answers' order decided."""
+        return None not in (self.verdict_ab, self.verdict_ba) and self.verdict_ab != self.verdict_ba
+
+
+@cache
+def _pairwise_template() -> Template:
+    return load_template("pairwise")
+
+
+def pairwise_preference(judge: CaptionJudge, item_a: JudgeItem, item_b: JudgeItem) -> PairwiseResult:
+    """Ask the main judge LLM (template ``pairwise``, greedy) which of two answers to the same
+    question is better, once as (A, B) and once as (B, A); only a verdict both orders agree on
+    counts. Two requests, counted by the judge's budget (:class:`BudgetExceeded` before sending
+    when they do not fit). The caption is the evidence: evidence=frames is not supported."""
+    if item_a.qa_id != item_b.qa_id:
+        raise ValueError(f"pairwise_preference compares answers to one question, got {item_a.qa_id} and {item_b.qa_id}")
+    if judge.cfg.evidence != "caption":
+        raise ValueError("pairwise_preference judges from the caption; judge.evidence=frames is not supported")
+    template = _pairwise_template()
+    words = judge.cfg.max_answer_words
+
+    def render(first: JudgeItem, second: JudgeItem) -> str:
+        return template.render(caption=first.caption, question=first.question, answer=first.reference,
+                               answer_1=truncate_words(first.answer, words), answer_2=truncate_words(second.answer, words))
+
+    main = judge.judges[0]
+    prompts = [render(item_a, item_b), render(item_b, item_a)]
+    refused = judge.budget.over(judge._plan(main, prompts, main.max_new_tokens))
+    if refused:
+        judge.budget.exhausted = refused
+        raise BudgetExceeded(refused)
+    ab, ba = judge._send(main, prompts, None, temperature=0.0, max_new_tokens=main.max_new_tokens, seed=None)
+    verdict_ab, why_ab = _pairwise_verdict(ab, "A", "B", "(A, B)")
+    verdict_ba, why_ba = _pairwise_verdict(ba, "B", "A", "(B, A)")
+    failures = [w for w in (why_ab, why_ba) if w]
+    if failures:
+        preference = None
+    elif verdict_ab != verdict_ba or verdict_ab == "tie":
+        preference = 0
+    else:
+        preference = 1 if verdict_ab == "A" else -1
+    return PairwiseResult(preference, verdict_ab, verdict_ba, ab.text, ba.text, "; ".join(failures) or None,
+                          judge.llm.model_id, template.hash)
+
+
+def _pairwise_verdict(reply: Reply, first: str, second: str, order: str) -> tuple[str | None, str | None]:
+    """('A' | 'B' | 'tie', None) from a reply that showed ``first`` as answer 1, or (None, why)."""
+    if reply.error is not None:
+        return None, f"judge backend failed on the {order} order: {reply.error}"
+    choice = parse_pairwise(reply.text)
+    if choice is None:
+        return None, f"no 'Better: 1|2|tie' in the {order} reply"
+    return {"1": first, "2": second, "tie": "tie"}[choice], None
+
+
+# -- stages ----------------------------------------------------------------------------------
 
 def candidate_items(videos: dict[str, Video], qa: dict[str, QAItem], candidates: Iterable[Candidate]) -> Iterator[JudgeItem]:
     for c in candidates:
         q = qa[c.qa_id]
-        yield JudgeItem(c.id, c.qa_id, videos[q.video_id].caption, q.question, q.answer, c.answer)
+        v = videos[q.video_id]
+        yield JudgeItem(c.id, c.qa_id, v.caption, q.question, q.answer, c.answer, v.video)
+
+
+def check_same_judge(judge: CaptionJudge, out: RecordFile[Judgment]) -> None:
+    """Resuming must not mix two judges' scores in one file: refuse when the recorded judge,
+    template or scoring parameters differ from the current ones."""
+    first = next(out.read(), None)
+    if first is None:
+        return
+    now = (judge.llm.backend, judge.model_id, judge.template.hash, judge.params)
+    was = (first.judge_backend, first.judge_model, first.template_hash, first.params)
+    if now != was:
+        raise ValueError(f"{out.path}: made by another judge ({was[0]}:{was[1]}, template {was[2]}, {was[3]}); "
+                         f"the current one is {now[0]}:{now[1]}, template {now[2]}, {now[3]}. "
+                         "Use another run folder or move the file away to judge again.")
 
 
 def judge_items(judge: CaptionJudge, items: list[JudgeItem], out: RecordFile[Judgment], *,
                 batch_size: int = 8, retry_failed: bool = False, desc: str = "judge") -> list[Judgment]:
     """Judge every item not already judged in ``out``; appends batch by batch so a crash loses at
-    most one batch. ``retry_failed`` first drops recorded failures so they are judged again."""
+    most one batch. ``retry_failed`` first drops recorded failures so they are judged again.
+
+    When the judge's budget would be passed, the affordable part of the batch is judged and
+    saved, then :class:`BudgetExceeded` is raised: nothing judged is lost, and running again
+    (with a fresh or larger budget) goes on from there."""
     if retry_failed and out.exists():
         out.write([j for j in out.read() if j.failure is None])
+    check_same_judge(judge, out)
+    judge.budget.exhausted = None  # set again below only if this call hits a ceiling
     done = out.ids()
     todo = [it for it in items if it.target_id not in done]
     with tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="answer") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            out.append(judge.judge(batch))
-            bar.update(len(batch))
+            fits = judge.affordable(batch)
+            if fits:
+                out.append(judge.judge(batch[:fits]))
+                bar.update(fits)
+            if fits < len(batch) or judge.budget.exhausted:
+                _stop_for_budget(judge, out, left=len(todo) - start - fits)
     wanted = {it.target_id for it in items}
     return [j for j in out.read() if j.target_id in wanted]
 
 
-def run_judge(videos_file: RecordFile[Video], qa_file: RecordFile[QAItem], candidates_file: RecordFile[Candidate],
-              out: RecordFile[Judgment], cfg: JudgeConfig, cache_dir: str | Path, *, retry_failed: bool = False) -> list[Judgment]:
-    """The ``judge`` stage: score every candidate answer."""
-    items = list(candidate_items(videos_file.by_id(), qa_file.by_id(), candidates_file.read()))
-    judge = CaptionJudge(cfg, cache_dir)
-    judgments = judge_items(judge, items, out, batch_size=cfg.llm.batch_size, retry_failed=retry_failed)
-    failed = sum(j.failure is not None for j in judgments)
-    if failed:
-        log.warning("%d of %d judgments failed (recorded with their reason in %s)", failed, len(judgments), out.path)
-    return judgments
+def _stop_for_budget(judge: CaptionJudge, out: RecordFile[Judgment], left: int) -> None:
+    used = judge.budget.used.as_dict()
+    refused = judge.budget.reasks_refused
+    hint = f"; {refused} answer(s) whose re-ask did not fit are recorded as failed (--retry-failed redoes them)" if refused else ""
+    raise BudgetExceeded(f"judge budget reached: {judge.budget.exhausted}. Spent this run: {used}. "
+                         f"{left} answer(s) not sent; everything judged is saved in {out.path}{hint}. "
+                         "Run again (with a larger limit) to go on.")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tqdm import tqdm
+
 from capdpo.config import PairsConfig
 from capdpo.records import Candidate, Judgment, PreferencePair, QAItem, RecordFile, Video
 
@@ -21,11 +23,15 @@ class PairStats:
     no_scored_candidates: int = 0
     ties: int = 0
     below_thresholds: int = 0
+    pairwise_rejected: int = 0
+    pairwise_failed: int = 0
 
     def __str__(self) -> str:
+        pairwise = (f", {self.pairwise_rejected} not confirmed by the pairwise check, {self.pairwise_failed} pairwise failures"
+                    if self.pairwise_rejected or self.pairwise_failed else "")
         return (f"{self.pairs} pairs from {self.questions} questions "
                 f"(dropped: {self.ties} all tied, {self.below_thresholds} outside score thresholds, "
-                f"{self.no_scored_candidates} without 2 scored candidates)")
+                f"{self.no_scored_candidates} without 2 scored candidates{pairwise})")
 
 
 def select_pair(scored: list[tuple[Candidate, float]], cfg: PairsConfig) -> tuple[tuple[Candidate, float], tuple[Candidate, float]] | str:
@@ -69,10 +75,33 @@ def build_pairs(videos: dict[str, Video], qa: dict[str, QAItem], candidates: lis
     return pairs, stats
 
 
+def confirm_pairwise(pairs: list[PreferencePair], videos: dict[str, Video], judge, stats: PairStats) -> list[PreferencePair]:
+    """Keep the pairs whose chosen answer the judge prefers in both presentation orders."""
+    from capdpo.judge import JudgeItem, pairwise_preference
+
+    kept = []
+    for p in tqdm(pairs, desc="pairs: pairwise check", unit="pair"):
+        caption = videos[p.video_id].caption
+        result = pairwise_preference(judge, JudgeItem(p.chosen_id, p.qa_id, caption, p.prompt, p.answer, p.chosen),
+                                     JudgeItem(p.rejected_id, p.qa_id, caption, p.prompt, p.answer, p.rejected))
+        if result.preference == 1:
+            kept.append(p)
+        elif result.preference is None:
+            stats.pairwise_failed += 1
+        else:
+            stats.pairwise_rejected += 1
+    stats.pairs = len(kept)
+    return kept
+
+
 def run_pairs(videos_file: RecordFile[Video], qa_file: RecordFile[QAItem], candidates_file: RecordFile[Candidate],
-              judgments_file: RecordFile[Judgment], out: RecordFile[PreferencePair], cfg: PairsConfig) -> PairStats:
-    """The ``pairs`` stage. Pairs are a pure function of the judgments, so the file is rewritten
-    whole (atomically) rather than appended."""
-    pairs, stats = build_pairs(videos_file.by_id(), qa_file.by_id(), candidates_file.all(), judgments_file.by_id(), cfg)
+              judgments_file: RecordFile[Judgment], out: RecordFile[PreferencePair], cfg: PairsConfig,
+              judge=None) -> PairStats:
+    """The ``pairs`` stage. Pairs are a function of the judgments, so the file is rewritten
+    whole (atomically) rather than appended. With ``cfg.pairwise_check``, ``judge`` confirms each."""
+    videos = videos_file.by_id()
+    pairs, stats = build_pairs(videos, qa_file.by_id(), candidates_file.all(), judgments_file.by_id(), cfg)
+    if cfg.pairwise_check:
+        pairs = confirm_pairwise(pairs, videos, judge, stats)
     out.write(pairs)
     return stats

@@ -2,6 +2,11 @@
 
     data -> frames -> qa -> sample -> judge -> pairs -> evaluate(before) -> train -> evaluate(after) -> report
 
+With ``rounds: k`` (iterative DPO) the part from ``sample`` to ``evaluate(after)`` runs k times, each
+round starting from the policy the previous round trained. Round 1 fills the run folder itself
+(the layout of a one-round run); round k >= 2 fills ``round-k/`` with its own candidates,
+judgments, pairs, train/ and eval/, reading videos, QA and frames from the run folder.
+
 Each stage reads and writes the files below, skips work already on disk, and can be run alone
 (``capdpo <stage> --run-dir DIR``). Killing a run at any point and starting it again ends with
 the same records as an uninterrupted run.
@@ -14,9 +19,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from capdpo.config import RunConfig, save_config
+from capdpo.config import RunConfig, SuiteConfig, save_config
 from capdpo.records import (Candidate, EvalSummary, Judgment, PreferencePair, Prediction, QAItem, RecordFile, Video,
                             write_jsonl)
+from capdpo.suites import HELD_OUT
 
 log = logging.getLogger("capdpo")
 STAGES = ("data", "frames", "qa", "sample", "judge", "pairs", "evaluate", "train", "report")
@@ -24,21 +30,42 @@ STAGES = ("data", "frames", "qa", "sample", "judge", "pairs", "evaluate", "train
 
 @dataclass(frozen=True)
 class RunPaths:
-    """Where each stage's output lives inside a run folder."""
+    """Where each stage's output lives inside a run folder, or inside one of its rounds
+    (``base``: the run folder of a round-k folder; the data stages' files live there)."""
 
     root: Path
+    base: Path | None = None
+
+    @property
+    def top(self) -> Path:
+        """The run folder itself (``root`` unless this is a round-k folder)."""
+        return self.base or self.root
+
+    @property
+    def round_number(self) -> int:
+        return int(self.root.name.removeprefix("round-")) if self.base else 1
+
+    def round(self, k: int) -> RunPaths:
+        """Round ``k``'s paths: the run folder for round 1, ``round-k/`` after."""
+        return RunPaths(self.top) if k == 1 else RunPaths(self.top / f"round-{k}", self.top)
+
+    def rounds(self) -> list[RunPaths]:
+        """Round 1 and every round-k folder on disk, in order."""
+        found = sorted(int(d.name.removeprefix("round-")) for d in self.top.glob("round-*")
+                       if d.is_dir() and d.name.removeprefix("round-").isdigit())
+        return [self.round(1)] + [self.round(k) for k in found if k >= 2]
 
     @property
     def videos(self) -> RecordFile[Video]:
-        return RecordFile(self.root / "videos.jsonl", Video)
+        return RecordFile(self.top / "videos.jsonl", Video)
 
     @property
     def qa_given(self) -> RecordFile[QAItem]:
-        return RecordFile(self.root / "qa_given.jsonl", QAItem)
+        return RecordFile(self.top / "qa_given.jsonl", QAItem)
 
     @property
     def qa(self) -> RecordFile[QAItem]:
-        return RecordFile(self.root / "qa.jsonl", QAItem)
+        return RecordFile(self.top / "qa.jsonl", QAItem)
 
     @property
     def candidates(self) -> RecordFile[Candidate]:
@@ -52,21 +79,34 @@ class RunPaths:
     def pairs(self) -> RecordFile[PreferencePair]:
         return RecordFile(self.root / "pairs.jsonl", PreferencePair)
 
-    def predictions(self, tag: str) -> RecordFile[Prediction]:
-        return RecordFile(self.root / "eval" / f"{tag}_predictions.jsonl", Prediction)
+    def eval_dir(self, dataset: str = HELD_OUT) -> Path:
+        """``eval/`` for the held-out questions, ``eval/<suite>/`` for a benchmark suite."""
+        return self.root / "eval" if dataset == HELD_OUT else self.root / "eval" / dataset
 
-    def eval_judgments(self, tag: str) -> RecordFile[Judgment]:
-        return RecordFile(self.root / "eval" / f"{tag}_judgments.jsonl", Judgment)
+    def predictions(self, tag: str, dataset: str = HELD_OUT) -> RecordFile[Prediction]:
+        return RecordFile(self.eval_dir(dataset) / f"{tag}_predictions.jsonl", Prediction)
+
+    def eval_judgments(self, tag: str, dataset: str = HELD_OUT) -> RecordFile[Judgment]:
+        return RecordFile(self.eval_dir(dataset) / f"{tag}_judgments.jsonl", Judgment)
+
+    def suite_videos(self, dataset: str) -> RecordFile[Video]:
+        """A suite's videos and questions as evaluated (found media only), kept for the report."""
+        return RecordFile(self.eval_dir(dataset) / "videos.jsonl", Video)
+
+    def suite_questions(self, dataset: str) -> RecordFile[QAItem]:
+        return RecordFile(self.eval_dir(dataset) / "questions.jsonl", QAItem)
 
     @property
     def eval_summary(self) -> RecordFile[EvalSummary]:
         return RecordFile(self.root / "eval" / "summary.jsonl", EvalSummary)
 
-    frames = property(lambda self: self.root / "frames")
-    media = property(lambda self: self.root / "media")
+    frames = property(lambda self: self.top / "frames")
+    media = property(lambda self: self.top / "media")
     train = property(lambda self: self.root / "train")
-    report = property(lambda self: self.root / "report.html")
-    config = property(lambda self: self.root / "config.yaml")
+    report = property(lambda self: self.top / "report.html")
+    config = property(lambda self: self.top / "config.yaml")
+    agreement = property(lambda self: self.top / "agreement.json")
+    llm_cache = property(lambda self: self.top / "llm_cache.sqlite")  # one reply cache for every round
 
 
 class Run:
@@ -74,22 +114,63 @@ class Run:
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.paths = RunPaths(Path(cfg.run_dir))
+        self.paths = RunPaths(Path(cfg.run_dir))  # round 1's; enter_round moves the round stages elsewhere
         self.paths.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.paths.config)
+        self._eval_judges: dict[str, object] = {}
+
+    def enter_round(self, k: int) -> None:
+        """Point the round stages (sample .. evaluate) at round ``k``'s folder."""
+        self.paths = self.paths.round(k)
+        self.paths.root.mkdir(parents=True, exist_ok=True)
+
+    def use_policy(self, model: str) -> None:
+        """Evaluate (or go on with) another checkpoint than ``policy.model``, leaving the run's
+        config.yaml as it is."""
+        from capdpo.policy import VideoPolicy
+
+        self.__dict__["policy"] = VideoPolicy.from_config(self.cfg.policy.model_copy(update={"model": model}),
+                                                          self.cfg.cache_dir)
 
     @cached_property
     def policy(self):
         from capdpo.policy import VideoPolicy
 
-        p = self.cfg.policy
-        return VideoPolicy.load(p.model, self.cfg.cache_dir, p.device, p.dtype)
+        return VideoPolicy.from_config(self.cfg.policy, self.cfg.cache_dir)
 
     @cached_property
     def judge(self):
         from capdpo.judge import CaptionJudge
 
-        return CaptionJudge(self.cfg.judge, self.cfg.cache_dir)
+        cache = self.paths.llm_cache if self.cfg.judge.cache else None
+        return CaptionJudge(self.cfg.judge, self.cfg.cache_dir, reply_cache=cache)
+
+    @property
+    def judge_batch(self) -> int:
+        """Items per judge call: a remote backend needs at least ``concurrency`` to keep that
+        many requests in flight."""
+        llm = self.cfg.judge.llm
+        return max(llm.batch_size, llm.concurrency) if llm.backend == "openai" else llm.batch_size
+
+    def eval_judge(self, protocol: str):
+        """The evaluation judge for ``protocol``: the configured judge, with the protocol's own
+        template when the suite's protocol differs from ``judge.protocol``. It shares the stage
+        judge's LLM - loaded once, behind the run's reply cache when ``judge.cache`` is on - so
+        judging the same predictions again sends nothing."""
+        from capdpo.judge import CaptionJudge
+
+        if protocol not in self._eval_judges:
+            cfg = self.cfg.judge
+            if protocol != cfg.protocol:
+                if protocol != "caption_reward" and cfg.mode != "generate":
+                    raise ValueError(f"protocol {protocol} is judged from a free reply, but judge.mode={cfg.mode}; "
+                                     "evaluate this suite with --set judge.mode=generate")
+                cfg = cfg.model_copy(update={"protocol": protocol, "template": None})
+            members = [jl.llm for jl in self.judge.judges[1:]]
+            judge = CaptionJudge(cfg, self.cfg.cache_dir, llm=self.judge.llm, members=members)
+            judge.budget = self.judge.budget  # one spend, one set of ceilings for everything judged in this process
+            self._eval_judges[protocol] = judge
+        return self._eval_judges[protocol]
 
     # -- stages -----------------------------------------------------------------------------
     def data(self) -> None:
@@ -115,43 +196,85 @@ class Run:
 
         log.info("qa: %s", run_qa(self.paths.videos, self.paths.qa_given, self.paths.qa, self.cfg.qa, self.cfg.cache_dir))
 
-    def sample(self) -> None:
-        from capdpo.sample import run_sample
+    def sample(self, shard: tuple[int, int] | None = None) -> None:
+        from capdpo.policy import VideoPolicy
+        from capdpo.sample import run_sample, shard_file
 
-        run_sample(self.paths.videos, self.paths.qa, self.paths.candidates, self.policy, self.cfg.sample, self.cfg.frames,
-                   fail_fast=self.cfg.fail_fast)
+        out = shard_file(self.paths.candidates, shard) if shard else self.paths.candidates
+        # vLLM runs the weights itself: load only tokenizer, config and preprocessing
+        policy = (VideoPolicy.from_config(self.cfg.policy, self.cfg.cache_dir, weights=False)
+                  if self.cfg.sample.backend == "vllm" else self.policy)
+        run_sample(self.paths.videos, self.paths.qa, out, policy, self.cfg.sample, self.cfg.frames,
+                   fail_fast=self.cfg.fail_fast, shard=shard, dtype=self.cfg.policy.dtype)
 
-    def judge_candidates(self, retry_failed: bool = False) -> None:
-        from capdpo.judge import candidate_items, judge_items
+    def merge_samples(self, shards: int) -> dict[str, int]:
+        from capdpo.sample import merge_shards
+
+        stats = merge_shards(self.paths.candidates, shards, self.paths.qa)
+        log.info("sample merge: %s", stats)
+        return stats
+
+    def judge_candidates(self, retry_failed: bool = False, dry_run: bool = False) -> dict | None:
+        """The judge stage; ``dry_run`` returns the request/token/cost estimate and sends nothing."""
+        from capdpo.judge import candidate_items, estimate, judge_items
 
         items = list(candidate_items(self.paths.videos.by_id(), self.paths.qa.by_id(), self.paths.candidates.read()))
-        done = judge_items(self.judge, items, self.paths.judgments, batch_size=self.cfg.judge.llm.batch_size,
-                           retry_failed=retry_failed)
+        if dry_run:
+            done = self.paths.judgments.ids()
+            return estimate(self.judge, [it for it in items if it.target_id not in done])
+        done = judge_items(self.judge, items, self.paths.judgments, batch_size=self.judge_batch, retry_failed=retry_failed)
         failed = sum(j.failure is not None for j in done)
         log.info("judge: %d judged, %d failed (kept with their reason)", len(done) - failed, failed)
+        return None
 
     def pairs(self) -> None:
         from capdpo.formats import paper_dpo_rows, trl_rows
         from capdpo.pairs import run_pairs
 
         stats = run_pairs(self.paths.videos, self.paths.qa, self.paths.candidates, self.paths.judgments,
-                          self.paths.pairs, self.cfg.pairs)
+                          self.paths.pairs, self.cfg.pairs, judge=self.judge if self.cfg.pairs.pairwise_check else None)
         pairs = self.paths.pairs.all()
         write_jsonl(self.paths.root / "pairs_trl.jsonl", trl_rows(pairs))
         write_jsonl(self.paths.root / "pairs_paper.jsonl", paper_dpo_rows(pairs))
         log.info("pairs: %s", stats)
 
-    def evaluate(self, tag: str) -> EvalSummary:
-        from capdpo.evaluate import run_evaluate
+    def evaluate(self, tag: str, suite: SuiteConfig | None = None) -> EvalSummary:
+        """Evaluate the current policy on the run's held-out questions, or on a benchmark suite
+        (judged with the suite's protocol); the summary replaces any earlier one of the same id."""
+        from capdpo.evaluate import format_summary, run_evaluate
 
-        summary = run_evaluate(tag, self.paths.videos, self.paths.qa, self.policy, self.judge, self.paths.predictions(tag),
-                               self.paths.eval_judgments(tag), self.cfg.evaluate, self.cfg.frames, fail_fast=self.cfg.fail_fast)
-        others = [s for s in self.paths.eval_summary.read() if s.id != tag]
+        if suite is None:
+            videos = self.paths.videos.by_id()
+            questions = [q for q in self.paths.qa.read() if q.split == "test"]
+            dataset, protocol, skipped = HELD_OUT, self.cfg.judge.protocol, 0
+        else:
+            bench = self._load_suite(suite)
+            videos, questions, skipped = bench.videos, bench.questions, bench.skipped
+            dataset, protocol = suite.name, bench.suite.protocol
+        summary = run_evaluate(tag, videos, questions, self.policy, self.eval_judge(protocol),
+                               self.paths.predictions(tag, dataset), self.paths.eval_judgments(tag, dataset),
+                               self.cfg.evaluate, self.cfg.frames, dataset=dataset, round_=self.paths.round_number,
+                               skipped=skipped, fail_fast=self.cfg.fail_fast)
+        others = [s for s in self.paths.eval_summary.read() if s.id != summary.id]
         self.paths.eval_summary.write(others + [summary])
-        acc = "n/a" if summary.accuracy is None else f"{summary.accuracy:.1%}"
-        log.info("evaluate[%s]: accuracy %s, mean score %s, %d judged, %d failed (judge %s, template %s)", tag, acc,
-                 summary.mean_score, summary.judged, summary.failed, summary.judge_model, summary.template_hash)
+        log.info("evaluate: %s", format_summary(summary))
         return summary
+
+    def _load_suite(self, suite: SuiteConfig):
+        """A suite's found videos and questions, also saved in the round's eval/<suite>/ for the report."""
+        from capdpo.suites import load_suite
+
+        bench = load_suite(suite.name, suite.data, video_root=suite.video_root, captions=suite.captions,
+                           skip_missing=suite.skip_missing, max_questions=suite.max_questions)
+        if bench.skipped:
+            log.warning("evaluate %s: %d question(s) skipped, their video or caption is missing", suite.name, bench.skipped)
+        self.paths.suite_videos(suite.name).write(bench.videos.values())
+        self.paths.suite_questions(suite.name).write(bench.questions)
+        return bench
+
+    def evaluate_all(self, tag: str) -> list[EvalSummary]:
+        """The held-out questions, then every suite of ``evaluate.suites``."""
+        return [self.evaluate(tag)] + [self.evaluate(tag, suite) for suite in self.cfg.evaluate.suites]
 
     def train(self) -> Path:
         from capdpo.policy import VideoPolicy
@@ -159,9 +282,8 @@ class Run:
 
         out = run_train(self.paths.pairs, self.paths.videos, self.policy, self.cfg.train, self.cfg.frames,
                         self.paths.train, fail_fast=self.cfg.fail_fast)
-        p = self.cfg.policy
         # the next stages use the trained checkpoint, loaded as any user checkpoint would be
-        self.__dict__["policy"] = VideoPolicy.load(str(out), self.cfg.cache_dir, p.device, p.dtype)
+        self.__dict__["policy"] = VideoPolicy.from_config(self.cfg.policy.model_copy(update={"model": str(out)}), self.cfg.cache_dir)
         return out
 
     def report(self) -> Path:
@@ -170,15 +292,25 @@ class Run:
         return write_report(self.paths, self.cfg)
 
     def run_all(self) -> None:
-        """Every stage in order; each skips what is already done."""
+        """Every stage in order, the round stages ``rounds`` times; each skips what is already done."""
         self.data()
         self.frames()
         self.qa()
+        for k in range(1, self.cfg.rounds + 1):
+            self.run_round(k)
+        path = self.report()
+        log.info("report: %s", path)
+
+    def run_round(self, k: int) -> None:
+        """One DPO round in its folder, from the current policy (round k >= 2: the previous
+        round's trained checkpoint, which that round's ``train`` loaded). Only round 1 evaluates
+        "before": a later round starts where the previous round's "after" was measured."""
+        self.enter_round(k)
+        log.info("round %d of %d: %s", k, self.cfg.rounds, self.paths.root)
         self.sample()
         self.judge_candidates()
         self.pairs()
-        self.evaluate("before")
+        if k == 1:
+            self.evaluate_all("before")
         self.train()
-        self.evaluate("after")
-        path = self.report()
-        log.info("report: %s", path)
+        self.evaluate_all("after")

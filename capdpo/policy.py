@@ -1,51 +1,144 @@
-"""The video LMM behind ``sample``, ``train`` and ``evaluate``.
+"""The video LMM behind ``sample``, ``train`` and ``evaluate``: one interface over several families.
 
-A ``VideoPolicy`` wraps a LLaVA-family checkpoint (``LlavaNextVideoForConditionalGeneration``: the
-built-in mini model and LLaVA-NeXT-Video) with the few operations the pipeline needs:
+``VideoPolicy.load`` reads the checkpoint's ``config.model_type`` and returns that family's adapter
+(``capdpo.adapters``: LLaVA-NeXT-Video and the built-in mini model, Video-LLaVA, LLaVA-OneVision,
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Every adapter offers the same operations:
 
-    pixels = policy.pixel_values(frames)            # frames -> normalised tensor
-    video = policy.video_embeds(pixels)             # vision tower + pooling + projector, once per video
+    policy = VideoPolicy.load("Qwen/Qwen2-VL-7B-Instruct", cache_dir, dtype="bfloat16")
+    layout = policy.layout(num_frames=8, height=480, width=640)   # token cost, before running anything
+    inputs = policy.preprocess(frames, layout)                    # the family's own resize/normalise/patchify
+    video = policy.encode(inputs)                                 # vision tower + projector, once per video
     answers = policy.generate(video, question, n=4, temperature=1.0, top_p=0.95, seed=7)
-    logps = policy.sequence_logps(videos, prompts, responses)   # summed response log-probs
+    logps, counts = policy.sequence_logps([video, video], prompts, responses)
+    policy.parts                                                  # vision / projector / LLM parameter names
 
-The video is encoded once and its embeddings are scattered into the placeholder positions of
-every sequence that uses it, so N samples, or a chosen and a rejected answer, never re-encode it.
+An ``EncodedVideo`` is all a later forward needs (embeddings, plus the patch grid and deepstack
+features of Qwen models). It is handed to the model as ``mm_encoder_outputs``, so the model
+scatters it into the placeholder positions of every row that uses it, and computes its own
+(multimodal rotary) positions: N samples, or a chosen and a rejected answer, never re-encode it.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
 import torch
+from jinja2 import TemplateError
 from PIL import Image
 
 from capdpo.config import BUILTIN_POLICY
-from capdpo.frames import resize_center_crop
-from capdpo.llm import resolve_device
+from capdpo.errors import OverBudgetError
+
+if TYPE_CHECKING:
+    from capdpo.config import PolicyConfig
 
 VIDEO_TOKEN = "<video>"
 SPEC_FILE = "capdpo_video.json"
+DEFAULT_FPS = 2.0  # frame rate assumed for frames without timing (the paper's frame folders are 2 fps)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's, the paper's setting
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
 class VisionSpec:
-    """How frames become pixels for this checkpoint; saved beside it as ``capdpo_video.json``."""
+    """How frames become pixels for a fixed-resolution (LLaVA-family) checkpoint; saved beside it
+    as ``capdpo_video.json``. ``crop``: resize the short side then centre-crop (LLaVA-NeXT-Video,
+    Video-LLaVA), else squash to ``image_size`` x ``image_size`` (LLaVA-OneVision)."""
 
     image_size: int = 224
     num_frames: int = 8
-    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # CLIP's, the paper's setting
-    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    crop: bool = True
 
     def save(self, model_dir: str | Path) -> None:
         (Path(model_dir) / SPEC_FILE).write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
-    def load(cls, model_dir: str | Path) -> VisionSpec:
-        path = Path(model_dir) / SPEC_FILE
-        return cls(**json.loads(path.read_text())) if path.exists() else cls()
+    def load(cls, model_dir: str | Path, default: VisionSpec | None = None) -> VisionSpec:
+        """capdpo's own file, else the checkpoint's Hugging Face (video) processor config, else ``default``."""
+        model_dir = Path(model_dir)
+        if (model_dir / SPEC_FILE).exists():
+            return spec_from_dict(cls, json.loads((model_dir / SPEC_FILE).read_text()))
+        hf = read_processor_config(model_dir)
+        if not hf:
+            return default or cls()
+        crop = hf.get("crop_size") if hf.get("do_center_crop", True) else None
+        size = crop or hf.get("size") or {}
+        side = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
+        return cls(image_size=side or cls.image_size, mean=tuple(hf.get("image_mean", cls.mean)),
+                   std=tuple(hf.get("image_std", cls.std)), crop=bool(crop))
+
+
+def read_processor_config(model_dir: Path) -> dict:
+    """The checkpoint's video processor config, else its image processor config, else ``{}``."""
+    for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+        if (model_dir / name).exists():
+            return json.loads((model_dir / name).read_text())
+    return {}
+
+
+@dataclass(frozen=True)
+class VideoLayout:
+    """Where one video's tokens go, known before the model runs (the token budget uses it).
+
+    ``frame_times`` are the seconds of the sampled frames and ``seconds_per_frame`` the clip length
+    over the frame count: Qwen2.5-VL spaces its temporal positions and Qwen3-VL writes timestamps
+    with them. ``grid_thw`` is Qwen's (temporal, height, width) patch grid before merging."""
+
+    num_frames: int
+    height: int
+    width: int
+    n_visual: int
+    frame_times: tuple[float, ...] = ()
+    seconds_per_frame: float = 1 / DEFAULT_FPS
+    grid_thw: tuple[int, int, int] | None = None
+    max_pixels: int | None = None  # Qwen: the pixel cap the frame size was planned with
+
+
+@dataclass(frozen=True)
+class VideoInputs:
+    """A video's pixels in its family's input format, and its layout."""
+
+    pixel_values: torch.Tensor  # LLaVA family: (T, 3, S, S); Qwen: (patches, 3 * temporal_patch * patch * patch)
+    layout: VideoLayout
+
+
+@dataclass
+class EncodedVideo:
+    """One encoded video: everything a later forward needs, on the model's device."""
+
+    layout: VideoLayout
+    embeds: torch.Tensor  # (n_visual, hidden) in the LLM's embedding space
+    deepstack: tuple[torch.Tensor, ...] = ()  # Qwen3-VL: (n_visual, hidden) per deepstack LLM layer
+
+    def detach(self) -> EncodedVideo:
+        return EncodedVideo(self.layout, self.embeds.detach().clone(), tuple(d.detach().clone() for d in self.deepstack))
+
+
+@dataclass(frozen=True)
+class ModelParts:
+    """Parameter-name prefixes of the three parts, for freezing and LoRA targets. The projector is
+    matched first: in Qwen models it lives inside the vision module (``model.visual.merger``)."""
+
+    vision: tuple[str, ...]
+    projector: tuple[str, ...]
+    llm: tuple[str, ...] = ("model.language_model", "lm_head")
+
+    def part_of(self, name: str) -> str | None:
+        def under(prefixes):
+            return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+        return "projector" if under(self.projector) else "vision" if under(self.vision) else "llm" if under(self.llm) else None
+
+    def lora_targets(self) -> str:
+        """Regex (PEFT ``target_modules``) of the language model's linear layers only."""
+        prefixes = "|".join(p.replace(".", r"\.") for p in self.llm if p != "lm_head")
+        return rf"({prefixes})\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -54,55 +147,227 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def checkpoint_dir(model: str, cache_dir: str | Path) -> Path:
+    """Local folder of a policy: the built-in mini model (built on first use), a path, or a hub id."""
+    if model == BUILTIN_POLICY:
+        from capdpo.models.mini import mini_model_dir
+
+        return mini_model_dir(Path(cache_dir))
+    if Path(model).exists():
+        return Path(model)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model))
+
+
 class VideoPolicy:
-    def __init__(self, model, tokenizer, spec: VisionSpec, name: str):
+    """A video LMM behind one interface; subclasses in ``capdpo.adapters`` hold what differs per family.
+
+    A subclass sets ``model_class`` and implements ``read_spec``, ``layout``, ``sized_frames``,
+    ``_pixels``, ``_encode``, ``_video_outputs`` and ``parts``; Qwen models add position inputs
+    through ``_forward_kwargs``."""
+
+    model_class: ClassVar[str]  # transformers class of the family
+    uses_frame_times: ClassVar[bool] = False  # Qwen models encode when each frame was taken
+    inline_video: ClassVar[str] = "{video}\n{question}"  # user turn when the chat template takes plain text only
+    # Used only when neither the tokenizer nor the checkpoint has a chat template. Video-LLaVA and
+    # LLaVA-NeXT-Video 7B are Vicuna-style ("USER: <video>\nQ ASSISTANT:"); Qwen adapters use ChatML.
+    fallback_template: ClassVar[str] = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} {% else %}ASSISTANT: "
+        "{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+    def __init__(self, model, tokenizer, spec, name: str, *, config=None, path: Path | None = None,
+                 max_tokens: int | None = None, processor: str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
         self.name = name
-        self.video_token_id = model.config.video_token_id
+        self.config = config if config is not None else model.config
+        self.path = path
+        self.max_tokens = max_tokens or self.config.get_text_config().max_position_embeddings
+        self.video_token_id = self.config.video_token_id
+        self.processor = processor
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = checkpoint_chat_template(path) or self.fallback_template
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str, cache_dir: str | Path, device: str = "auto", dtype: str = "auto", *,
+             attn_implementation: str | None = None, device_map: str | None = None, max_tokens: int | None = None,
+             processor: str = "auto", weights: bool = True) -> VideoPolicy:
+        """The adapter of ``config.model_type`` around a local checkpoint, hub id or builtin:mini.
+        ``weights=False`` loads tokenizer, config and preprocessing only (the vLLM backend runs
+        the weights itself)."""
+        import transformers
+        from transformers import AutoConfig, AutoTokenizer
+
+        from capdpo.adapters import adapter_class
+        from capdpo.llm import resolve_device
+
+        path = checkpoint_dir(model, cache_dir)
+        config = AutoConfig.from_pretrained(path)
+        adapter = adapter_class(config.model_type)
+        net = None
+        if weights:
+            dev = resolve_device(device)
+            kwargs = {"dtype": pick_dtype(dtype, dev)}
+            if attn_implementation:
+                kwargs["attn_implementation"] = attn_implementation
+            if device_map:
+                kwargs["device_map"] = device_map
+            net = getattr(transformers, adapter.model_class).from_pretrained(path, **kwargs)
+            net = (net if device_map else net.to(dev)).eval()
+        return adapter(net, AutoTokenizer.from_pretrained(path), adapter.read_spec(path, config), model, config=config,
+                       path=path, max_tokens=max_tokens, processor=processor)
 
     @classmethod
-    def load(cls, model: str, cache_dir: str | Path, device: str = "auto", dtype: str = "auto") -> VideoPolicy:
-        from transformers import AutoTokenizer, LlavaNextVideoForConditionalGeneration
+    def from_config(cls, cfg: PolicyConfig, cache_dir: str | Path, **kwargs) -> VideoPolicy:
+        return cls.load(cfg.model, cache_dir, cfg.device, cfg.dtype, attn_implementation=cfg.attn_implementation,
+                        device_map=cfg.device_map, max_tokens=cfg.max_tokens, processor=cfg.processor, **kwargs)
 
-        if model == BUILTIN_POLICY:
-            from capdpo.models.mini import mini_model_dir
+    @classmethod
+    def read_spec(cls, path: Path, config):
+        """The checkpoint's preprocessing settings (``capdpo_video.json``, else its processor config)."""
+        raise NotImplementedError
 
-            path = mini_model_dir(Path(cache_dir))
-        else:
-            path = Path(model)
-        dev = resolve_device(device)
-        net = LlavaNextVideoForConditionalGeneration.from_pretrained(path, dtype=pick_dtype(dtype, dev)).to(dev).eval()
-        return cls(net, AutoTokenizer.from_pretrained(path), VisionSpec.load(path), model)
+    def with_model(self, model, name: str) -> VideoPolicy:
+        """The same adapter around another copy of the model (e.g. the frozen DPO reference)."""
+        return type(self)(model, self.tokenizer, self.spec, name, config=self.config, path=self.path,
+                          max_tokens=self.max_tokens, processor=self.processor)
+
+    def save(self, out_dir: str | Path) -> None:
+        """A checkpoint ``load`` reads back: weights, tokenizer (with its chat template) and spec."""
+        self.model.save_pretrained(out_dir)
+        self.tokenizer.save_pretrained(out_dir)
+        self.spec.save(out_dir)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    # -- inputs -------------------------------------------------------------------------------
-    def pixel_values(self, frames: list[Image.Image]) -> torch.Tensor:
-        """``(T, 3, S, S)`` float tensor: short side resized, centre-cropped, normalised."""
-        arrays = [np.asarray(resize_center_crop(f.convert("RGB"), self.spec.image_size), dtype=np.float32) / 255.0 for f in frames]
-        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
-        mean = torch.tensor(self.spec.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.spec.std).view(1, 3, 1, 1)
-        return (x - mean) / std
+    @property
+    def parts(self) -> ModelParts:
+        raise NotImplementedError
 
-    def video_embeds(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(B, n_visual, hidden)`` LLM-space embeddings of ``(B, T, 3, S, S)`` videos."""
-        pixel_values = pixel_values.to(self.device, self.model.dtype)
-        return self.model.model.get_video_features(pixel_values_videos=pixel_values).pooler_output
+    def vision_module(self) -> torch.nn.Module:
+        """The vision encoder, e.g. to count its calls with a forward hook."""
+        return self.model.get_submodule(self.parts.vision[0])
 
-    def prompt_ids(self, question: str, n_visual: int) -> list[int]:
-        """Chat-formatted ``<video>\\n{question}`` with the placeholder expanded to ``n_visual`` ids."""
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": f"{VIDEO_TOKEN}\n{question}"}],
-                                                  tokenize=False, add_generation_prompt=True)
+    # -- frames -> pixels -----------------------------------------------------------------------
+    def layout(self, num_frames: int, height: int, width: int, *, frame_times: Sequence[float] | None = None,
+               seconds_per_frame: float | None = None, max_pixels: int | None = None) -> VideoLayout:
+        """Tokens and input size of ``num_frames`` frames of ``height`` x ``width``, before any model runs.
+        ``max_pixels`` caps a dynamic-resolution (Qwen) frame's area; fixed-resolution families
+        accept only their own size."""
+        raise NotImplementedError
+
+    def reductions(self, num_frames: int, height: int, width: int, max_pixels: int | None = None) -> Iterator[tuple[int, int | None]]:
+        """``(frames, max_pixels)`` settings from the configured one to the cheapest, in the order the
+        frame budget's "reduce" mode tries them. Fixed-resolution families can only drop frames."""
+        for k in range(num_frames, 0, -1):
+            yield k, max_pixels
+
+    def visual_tokens(self, num_frames: int, height: int, width: int) -> int:
+        return self.layout(num_frames, height, width).n_visual
+
+    def preprocess(self, frames: Sequence[Image.Image], layout: VideoLayout | None = None) -> VideoInputs:
+        """The family's pixel tensors for ``frames`` (sampled already). Uses the checkpoint's own
+        transformers video processor when ``processor`` allows it and torchvision is importable."""
+        frames = [f.convert("RGB") for f in frames]
+        if layout is None:
+            layout = self.layout(len(frames), frames[0].height, frames[0].width)
+        if len(frames) != layout.num_frames:
+            raise ValueError(f"{len(frames)} frames for a layout of {layout.num_frames}")
+        hf = self.hf_video_processor()
+        pixels = self._hf_pixels(hf, frames, layout) if hf is not None else self._pixels(frames, layout)
+        return VideoInputs(pixels, layout)
+
+    def sized_frames(self, frames: Sequence[Image.Image], layout: VideoLayout) -> list[Image.Image]:
+        """RGB frames at the size the model sees (what the vLLM backend hands to vLLM's processor)."""
+        raise NotImplementedError
+
+    def _pixels(self, frames: list[Image.Image], layout: VideoLayout) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _hf_pixels(self, processor, frames: list[Image.Image], layout: VideoLayout) -> torch.Tensor:
+        import numpy as np
+
+        out = processor(videos=[np.stack([np.asarray(f) for f in frames])], return_tensors="pt", do_sample_frames=False,
+                        **self._hf_processor_kwargs(layout))
+        return out["pixel_values_videos"][0]
+
+    def _hf_processor_kwargs(self, layout: VideoLayout) -> dict:
+        return {}
+
+    def hf_video_processor(self):
+        """The checkpoint's transformers video processor, or None: ``processor='capdpo'``, no
+        torchvision (transformers' video processors need it), or no processor config."""
+        if self.processor == "capdpo" or self.path is None or not read_processor_config(self.path):
+            return None
+        if not hasattr(self, "_hf_processor"):
+            try:
+                import torchvision  # noqa: F401
+                from transformers import AutoVideoProcessor
+
+                self._hf_processor = AutoVideoProcessor.from_pretrained(self.path)
+            except (ImportError, OSError, ValueError):  # auto: capdpo's own preprocessing instead
+                if self.processor == "hf":
+                    raise
+                self._hf_processor = None
+        return self._hf_processor
+
+    # -- pixels -> embeddings --------------------------------------------------------------------
+    def encode(self, inputs: VideoInputs) -> EncodedVideo:
+        """Vision tower + projector on one video. Runs with autograd when the caller allows it
+        (SFT trains the projector through it)."""
+        return self._encode(inputs.pixel_values.to(self.device, self.model.dtype), inputs.layout)
+
+    def _encode(self, pixels: torch.Tensor, layout: VideoLayout) -> EncodedVideo:
+        raise NotImplementedError
+
+    def _video_outputs(self, videos: Sequence[EncodedVideo]):
+        """``mm_encoder_outputs["video"]`` for a batch with one video per row, in the model's format."""
+        raise NotImplementedError
+
+    def _forward_kwargs(self, ids: torch.Tensor, videos: Sequence[EncodedVideo]) -> dict:
+        """Extra forward inputs (Qwen: token types, grids, temporal spacing for multimodal RoPE)."""
+        return {}
+
+    # -- text ---------------------------------------------------------------------------------------
+    @property
+    def video_placeholder(self) -> str:
+        """What the chat template writes for a video, before expansion to the video's tokens."""
+        return self.tokenizer.convert_ids_to_tokens(self.video_token_id)
+
+    def prompt_text(self, question: str) -> str:
+        """The chat-formatted user turn with one unexpanded video placeholder (vLLM's prompt format).
+
+        A multimodal chat template renders ``{"type": "video"}`` content itself; a text-only one gets
+        the family's inline form (``<video>\\n{question}`` for LLaVA models)."""
+        tried = ([{"type": "video"}, {"type": "text", "text": question}], self.inline_video.format(video=self.video_placeholder, question=question))
+        for content in tried:
+            try:
+                text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                          add_generation_prompt=True)
+            except (TypeError, TemplateError):  # a text-only template may choke on list content; the inline form follows
+                continue
+            if text.count(self.video_placeholder) == 1:
+                return text
+        raise ValueError(f"{self.name}: the chat template does not render the video placeholder {self.video_placeholder!r}")
+
+    def video_text(self, layout: VideoLayout) -> str:
+        """The placeholder expanded to one token per visual embedding (and any markers around them)."""
+        return self.video_placeholder * layout.n_visual
+
+    def prompt_ids(self, question: str, layout: VideoLayout) -> list[int]:
+        """Token ids of the chat-formatted question with the video expanded for ``layout``."""
+        text = self.prompt_text(question).replace(self.video_placeholder, self.video_text(layout), 1)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        at = ids.index(self.video_token_id)
-        return ids[:at] + [self.video_token_id] * n_visual + ids[at + 1 :]
+        if ids.count(self.video_token_id) != layout.n_visual:
+            raise ValueError(f"{self.name}: prompt holds {ids.count(self.video_token_id)} video tokens, expected {layout.n_visual}")
+        return ids
 
     def response_ids(self, response: str, max_tokens: int | None = None) -> list[int]:
         """Response tokens ending with the end-of-turn token (kept even when the text is cut)."""
@@ -111,34 +376,56 @@ class VideoPolicy:
             ids = ids[: max_tokens - 1]
         return ids + [self.tokenizer.eos_token_id]
 
-    def embed(self, input_ids: torch.Tensor, video_embeds: torch.Tensor) -> torch.Tensor:
-        """Token embeddings with each row's video placeholders replaced by that row's video."""
-        embeds = self.model.get_input_embeddings()(input_ids)
-        mask = (input_ids == self.video_token_id).unsqueeze(-1).expand_as(embeds)
-        return embeds.masked_scatter(mask, video_embeds.to(embeds.dtype))
+    # -- token budget ------------------------------------------------------------------------------
+    def tokens_needed(self, layout: VideoLayout, prompts: Sequence[str], new_tokens: int) -> int:
+        """Longest prompt (visual tokens included) plus ``new_tokens`` answer tokens."""
+        return max((len(self.prompt_ids(p, layout)) for p in prompts), default=self.video_tokens(layout)) + new_tokens
 
-    # -- generation ---------------------------------------------------------------------------
+    def video_tokens(self, layout: VideoLayout) -> int:
+        return len(self.tokenizer(self.video_text(layout), add_special_tokens=False)["input_ids"])
+
+    def check_budget(self, layout: VideoLayout, prompts: Sequence[str], new_tokens: int, item: str) -> None:
+        need = self.tokens_needed(layout, prompts, new_tokens)
+        if need > self.max_tokens:
+            raise OverBudgetError(
+                f"{item}: {need} tokens ({layout.n_visual} visual for {layout.num_frames} frames at {layout.height}x{layout.width}, "
+                f"the longest question and {new_tokens} answer tokens) exceed the policy's budget of {self.max_tokens} "
+                "(policy.max_tokens); use fewer frames or set frames.on_over_budget=reduce")
+
+    # -- generation --------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, video: torch.Tensor, question: str, *, n: int = 1, temperature: float = 0.0,
+    def generate(self, video: EncodedVideo, question: str, *, n: int = 1, temperature: float = 0.0,
                  top_p: float = 1.0, max_new_tokens: int = 64, seed: int | None = None) -> list[str]:
-        """``n`` answers to one question about one encoded video (``(n_visual, hidden)``).
-        The prompt is embedded once; generate expands it to ``n`` rows."""
-        ids = torch.tensor([self.prompt_ids(question, video.shape[0])], device=self.device)
-        embeds = self.embed(ids, video.unsqueeze(0))
+        """``n`` answers to one question about one encoded video, as one batch of ``n`` rows that
+        share the video's embeddings (the video is not encoded again)."""
+        prompt = self.prompt_ids(question, video.layout)
+        ids = torch.tensor([prompt] * n, device=self.device)
+        videos = [video] * n
         if seed is not None:
             torch.manual_seed(seed)
-        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if temperature > 0 else dict(do_sample=False)
-        out = self.model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  num_return_sequences=n, pad_token_id=self.tokenizer.pad_token_id, **sampling)
-        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in out]
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                  mm_encoder_outputs={"video": self._video_outputs(videos)}, pad_token_id=self.tokenizer.pad_token_id,
+                                  **self._forward_kwargs(ids, videos), **sampling)
+        return [self.tokenizer.decode(row[len(prompt):], skip_special_tokens=True).strip() for row in out]
 
-    # -- log-probs ----------------------------------------------------------------------------
-    def sequence_logps(self, videos: torch.Tensor, prompts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed log-prob of each response given its prompt and video, and its token count.
+    # -- log-probs -----------------------------------------------------------------------------------
+    def token_logps(self, videos: Sequence[EncodedVideo], prompts: list[list[int]], responses: list[list[int]]) -> list[torch.Tensor]:
+        """Per-token log-prob of each response given its prompt and video (one tensor per row)."""
+        flat, row = self._response_logps(videos, prompts, responses)
+        return [flat[row == i] for i in range(len(prompts))]
+
+    def sequence_logps(self, videos: Sequence[EncodedVideo], prompts: list[list[int]], responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-prob of each response given its prompt and video, and its token count."""
+        flat, row = self._response_logps(videos, prompts, responses)
+        sums = torch.zeros(len(prompts), device=flat.device, dtype=flat.dtype).index_add(0, row, flat)
+        return sums, torch.bincount(row, minlength=len(prompts))
+
+    def _response_logps(self, videos, prompts, responses) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probs of all response tokens, flat, with each token's row index.
 
         Rows are right-padded; positions past a row's end are masked out, so a row's result does
-        not depend on what it is batched with.
-        """
+        not depend on what it is batched with."""
         rows = [p + r for p, r in zip(prompts, responses)]
         width = max(map(len, rows))
         pad = self.tokenizer.pad_token_id
@@ -149,10 +436,30 @@ class VideoPolicy:
         predicts = torch.zeros_like(ids, dtype=torch.bool)
         for i, (p, r) in enumerate(zip(prompts, responses)):
             predicts[i, len(p) - 1 : len(p) + len(r) - 1] = True
-        hidden = self.model.model(inputs_embeds=self.embed(ids, videos), attention_mask=attn).last_hidden_state
+        hidden = self.model.model(input_ids=ids, attention_mask=attn, use_cache=False,
+                                  mm_encoder_outputs={"video": self._video_outputs(videos)},
+                                  **self._forward_kwargs(ids, videos)).last_hidden_state
         logits = self.model.lm_head(hidden[predicts]).float()
         targets = ids[:, 1:][predicts[:, :-1]]
-        token_logps = logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+        flat = logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
         row = torch.arange(len(rows), device=self.device).unsqueeze(1).expand_as(predicts)[predicts]
-        sums = torch.zeros(len(rows), device=self.device).index_add(0, row, token_logps)
-        return sums, predicts.sum(-1)
+        return flat, row
+
+
+def checkpoint_chat_template(path: Path | None) -> str | None:
+    """A chat template shipped with the checkpoint's processor (llava-hf and Qwen repos keep it
+    there rather than in the tokenizer)."""
+    if path is None:
+        return None
+    if (path / "chat_template.jinja").exists():
+        return (path / "chat_template.jinja").read_text()
+    if (path / "chat_template.json").exists():
+        return json.loads((path / "chat_template.json").read_text()).get("chat_template")
+    return None
+
+
+def spec_from_dict(cls, data: dict):
+    """A spec dataclass from a JSON dict, ignoring keys it does not have (older or foreign files)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names})
+

@@ -58,6 +58,8 @@ class Candidate(Record):
     temperature: float
     top_p: float
     backend: str = "hf"
+    num_frames: int | None = Field(default=None, description="Frames the policy saw (fewer than configured when frames.on_over_budget=reduce cut them).")
+    frame_size: tuple[int, int] | None = Field(default=None, description="(height, width) of the frames the policy saw.")
 
 
 class Judgment(Record):
@@ -73,8 +75,15 @@ class Judgment(Record):
     template: str = Field(description="Prompt template name.")
     template_hash: str = Field(description="Hash of the template text: pins the prompt.")
     prompt_hash: str = Field(description="Hash of the rendered prompt.")
+    params: dict = Field(default_factory=dict, description="Sampling parameters and scoring mode of the judge.")
     attempts: int = 1
     latency_s: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    verdict: str | None = Field(default=None, description="'yes'/'no' of the video_chatgpt protocol (majority of the valid replies); None otherwise or on a tie.")
+    score_samples: list[float] = Field(default_factory=list, description="Every valid score behind ``score`` when several replies were asked (samples, ensemble).")
+    score_spread: float | None = Field(default=None, description="Population standard deviation of score_samples.")
+    judge_scores: dict[str, float | None] = Field(default_factory=dict, description="Score of each judge of an ensemble, keyed backend:model; None where that judge failed.")
 
 
 class PreferencePair(Record):
@@ -103,10 +112,12 @@ class Prediction(Record):
 
 
 class EvalSummary(Record):
-    """Judged accuracy of one policy on one set of questions. ``id`` names the policy (e.g. ``before``).
+    """Judged accuracy of one policy on one set of questions. ``id`` names the evaluation: the tag
+    (``before``, ``after``) on the run's held-out questions, ``<dataset>/<tag>`` on a suite.
 
     Failed judgments are counted apart, never as wrong answers: accuracy and mean score are over
-    the judged answers only."""
+    the judged answers only. Accuracy is the share scoring >= ``pass_score`` (protocol
+    caption_reward) or yes / (yes + no) (protocol video_chatgpt, ``pass_score`` unused)."""
 
     model: str
     questions: int
@@ -119,6 +130,12 @@ class EvalSummary(Record):
     judge_model: str
     template: str
     template_hash: str
+    tag: str = Field(default="", description="before / after / any name given to `capdpo evaluate --tag`; '' in summaries older than this field (the id then is the tag).")
+    dataset: str = Field(default="held-out", description="'held-out' (the run's test split) or a suite name (capdpo.suites).")
+    protocol: Literal["caption_reward", "video_chatgpt"] = Field(default="caption_reward", description="Judge protocol behind accuracy and mean score.")
+    round: int = Field(default=1, description="DPO round whose folder holds this evaluation (iterative DPO).")
+    skipped: int = Field(default=0, description="Questions left out because their video or caption was missing (--skip-missing).")
+    undecided: int = Field(default=0, description="video_chatgpt: judged answers whose sampled yes/no votes tied, left out of accuracy.")
 
 
 R = TypeVar("R", bound=Record)

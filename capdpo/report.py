@@ -1,43 +1,88 @@
-"""Stage 10: one self-contained static HTML page summarising a run folder.
+"""Stage 10: one self-contained static HTML page summarising a run folder and all its rounds.
 
     write_report(RunPaths(Path("runs/demo")), cfg)  ->  runs/demo/report.html
 
 No server and no external URL: charts are matplotlib PNGs and frame thumbnails JPEGs, both
-base64-embedded, so the page opens offline and can be mailed as one file. The report can be made
-at any stage: a section whose input is missing or empty says "not run yet". Every piece of text
-taken from records is HTML-escaped.
+base64-embedded, and the pair browser's filter box and sortable columns are a few lines of inline
+JavaScript, so the page opens offline and can be mailed as one file. The report can be made at any
+stage: a section whose input is missing or empty says "not run yet". Every piece of text taken
+from records is HTML-escaped.
+
+Sections: records per stage, judge score distributions, chosen vs rejected scores and margins,
+DPO curves, evaluation per dataset and round, judge agreement (``agreement.json``, written by
+:func:`save_agreement`), a browsable table of preference pairs and example evaluation answers.
+With iterative DPO (``rounds: k``) every per-round section shows each round.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import html
 import io
 import json
 import statistics
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from capdpo.config import RunConfig
 from capdpo.frames import FrameError, sample_frames
 from capdpo.records import Judgment, RecordFile
+from capdpo.suites import HELD_OUT, SUITES, suite_title
 
 if TYPE_CHECKING:
+    from capdpo.agreement import AgreementReport
     from capdpo.pipeline import RunPaths
 
-MAX_PAIRS, MAX_EVAL_EXAMPLES, THUMBS, THUMB_WIDTH = 20, 8, 4, 112
+MAX_PAIRS, MAX_EVAL_EXAMPLES, THUMBS, THUMB_WIDTH = 200, 8, 4, 112
 SCORES = (1, 2, 3, 4, 5)
 NOT_RUN = '<p class="empty">not run yet</p>'
 CSS = """
 body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
-h1{font-size:1.5em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em}
+h1{font-size:1.5em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em} h3{font-size:1.05em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em} td,th{border:1px solid #ddd;padding:4px 8px;
 vertical-align:top;text-align:left} th{background:#f4f4f4} .empty{color:#999;font-style:italic}
 .chart{max-width:100%;display:block;margin:.5em 0} .thumb{width:56px;margin:1px}
 .answer{max-width:300px;white-space:pre-wrap} pre{white-space:pre-wrap;font-size:.85em;max-width:300px;margin:0}
 .score{font-weight:bold} .failed{color:#b00} .note{color:#555;font-size:.9em}
+table.browse th{cursor:pointer;user-select:none} table.browse th[data-dir=asc]::after{content:" \\25B2"}
+table.browse th[data-dir=desc]::after{content:" \\25BC"} #pair-filter{padding:4px 8px;width:24em}
+"""
+# The pair browser: a filter box (rows whose text contains every word typed) and click-to-sort
+# headers (numbers by their data-sort value, text otherwise). No library, no network.
+BROWSER_JS = """
+(function () {
+  var table = document.getElementById("pairs"); if (!table) return;
+  var body = table.tBodies[0], heads = table.tHead.rows[0].cells, rows = Array.prototype.slice.call(body.rows);
+  var box = document.getElementById("pair-filter"), count = document.getElementById("pair-count");
+  function filter() {
+    var words = box.value.toLowerCase().split(/\\s+/).filter(Boolean), shown = 0;
+    rows.forEach(function (r) {
+      var text = r.textContent.toLowerCase();
+      r.hidden = !words.every(function (w) { return text.indexOf(w) >= 0; });
+      if (!r.hidden) shown++;
+    });
+    count.textContent = shown + " of " + rows.length + " pairs shown";
+  }
+  function key(row, i) {
+    var cell = row.cells[i], v = cell.getAttribute("data-sort");
+    return v !== null ? parseFloat(v) : cell.textContent.trim().toLowerCase();
+  }
+  Array.prototype.forEach.call(heads, function (th, i) {
+    th.addEventListener("click", function () {
+      var dir = th.getAttribute("data-dir") === "asc" ? "desc" : "asc", sign = dir === "asc" ? 1 : -1;
+      Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("data-dir"); });
+      th.setAttribute("data-dir", dir);
+      rows.sort(function (a, b) { var x = key(a, i), y = key(b, i); return (x < y ? -1 : x > y ? 1 : 0) * sign; });
+      rows.forEach(function (r) { body.appendChild(r); });
+    });
+  });
+  box.addEventListener("input", filter);
+  filter();
+})();
 """
 
 
@@ -86,6 +131,27 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+@dataclass
+class RoundData:
+    """What one DPO round wrote (round 1: the run folder itself)."""
+
+    number: int
+    paths: RunPaths
+    candidates: list
+    judgments: list
+    pairs: list
+    metrics: list[dict]
+
+    @classmethod
+    def load(cls, paths: RunPaths) -> RoundData:
+        return cls(paths.round_number, paths, read_records(paths.candidates), read_records(paths.judgments),
+                   read_records(paths.pairs), read_metrics(paths.train / "metrics.jsonl"))
+
+    @property
+    def label(self) -> str:
+        return f"round {self.number}"
+
+
 # -- charts -----------------------------------------------------------------------------------
 def figure(ncols: int = 1, width: float = 4.0, height: float = 2.7):
     """A bare matplotlib Figure and its axes: it renders with Agg, touching no pyplot state."""
@@ -130,92 +196,217 @@ def header(paths: RunPaths, cfg: RunConfig, judgments: list, summaries: list) ->
     judges = dict.fromkeys((r.judge_backend, r.judge_model, r.template, r.template_hash) for r in judgments + summaries)
     if not judges:
         judges = {(cfg.judge.llm.backend, cfg.judge.llm.model, cfg.judge.template, "(not judged yet)"): None}
-    rows = [("run dir", str(paths.root)), ("policy model", cfg.policy.model),
+    rows = [("run dir", str(paths.root)), ("policy model", cfg.policy.model), ("DPO rounds", cfg.rounds),
             ("date", datetime.datetime.now().isoformat(timespec="seconds"))]
     rows += [("judge", f"{b} / {m} / template {t} (hash {h})") for b, m, t, h in judges]
     return f"<h1>capdpo run report</h1>\n{table(None, rows)}\n"
 
 
-def counts_section(videos, qa, candidates, judgments, pairs) -> str:
-    failed = sum(j.score is None for j in judgments)
-    rows = [("videos (train)", sum(v.split == "train" for v in videos)), ("videos (test)", sum(v.split == "test" for v in videos)),
-            ("QA items (train)", sum(q.split == "train" for q in qa)), ("QA items (test)", sum(q.split == "test" for q in qa)),
-            ("candidates", len(candidates)), ("judgments scored", len(judgments) - failed),
-            ("judgments failed", failed), ("preference pairs", len(pairs))]
+def counts_section(videos, qa, rounds: list[RoundData]) -> str:
+    """Records per stage: the shared data stages, then each round's candidates, judgments, pairs."""
+    shared = [("videos (train)", sum(v.split == "train" for v in videos)), ("videos (test)", sum(v.split == "test" for v in videos)),
+              ("QA items (train)", sum(q.split == "train" for q in qa)), ("QA items (test)", sum(q.split == "test" for q in qa))]
+    per_round = {"candidates": [len(r.candidates) for r in rounds],
+                 "judgments scored": [sum(j.score is not None for j in r.judgments) for r in rounds],
+                 "judgments failed": [sum(j.score is None for j in r.judgments) for r in rounds],
+                 "preference pairs": [len(r.pairs) for r in rounds]}
+    rows = [(name, *[n] * len(rounds)) for name, n in shared] + [(name, *ns) for name, ns in per_round.items()]
+    names = [r[0] for r in rows][::-1]
     fig, [ax] = figure(width=5.5, height=2.8)
-    ax.barh([r[0] for r in rows][::-1], [r[1] for r in rows][::-1], color="C0")
+    height = 0.8 / len(rounds)
+    for k, rnd in enumerate(rounds):
+        ax.barh([i + k * height for i in range(len(names))], [r[1 + k] for r in rows][::-1], height, label=rnd.label)
+    ax.set_yticks([i + (len(rounds) - 1) * height / 2 for i in range(len(names))], names)
     ax.tick_params(labelsize=8)
     ax.set_title("records per stage", fontsize=10)
-    return table(["stage", "records"], rows) + png(fig)
+    if len(rounds) > 1:
+        ax.legend(fontsize=7)
+    head = ["stage", "records"] if len(rounds) == 1 else ["stage", *(r.label for r in rounds)]
+    return table(head, rows) + png(fig)
 
 
-def scores_section(judgments: list[Judgment]) -> str | None:
-    if not judgments:
+def scores_section(rounds: list[RoundData]) -> str | None:
+    judged = [r for r in rounds if r.judgments]
+    if not judged:
         return None
-    fig, [ax] = figure()
-    bars(ax, [*map(str, SCORES), "failed"], {"judgments": score_bins([j.score for j in judgments])},
-         "judge scores of candidates", colors=["C0"] * len(SCORES) + ["grey"])
+    fig, [ax] = figure(width=4.0 + 0.6 * len(judged))
+    series = {r.label: score_bins([j.score for j in r.judgments]) for r in judged}
+    bars(ax, [*map(str, SCORES), "failed"], series, "judge scores of candidates",
+         colors=["C0"] * len(SCORES) + ["grey"])
     return png(fig)
 
 
-def pairs_section(pairs) -> str | None:
-    if not pairs:
+def pairs_section(rounds: list[RoundData]) -> str | None:
+    with_pairs = [r for r in rounds if r.pairs]
+    if not with_pairs:
         return None
-    chosen, rejected = [p.chosen_score for p in pairs], [p.rejected_score for p in pairs]
-    margins = Counter(c - r for c, r in zip(chosen, rejected))
-    fig, (a, b) = figure(2)
-    bars(a, list(map(str, SCORES)), {"chosen": score_bins(chosen)[:-1], "rejected": score_bins(rejected)[:-1]},
-         "scores of chosen vs rejected")
-    bars(b, [f"{m:g}" for m in sorted(margins)], {"pairs": [margins[m] for m in sorted(margins)]}, "margin (chosen - rejected)")
-    stats = table(["pairs", "mean chosen", "mean rejected", "mean margin"],
-                  [(len(pairs), fmt(statistics.fmean(chosen)), fmt(statistics.fmean(rejected)),
-                    fmt(statistics.fmean(c - r for c, r in zip(chosen, rejected))))])
-    return stats + png(fig)
+    stats_rows, charts = [], []
+    for r in with_pairs:
+        chosen, rejected = [p.chosen_score for p in r.pairs], [p.rejected_score for p in r.pairs]
+        margins = Counter(c - x for c, x in zip(chosen, rejected))
+        stats_rows.append((r.label, len(r.pairs), fmt(statistics.fmean(chosen)), fmt(statistics.fmean(rejected)),
+                           fmt(statistics.fmean(c - x for c, x in zip(chosen, rejected)))))
+        fig, (a, b) = figure(2)
+        bars(a, list(map(str, SCORES)), {"chosen": score_bins(chosen)[:-1], "rejected": score_bins(rejected)[:-1]},
+             f"scores of chosen vs rejected ({r.label})" if len(rounds) > 1 else "scores of chosen vs rejected")
+        bars(b, [f"{m:g}" for m in sorted(margins)], {"pairs": [margins[m] for m in sorted(margins)]}, "margin (chosen - rejected)")
+        charts.append(png(fig))
+    head = ["pairs", "mean chosen", "mean rejected", "mean margin"]
+    if len(rounds) == 1:
+        return table(head, [row[1:] for row in stats_rows]) + "".join(charts)
+    return table(["round", *head], stats_rows) + "".join(charts)
 
 
-def training_section(rows: list[dict]) -> str | None:
-    if not rows:
+TRAIN_PANELS = {"loss": ["loss"], "rewards/accuracies": ["rewards/accuracies"], "rewards/margins": ["rewards/margins"],
+                "rewards/chosen & rejected": ["rewards/chosen", "rewards/rejected"]}
+
+
+def training_section(rounds: list[RoundData]) -> str | None:
+    trained = [r for r in rounds if r.metrics]
+    if not trained:
         return None
-    steps = [r.get("step", i) for i, r in enumerate(rows)]
-    panels = {"loss": ["loss"], "rewards/accuracies": ["rewards/accuracies"], "rewards/margins": ["rewards/margins"],
-              "rewards/chosen & rejected": ["rewards/chosen", "rewards/rejected"]}
-    fig, axes = figure(len(panels), width=3.2)
-    for ax, (title, keys) in zip(axes, panels.items()):
-        for key in keys:
-            pts = [(s, r[key]) for s, r in zip(steps, rows) if isinstance(r.get(key), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None, label=key.split("/")[-1])
+    fig, axes = figure(len(TRAIN_PANELS), width=3.2)
+    for ax, (title, keys) in zip(axes, TRAIN_PANELS.items()):
+        for r in trained:
+            for key in keys:
+                _plot_metric(ax, r.metrics, key, " ".join(filter(None, [r.label if len(rounds) > 1 else "",
+                                                                            key.split("/")[-1] if len(keys) > 1 else ""])))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-        if len(keys) > 1:
+        if len(keys) > 1 or len(trained) > 1:
             ax.legend(fontsize=7)
-    last = rows[-1]
-    summary = table(["steps logged", "last epoch", "last loss", "last accuracy", "last margin"],
-                    [(len(rows), fmt(last.get("epoch")), fmt(last.get("loss")), fmt(last.get("rewards/accuracies")),
-                      fmt(last.get("rewards/margins")))])
+    rows = []
+    for r in trained:
+        last = r.metrics[-1]
+        rows.append((r.label, len(r.metrics), fmt(last.get("epoch")), fmt(last.get("loss")),
+                     fmt(last.get("rewards/accuracies")), fmt(last.get("rewards/margins"))))
+    head = ["steps logged", "last epoch", "last loss", "last accuracy", "last margin"]
+    summary = table(head, [row[1:] for row in rows]) if len(rounds) == 1 else table(["round", *head], rows)
     return summary + png(fig)
+
+
+def _plot_metric(ax, rows: list[dict], key: str, label: str) -> None:
+    pts = [(r.get("step", i), r[key]) for i, r in enumerate(rows) if isinstance(r.get(key), (int, float))]
+    if pts:
+        ax.plot(*zip(*pts), marker="." if len(pts) < 50 else None, label=label or None)
+
+
+def _dataset_rank(dataset: str) -> tuple[int, str]:
+    order = [HELD_OUT, *SUITES]
+    return (order.index(dataset) if dataset in order else len(order), dataset)
+
+
+def eval_label(s, many_rounds: bool) -> str:
+    """before / after, prefixed by the round when the run has several."""
+    tag = s.tag or s.id.rsplit("/", 1)[-1]
+    return f"round {s.round} {tag}" if many_rounds and not (s.round == 1 and tag == "before") else tag
+
+
+def _eval_order(summaries) -> list:
+    rank = {"before": 0, "after": 2}
+    return sorted(summaries, key=lambda s: (_dataset_rank(s.dataset), s.round, rank.get(s.tag or s.id.rsplit("/", 1)[-1], 1)))
 
 
 def eval_section(summaries) -> str | None:
     if not summaries:
         return None
-    rows = [(s.id, s.model, s.questions, s.judged, s.failed, fmt(s.accuracy, ".1%") if s.accuracy is not None else "–",
-             fmt(s.mean_score), s.pass_score, s.judge_model, s.template_hash) for s in summaries]
-    tags = [s.id for s in summaries]
-    fig, (a, b, c) = figure(3, width=3.3)
-    bars(a, tags, {"accuracy": [s.accuracy for s in summaries]}, "accuracy (judged only)")
-    a.set_ylim(0, 1.1)
-    bars(b, tags, {"mean score": [s.mean_score for s in summaries]}, "mean judge score")
-    b.set_ylim(0, 5.5)
-    bars(c, tags, {"judged": [s.judged for s in summaries], "failed": [s.failed for s in summaries]}, "judged vs failed")
-    note = ('<p class="note">Accuracy and mean score are over judged answers only; failed judgments are '
-            "counted apart, never as wrong answers.</p>")
-    header_ = ["policy", "model", "questions", "judged", "failed", "accuracy", "mean score", "pass score", "judge model",
-               "template hash"]
-    return note + table(header_, rows) + png(fig)
+    summaries = _eval_order(summaries)
+    many = len({s.round for s in summaries}) > 1
+    rows = [(suite_title(s.dataset), s.round, eval_label(s, many), s.model, s.protocol, s.questions, s.judged, s.failed,
+             s.skipped, fmt(s.accuracy, ".1%"), fmt(s.mean_score), s.judge_model, s.template_hash) for s in summaries]
+    datasets = list(dict.fromkeys(s.dataset for s in summaries))
+    labels = list(dict.fromkeys(eval_label(s, many) for s in summaries))
+    cell = {(s.dataset, eval_label(s, many)): s for s in summaries}
+
+    def pick(attr: str) -> dict[str, list]:
+        """One bar series per evaluation label, one value per dataset (None where not evaluated)."""
+        return {lab: [getattr(cell[(d, lab)], attr) if (d, lab) in cell else None for d in datasets] for lab in labels}
+
+    titles = [suite_title(d) for d in datasets]
+    fig, (a, b, c) = figure(3, width=1.5 + 1.2 * len(datasets) * max(1, len(labels) / 2))
+    bars(a, titles, pick("accuracy"), "accuracy (judged only)")
+    a.set_ylim(0, 1.45)  # headroom: value labels and the legend sit above full bars
+    bars(b, titles, pick("mean_score"), "mean judge score")
+    b.set_ylim(0, 7)
+    bars(c, titles, pick("failed"), "failed judgments")
+    c.set_ylim(0, 1.4 * max([1, *(s.failed for s in summaries)]))
+    note = ('<p class="note">Accuracy and mean score are over judged answers only; failed judgments are counted apart, '
+            "never as wrong answers. caption_reward: accuracy = share of scores &gt;= pass score (1-5 scale); "
+            "video_chatgpt: accuracy = yes / (yes + no), score 0-5. Skipped: questions whose video or caption "
+            "was missing.</p>")
+    head = ["dataset", "round", "evaluation", "model", "protocol", "questions", "judged", "failed", "skipped", "accuracy",
+            "mean score", "judge model", "template hash"]
+    return note + table(head, rows) + png(fig)
 
 
+# -- judge agreement --------------------------------------------------------------------------
+def save_agreement(path: Path, report: AgreementReport, name_a: str, name_b: str) -> None:
+    """Add one judge-agreement study to ``agreement.json`` (a list of ``{name_a, name_b, report}``
+    with ``report`` the :class:`~capdpo.agreement.AgreementReport`'s fields), replacing an earlier
+    study of the same two judges."""
+    studies = [s for s in _read_agreement(path) if (s.get("name_a"), s.get("name_b")) != (name_a, name_b)]
+    studies.append({"name_a": name_a, "name_b": name_b, "report": dataclasses.asdict(report)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(studies, indent=1), encoding="utf-8")
+
+
+def _read_agreement(path: Path) -> list[dict]:
+    """The studies of an ``agreement.json`` (one object or a list); unreadable means none."""
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return []
+    studies = data if isinstance(data, list) else [data]
+    return [s for s in studies if isinstance(s, dict) and isinstance(s.get("report"), dict)]
+
+
+def _pct(x) -> str:
+    return "–" if x is None else f"{100 * x:.1f}%"
+
+
+def agreement_section(path: Path) -> str:
+    studies = _read_agreement(path)
+    if not studies:
+        return (f'<p class="empty">no judge-agreement study in this run ({esc(path.name)}, written by '
+                "capdpo.report.save_agreement; see docs/evaluation.md)</p>")
+    parts = []
+    for s in studies:
+        a, b, r = s.get("name_a", "A"), s.get("name_b", "B"), s["report"]
+        rows = [("answers compared", r.get("n_common")), (f"failed under {a} / {b}", f"{r.get('n_failed_a')} / {r.get('n_failed_b')}"),
+                (f"mean score {a} / {b}", f"{fmt(r.get('mean_a'))} / {fmt(r.get('mean_b'))}"),
+                ("Pearson r", fmt(r.get("pearson"))), ("Spearman rho", fmt(r.get("spearman"))),
+                ("Kendall tau-b", fmt(r.get("kendall_tau_b"))), ("exact agreement (rounded)", _pct(r.get("exact_agreement"))),
+                ("within-1 agreement", _pct(r.get("within1_agreement"))),
+                ("pairwise agreement, strict pairs", _pct(r.get("pairwise_agreement_strict"))),
+                ("pairwise agreement, ties included", _pct(r.get("pairwise_agreement_with_ties")))]
+        if r.get("b_is_binary"):
+            rows.append((f"AUROC of {a} for {b}'s 0/1", fmt(r.get("auroc"))))
+        parts.append(f"<h3>{esc(a)} vs {esc(b)}</h3>" + table(["statistic", "value"], rows) + _confusion_chart(a, b, r))
+    return "".join(parts)
+
+
+def _confusion_chart(name_a: str, name_b: str, report: dict) -> str:
+    labels, matrix = report.get("confusion_labels") or [], report.get("confusion") or []
+    if not labels or len(matrix) != len(labels):
+        return ""
+    fig, [ax] = figure(width=3.4, height=3.0)
+    ax.imshow(matrix, cmap="Blues")
+    top = max(max(row) for row in matrix) or 1
+    for i, row in enumerate(matrix):
+        for j, n in enumerate(row):
+            ax.text(j, i, str(n), ha="center", va="center", fontsize=8, color="white" if n > top / 2 else "black")
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.set_xlabel(name_b, fontsize=8)
+    ax.set_ylabel(name_a, fontsize=8)
+    ax.set_title("rounded scores", fontsize=10)
+    return png(fig)
+
+
+# -- the pair browser -------------------------------------------------------------------------
 def jpeg(img) -> str:
     img = img.copy()
     img.thumbnail((THUMB_WIDTH, THUMB_WIDTH))
@@ -242,7 +433,8 @@ def answer_cell(text: str, score: float | None, judgment: Judgment | None) -> Ht
     if judgment is not None and judgment.score is None:
         verdict = f'<span class="failed">judge failed: {esc(judgment.failure)}</span>'
     else:
-        verdict = f'<span class="score">score {fmt(score)}</span>'
+        said = f" · {judgment.verdict}" if judgment is not None and judgment.verdict else ""  # video_chatgpt's yes/no
+        verdict = f'<span class="score">score {fmt(score)}{esc(said)}</span>'
     reply = (f"<details><summary>judge reply</summary><pre>{esc(judgment.raw_reply)}</pre></details>"
              if judgment is not None else "")
     return Html(f'{verdict}<div class="answer">{esc(text)}</div>{reply}')
@@ -252,57 +444,112 @@ def question_cell(question: str, reference: str) -> Html:
     return Html(f'<div class="answer"><b>Q:</b> {esc(question)}<br><b>Reference:</b> {esc(reference)}</div>')
 
 
-def pair_examples(paths: RunPaths, pairs, judgments: dict[str, Judgment], videos: dict) -> str | None:
+def _number(value: float) -> Html:
+    """A numeric cell the browser sorts by value."""
+    return Html(f'<td data-sort="{value:g}">{esc(fmt(value))}</td>')
+
+
+def _text(value: object) -> Html:
+    return Html(f"<td>{value if isinstance(value, Html) else esc(value)}</td>")
+
+
+def pair_browser(paths: RunPaths, rounds: list[RoundData], videos: dict) -> str | None:
+    """Every preference pair (up to MAX_PAIRS) with frames, question, both answers, scores, the
+    judge's replies and the margin; filter box and sortable columns."""
+    pairs = [(r, p) for r in rounds for p in r.pairs]
     if not pairs:
         return None
     thumbs: dict[str, Html] = {}  # one decode per video, however many of its questions are shown
-    rows = []
-    for p in pairs[:MAX_PAIRS]:
+    judgments = {r.number: {j.target_id: j for j in r.judgments} for r in rounds}
+    many = len(rounds) > 1
+    body = []
+    for r, p in pairs[:MAX_PAIRS]:
         if p.video_id not in thumbs:
             video = videos[p.video_id].video if p.video_id in videos else p.video
             thumbs[p.video_id] = thumbnails(paths, p.video_id, video)
-        rows.append((Html(f"{thumbs[p.video_id]}<br>{esc(p.video_id)}"), question_cell(p.prompt, p.answer),
-                     answer_cell(p.chosen, p.chosen_score, judgments.get(p.chosen_id)),
-                     answer_cell(p.rejected, p.rejected_score, judgments.get(p.rejected_id))))
+        judged = judgments[r.number]
+        cells = ([_number(r.number)] if many else []) + [
+            _text(Html(f"{thumbs[p.video_id]}<br>{esc(p.video_id)}")), _text(question_cell(p.prompt, p.answer)),
+            _text(answer_cell(p.chosen, p.chosen_score, judged.get(p.chosen_id))), _number(p.chosen_score),
+            _text(answer_cell(p.rejected, p.rejected_score, judged.get(p.rejected_id))), _number(p.rejected_score),
+            _number(p.chosen_score - p.rejected_score)]
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    head = (["round"] if many else []) + ["video", "question", "chosen", "chosen score", "rejected", "rejected score", "margin"]
     more = f'<p class="note">First {MAX_PAIRS} of {len(pairs)} pairs.</p>' if len(pairs) > MAX_PAIRS else ""
-    return table(["video", "question", "chosen", "rejected"], rows) + more
+    controls = ('<p><input id="pair-filter" type="search" placeholder="filter: words in video id, question, answers, '
+                'judge replies" aria-label="filter pairs"> <span id="pair-count" class="note"></span></p>'
+                '<p class="note">Click a column header to sort.</p>')
+    thead = "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead>"
+    return f'{controls}<table id="pairs" class="browse">{thead}<tbody>{"".join(body)}</tbody></table>{more}'
 
 
-def prediction_cell(pred, judgment: Judgment | None) -> Html:
-    return answer_cell(pred.answer, judgment.score if judgment else None, judgment)
+# -- evaluation examples ----------------------------------------------------------------------
+def eval_examples(rounds: list[RoundData], summaries, qa: dict) -> str | None:
+    """Per dataset, the first questions answered in every evaluation, each evaluation's answer
+    side by side (before, after, later rounds)."""
+    many = len({s.round for s in summaries}) > 1
+    parts = []
+    for dataset in dict.fromkeys(s.dataset for s in _eval_order(summaries)):
+        evals = [s for s in _eval_order(summaries) if s.dataset == dataset]
+        runs = [(eval_label(s, many), _eval_records(rounds, s)) for s in evals]
+        runs = [(label, preds, judged) for label, (preds, judged) in runs if preds]
+        if not runs:
+            continue
+        questions = _questions(rounds, dataset, qa)
+        common = [q for q in runs[0][1] if all(q in preds for _, preds, _ in runs)][:MAX_EVAL_EXAMPLES]
+        rows = []
+        for q in common:
+            item = questions.get(q)
+            rows.append((question_cell(item.question if item else q, item.answer if item else "?"),
+                         *(answer_cell(preds[q].answer, judged[q].score if q in judged else None, judged.get(q))
+                           for _, preds, judged in runs)))
+        if rows:
+            parts.append(f"<h3>{esc(suite_title(dataset))}</h3>" + table(["question", *(label for label, _, _ in runs)], rows))
+    return "".join(parts) or None
 
 
-def eval_examples(paths: RunPaths, qa: dict) -> str | None:
-    before, after = ({p.qa_id: p for p in read_records(paths.predictions(t))} for t in ("before", "after"))
-    common = [q for q in before if q in after][:MAX_EVAL_EXAMPLES]
-    if not common:
-        return None
-    jb, ja = ({j.target_id: j for j in read_records(paths.eval_judgments(t))} for t in ("before", "after"))
-    rows = []
-    for q in common:
-        item = qa.get(q)
-        rows.append((question_cell(item.question if item else q, item.answer if item else "?"),
-                     prediction_cell(before[q], jb.get(q)), prediction_cell(after[q], ja.get(q))))
-    return table(["question", "before DPO", "after DPO"], rows)
+def _eval_records(rounds: list[RoundData], s) -> tuple[dict, dict]:
+    tag = s.tag or s.id.rsplit("/", 1)[-1]
+    paths = next((r.paths for r in rounds if r.number == s.round), None)
+    if paths is None:
+        return {}, {}
+    preds = {p.qa_id: p for p in read_records(paths.predictions(tag, s.dataset))}
+    judged = {j.target_id: j for j in read_records(paths.eval_judgments(tag, s.dataset))}
+    return preds, judged
+
+
+def _questions(rounds: list[RoundData], dataset: str, qa: dict) -> dict:
+    if dataset == HELD_OUT:
+        return qa
+    for r in rounds:
+        found = read_records(r.paths.suite_questions(dataset))
+        if found:
+            return {q.id: q for q in found}
+    return {}
 
 
 def write_report(paths: RunPaths, cfg: RunConfig) -> Path:
-    """Write ``paths.report`` from whatever stages have run so far and return its path."""
+    """Write the run's report (``paths.report``, in the run folder whichever round ``paths`` is
+    in) from whatever stages have run so far, and return its path."""
+    from capdpo.pipeline import RunPaths
+
+    paths = RunPaths(paths.top)
     videos, qa = read_records(paths.videos), read_records(paths.qa)
-    candidates, judgments, pairs = read_records(paths.candidates), read_records(paths.judgments), read_records(paths.pairs)
-    summaries = read_records(paths.eval_summary)
+    rounds = [RoundData.load(r) for r in paths.rounds()]
+    summaries = [s for r in rounds for s in read_records(r.paths.eval_summary)]
     body = [
-        header(paths, cfg, judgments, summaries),
-        section("Records per stage", counts_section(videos, qa, candidates, judgments, pairs)),
-        section("Judge scores", scores_section(judgments)),
-        section("Preference pairs: chosen vs rejected", pairs_section(pairs)),
-        section("DPO training", training_section(read_metrics(paths.train / "metrics.jsonl"))),
-        section("Evaluation before vs after DPO", eval_section(summaries)),
-        section("Example preference pairs", pair_examples(paths, pairs, {j.target_id: j for j in judgments}, {v.id: v for v in videos})),
-        section("Example evaluation answers", eval_examples(paths, {q.id: q for q in qa})),
+        header(paths, cfg, [j for r in rounds for j in r.judgments], summaries),
+        section("Records per stage", counts_section(videos, qa, rounds)),
+        section("Judge scores", scores_section(rounds)),
+        section("Preference pairs: chosen vs rejected", pairs_section(rounds)),
+        section("DPO training", training_section(rounds)),
+        section("Evaluation before vs after DPO, per dataset and round", eval_section(summaries)),
+        section("Judge agreement", agreement_section(paths.agreement)),
+        section("Preference pairs browser", pair_browser(paths, rounds, {v.id: v for v in videos})),
+        section("Example evaluation answers", eval_examples(rounds, summaries, {q.id: q for q in qa})),
     ]
     page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>capdpo report: {esc(paths.root.name)}</title>'
-            f"<style>{CSS}</style></head><body>\n{''.join(body)}</body></html>\n")
+            f"<style>{CSS}</style></head><body>\n{''.join(body)}<script>{BROWSER_JS}</script></body></html>\n")
     paths.report.parent.mkdir(parents=True, exist_ok=True)
     tmp = paths.report.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")

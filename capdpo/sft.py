@@ -15,21 +15,17 @@ from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from capdpo.policy import VideoPolicy
-
-# LoRA on the language model's linear layers only: the vision tower is frozen and the projector
-# is trained in full.
-LLM_LINEAR = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+from capdpo.policy import VideoInputs, VideoPolicy
 
 
 @dataclass(frozen=True)
 class SFTExample:
-    video_key: str  # index into the tensor of pixel values handed to `supervised_finetune`
+    video_key: str  # key of the preprocessed video handed to `supervised_finetune`
     prompt: str
     response: str
 
 
-def supervised_finetune(policy: VideoPolicy, pixels: dict[str, torch.Tensor], examples: list[SFTExample], *,
+def supervised_finetune(policy: VideoPolicy, pixels: dict[str, VideoInputs], examples: list[SFTExample], *,
                         epochs: int = 1, batch_size: int = 4, lr: float = 1e-3, lora_r: int = 32, seed: int = 0,
                         max_response_tokens: int = 128) -> list[float]:
     """Train projector + LoRA(LLM), merge the adapters into ``policy.model``; returns step losses."""
@@ -37,9 +33,13 @@ def supervised_finetune(policy: VideoPolicy, pixels: dict[str, torch.Tensor], ex
     model = policy.model
     for p in model.parameters():
         p.requires_grad_(False)
-    peft_model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_r, target_modules=LLM_LINEAR, lora_dropout=0.0))
-    for p in model.model.multi_modal_projector.parameters():
-        p.requires_grad_(True)
+    # LoRA on the language model's linear layers only: the vision tower stays frozen and the
+    # projector is trained in full
+    peft_model = get_peft_model(model, LoraConfig(r=lora_r, lora_alpha=lora_r, target_modules=policy.parts.lora_targets(),
+                                                  lora_dropout=0.0))
+    for name, p in model.named_parameters():
+        if policy.parts.part_of(name) == "projector":
+            p.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
@@ -52,10 +52,10 @@ def supervised_finetune(policy: VideoPolicy, pixels: dict[str, torch.Tensor], ex
             rng.shuffle(order)
             for start in range(0, len(order), batch_size):
                 batch = [examples[i] for i in order[start : start + batch_size]]
-                video = policy.video_embeds(torch.stack([pixels[e.video_key] for e in batch]))
-                prompts = [policy.prompt_ids(e.prompt, video.shape[1]) for e in batch]
+                videos = [policy.encode(pixels[e.video_key]) for e in batch]  # with autograd: the projector learns
+                prompts = [policy.prompt_ids(e.prompt, v.layout) for e, v in zip(batch, videos)]
                 responses = [policy.response_ids(e.response, max_response_tokens) for e in batch]
-                logps, n_tokens = policy.sequence_logps(video, prompts, responses)
+                logps, n_tokens = policy.sequence_logps(videos, prompts, responses)
                 loss = -(logps.sum() / n_tokens.sum())  # mean token NLL over the batch
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -29,33 +29,29 @@ from transformers import get_linear_schedule_with_warmup
 from capdpo.config import FramesConfig, TrainConfig
 from capdpo.errors import ITEM_ERRORS, ItemErrors
 from capdpo.losses import reward_metrics, sigmoid_dpo
-from capdpo.policy import VideoPolicy
+from capdpo.policy import EncodedVideo, VideoPolicy
 from capdpo.records import PreferencePair, RecordFile, Video
 from capdpo.sample import encode_video
-from capdpo.sft import LLM_LINEAR
 
 log = logging.getLogger(__name__)
 DONE = ".complete"
 
 
 def set_trainable(policy: VideoPolicy, cfg: TrainConfig):
-    """Freeze what the config freezes; wrap the LLM in LoRA if asked. Returns the PEFT model or None."""
-    model = policy.model
+    """Freeze what the config freezes; wrap the LLM in LoRA if asked. Returns the PEFT model or None.
+    The parts (vision tower, projector, LLM) come from the policy's family adapter."""
+    model, parts = policy.model, policy.parts
     for p in model.parameters():
         p.requires_grad_(False)
     peft_model = None
-    if cfg.lora:
+    if cfg.lora:  # PEFT leaves only the adapters trainable
         peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                      lora_dropout=cfg.lora_dropout, target_modules=LLM_LINEAR))
-    else:
-        for p in model.model.language_model.parameters():
+                                                      lora_dropout=cfg.lora_dropout, target_modules=parts.lora_targets()))
+    trains = {"vision": not cfg.freeze_vision, "projector": not cfg.freeze_projector, "llm": not cfg.lora}
+    for name, p in model.named_parameters():
+        part = parts.part_of(name)
+        if part is not None and trains[part]:
             p.requires_grad_(True)
-        for p in model.lm_head.parameters():
-            p.requires_grad_(True)
-    for p in model.model.multi_modal_projector.parameters():
-        p.requires_grad_(not cfg.freeze_projector)
-    for p in model.model.vision_tower.parameters():
-        p.requires_grad_(not cfg.freeze_vision)
     return peft_model
 
 
@@ -80,10 +76,13 @@ def run_train(pairs_file: RecordFile[PreferencePair], videos_file: RecordFile[Vi
     # 1. every video encoded once, before training: the same embeddings serve chosen, rejected,
     #    reference and every epoch
     errors = ItemErrors("train", fail_fast)
-    video_cache: dict[str, torch.Tensor] = {}
-    for vid in tqdm(sorted({p.video_id for p in pairs}), desc="train: encode videos", unit="video"):
+    video_cache: dict[str, EncodedVideo] = {}
+    prompts: dict[str, list[str]] = {}
+    for p in pairs:
+        prompts.setdefault(p.video_id, []).append(p.prompt)
+    for vid in tqdm(sorted(prompts), desc="train: encode videos", unit="video"):
         try:
-            video_cache[vid] = encode_video(policy, videos[vid], frames.num_frames).clone()
+            video_cache[vid] = encode_video(policy, videos[vid], frames, prompts[vid], cfg.max_response_tokens).detach()
         except ITEM_ERRORS as e:
             errors.record(vid, e)
     pairs = [p for p in pairs if p.video_id in video_cache]
@@ -135,15 +134,14 @@ def run_train(pairs_file: RecordFile[PreferencePair], videos_file: RecordFile[Vi
     return final
 
 
-def dpo_step(policy: VideoPolicy, reference, peft_model, batch: list[PreferencePair], video_cache: dict[str, torch.Tensor],
+def dpo_step(policy: VideoPolicy, reference, peft_model, batch: list[PreferencePair], video_cache: dict[str, EncodedVideo],
              cfg: TrainConfig, accelerator: Accelerator, trainable: list[torch.nn.Parameter]) -> dict[str, float]:
     """One DPO forward/backward on a batch of pairs; returns the logged metrics."""
-    videos = torch.stack([video_cache[p.video_id] for p in batch]).to(policy.device)
-    n_visual = videos.shape[1]
-    prompts = [policy.prompt_ids(p.prompt, n_visual) for p in batch]
+    videos = [video_cache[p.video_id] for p in batch]
+    prompts = [policy.prompt_ids(p.prompt, v.layout) for p, v in zip(batch, videos)]
     chosen = [policy.response_ids(p.chosen, cfg.max_response_tokens) for p in batch]
     rejected = [policy.response_ids(p.rejected, cfg.max_response_tokens) for p in batch]
-    rows_videos = torch.cat([videos, videos])  # chosen rows, then rejected rows
+    rows_videos = videos + videos  # chosen rows, then rejected rows
 
     # 2. policy log-probs
     with accelerator.autocast():
@@ -156,8 +154,7 @@ def dpo_step(policy: VideoPolicy, reference, peft_model, batch: list[PreferenceP
             with peft_model.disable_adapter():
                 ref, _ = policy.sequence_logps(rows_videos, prompts + prompts, chosen + rejected)
         else:
-            ref, _ = VideoPolicy(reference, policy.tokenizer, policy.spec, "reference").sequence_logps(
-                rows_videos, prompts + prompts, chosen + rejected)
+            ref, _ = policy.with_model(reference, "reference").sequence_logps(rows_videos, prompts + prompts, chosen + rejected)
     rc, rr = ref.chunk(2)
 
     # 4. loss and update

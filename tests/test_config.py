@@ -75,7 +75,7 @@ def test_wrong_type_names_file_and_field(tmp_path):
     with pytest.raises(ConfigError, match=r"sample\.n"):
         load_config(overrides=["sample.n=many"])
     with pytest.raises(ConfigError, match=r"judge\.llm\.backend"):
-        load_config(overrides=["judge.llm.backend=vllm"])
+        load_config(overrides=["judge.llm.backend=tgi"])
     with pytest.raises(ConfigError, match="is not a section"):
         load_config(overrides=["sample=3", "sample.n=2"])
     path = tmp_path / "bad.yaml"

@@ -128,3 +128,36 @@ def test_run_pairs_rewrites_the_file(tmp_path):
     assert stats.pairs == 1 and [p.id for p in out.read()] == ["a_0"]
     run_pairs(vf, qf, cf, jf, out, CFG)  # a rerun does not duplicate
     assert [p.id for p in out.read()] == ["a_0"]
+
+
+class OrderAwareJudgeLLM:
+    """Prefers whichever answer contains 'right'; with ``biased`` always says the first one."""
+
+    backend, model_id = "scripted", "pairwise-judge"
+
+    def __init__(self, biased: bool = False):
+        self.biased = biased
+
+    def chat(self, prompts, **_):
+        from capdpo.llm import Reply
+
+        out = []
+        for p in prompts:
+            first = p.split("4. Answer 1:")[1].split("5. Answer 2:")[0]
+            out.append(Reply("Better: 1" if self.biased or "right" in first else "Better: 2", 0.0))
+        return out
+
+
+@pytest.mark.parametrize("biased, kept", [(False, 1), (True, 0)])
+def test_pairwise_check_keeps_pairs_confirmed_in_both_orders(biased, kept):
+    from capdpo.config import JudgeConfig, LLMConfig
+    from capdpo.judge import CaptionJudge
+    from capdpo.pairs import confirm_pairwise
+
+    judge = CaptionJudge(JudgeConfig(llm=LLMConfig(backend="openai", model="pairwise-judge")), ".", llm=OrderAwareJudgeLLM(biased))
+    pair = PreferencePair(id="v_0", qa_id="v_0", video_id="v", video="v.mp4", prompt="Q?", answer="A.", chosen="right answer",
+                          rejected="wrong answer", chosen_score=5, rejected_score=1, chosen_id="v_0#0", rejected_id="v_0#1")
+    stats = PairStats(pairs=1)
+    out = confirm_pairwise([pair], {"v": Video(id="v", video="v.mp4", caption="c")}, judge, stats)
+    assert len(out) == kept == stats.pairs
+    assert stats.pairwise_rejected == 1 - kept  # a position-biased judge confirms nothing

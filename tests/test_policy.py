@@ -20,29 +20,35 @@ def frames(seed: int, n: int = 4) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)) for _ in range(n)]
 
 
+def encode(policy: VideoPolicy, seed: int):
+    with torch.inference_mode():
+        return policy.encode(policy.preprocess(frames(seed)))
+
+
 def test_pixel_values_are_cropped_and_normalised(policy):
-    x = policy.pixel_values(frames(0))
+    x = policy.preprocess(frames(0)).pixel_values
     assert x.shape == (4, 3, 56, 56)
     assert -3 < x.mean().item() < 3
 
 
 def test_prompt_expands_the_video_placeholder(policy):
-    ids = policy.prompt_ids("What happens?", n_visual=16)
-    assert ids.count(policy.video_token_id) == 16
+    layout = policy.layout(4, 80, 96)
+    ids = policy.prompt_ids("What happens?", layout)
+    assert layout.n_visual == 16 and ids.count(policy.video_token_id) == 16
     assert "What happens?" in policy.tokenizer.decode(ids)
 
 
 def test_generate_is_deterministic_with_a_seed(policy):
-    video = policy.video_embeds(policy.pixel_values(frames(1)).unsqueeze(0))[0]
+    video = encode(policy, 1)
     a = policy.generate(video, "Describe it.", n=3, temperature=1.0, top_p=0.95, max_new_tokens=6, seed=5)
     b = policy.generate(video, "Describe it.", n=3, temperature=1.0, top_p=0.95, max_new_tokens=6, seed=5)
     assert a == b and len(a) == 3
 
 
 def test_logps_do_not_depend_on_batching(policy):
-    videos = policy.video_embeds(torch.stack([policy.pixel_values(frames(s)) for s in (2, 3)]))
-    n_visual = videos.shape[1]
-    prompts = [policy.prompt_ids("Which colour?", n_visual), policy.prompt_ids("How many shapes are there in the end?", n_visual)]
+    videos = [encode(policy, s) for s in (2, 3)]
+    prompts = [policy.prompt_ids("Which colour?", videos[0].layout),
+               policy.prompt_ids("How many shapes are there in the end?", videos[1].layout)]
     responses = [policy.response_ids("Red."), policy.response_ids("There are three shapes, a circle and two squares.")]
     with torch.no_grad():
         together, counts = policy.sequence_logps(videos, prompts, responses)
@@ -53,13 +59,13 @@ def test_logps_do_not_depend_on_batching(policy):
 
 def test_logps_equal_the_model_own_loss(policy):
     """Summed response log-prob agrees with transformers' own labels-based loss."""
-    pixels = policy.pixel_values(frames(4)).unsqueeze(0)
-    video = policy.video_embeds(pixels)
-    prompt = policy.prompt_ids("What is shown?", video.shape[1])
+    inputs = policy.preprocess(frames(4))
+    video = policy.encode(inputs)
+    prompt = policy.prompt_ids("What is shown?", video.layout)
     response = policy.response_ids("A blue circle.")
     ids = torch.tensor([prompt + response])
     labels = torch.tensor([[-100] * len(prompt) + response])
     with torch.no_grad():
-        ours, n = policy.sequence_logps(video, [prompt], [response])
-        loss = policy.model(input_ids=ids, pixel_values_videos=pixels, labels=labels).loss
+        ours, n = policy.sequence_logps([video], [prompt], [response])
+        loss = policy.model(input_ids=ids, pixel_values_videos=inputs.pixel_values.unsqueeze(0), labels=labels).loss
     torch.testing.assert_close(-ours / n, loss.unsqueeze(0), atol=1e-5, rtol=1e-5)

@@ -1,7 +1,8 @@
 """The static HTML report, on a tiny fake run folder written through RecordFile.
 
 One video is an mp4 made with PyAV (thumbnails decoded from it), the other a frame folder of
-JPEGs under frames/ (thumbnails taken from there)."""
+JPEGs under frames/ (thumbnails taken from there). Further tests add a second DPO round, a
+benchmark suite's evaluation and a judge-agreement study."""
 
 from __future__ import annotations
 
@@ -16,11 +17,11 @@ from PIL import Image
 
 from capdpo.config import RunConfig
 from capdpo.pipeline import RunPaths
-from capdpo.records import Candidate, EvalSummary, Judgment, PreferencePair, Prediction, QAItem, Video
+from capdpo.records import Candidate, EvalSummary, Judgment, Prediction, PreferencePair, QAItem, Video
 from capdpo.report import write_report
 
 EVIL = "<script>alert(1)</script>"
-JUDGE = dict(judge_backend="hf", judge_model="judge-llm", template="caption_reward", template_hash="abc123", prompt_hash="p")
+JUDGE = {"judge_backend": "hf", "judge_model": "judge-llm", "template": "caption_reward", "template_hash": "abc123", "prompt_hash": "p"}
 
 
 def make_mp4(path: Path, n: int = 6) -> None:
@@ -83,9 +84,10 @@ def test_full_report(run: RunPaths) -> None:
     assert out == run.report and out.exists()
     page = out.read_text()
     for title in ("Records per stage", "Judge scores", "Preference pairs", "DPO training", "Evaluation before vs after DPO",
-                  "Example preference pairs", "Example evaluation answers"):
+                  "Judge agreement", "Preference pairs browser", "Example evaluation answers"):
         assert title in page
     assert "not run yet" not in page  # every stage has data
+    assert "no judge-agreement study" in page  # optional: said so, not "not run yet"
     assert "<td>videos (train)</td><td>1</td>" in page and "<td>videos (test)</td><td>1</td>" in page
     assert "<td>candidates</td><td>3</td>" in page
     assert "<td>judgments scored</td><td>2</td>" in page and "<td>judgments failed</td><td>1</td>" in page
@@ -122,3 +124,62 @@ def test_empty_run(tmp_path: Path) -> None:
     assert page.count("not run yet") == 6  # all but the counts
     assert "(not judged yet)" in page
     assert not re.search(r"https?://", page)
+
+
+def summary(id_: str, tag: str, accuracy: float, **fields) -> EvalSummary:
+    base = dict(model="pol", questions=2, judged=2, failed=0, accuracy=accuracy, mean_score=1 + 4 * accuracy, pass_score=3.0,
+                **{k: v for k, v in JUDGE.items() if k != "prompt_hash"})
+    return EvalSummary(id=id_, tag=tag, **{**base, **fields})
+
+
+def add_round_two(run: RunPaths) -> RunPaths:
+    """A second DPO round: its own candidates, judgments, pairs, metrics and 'after' evaluation."""
+    r2 = run.round(2)
+    r2.candidates.write([Candidate(id="v0_0#r2", qa_id="v0_0", video_id="v0", answer="a red ball", model="r1", seed=0,
+                                   temperature=1.0, top_p=0.95)])
+    r2.judgments.write([judgment("v0_0#r2", "v0_0", 4, "Score: 4. round two reply"),
+                        judgment("v0_0#r2b", "v0_0", 2, "Score: 2. worse")])
+    r2.pairs.write([PreferencePair(id="v0_0", qa_id="v0_0", video_id="v0", video="clip.mp4", prompt="What rolls?",
+                                   answer="a ball", chosen="a red ball", rejected="a cube", chosen_score=4, rejected_score=2,
+                                   chosen_id="v0_0#r2", rejected_id="v0_0#r2b")])
+    r2.train.mkdir(parents=True)
+    (r2.train / "metrics.jsonl").write_text(json.dumps({"step": 1, "epoch": 1.0, "loss": 0.5, "rewards/margins": 0.7}) + "\n")
+    r2.predictions("after").write([Prediction(id="v1_0", qa_id="v1_0", video_id="v1", answer="round 2: a cat", model="r2")])
+    r2.eval_judgments("after").write([judgment("v1_0", "v1_0", 5, "Score: 5. r2 reply")])
+    r2.eval_summary.write([summary("after", "after", 1.0, round=2)])
+    return r2
+
+
+def test_rounds_and_suites_in_report(run: RunPaths) -> None:
+    add_round_two(run)
+    # a benchmark suite evaluated before and after, video_chatgpt protocol, with a skipped question
+    run.suite_questions("msvd_qa").write([QAItem(id="m1", video_id="v1", question="Who sits?", answer="a cat", split="test")])
+    for tag, acc in (("before", 0.0), ("after", 1.0)):
+        run.predictions(tag, "msvd_qa").write([Prediction(id="m1", qa_id="m1", video_id="v1", answer=f"msvd {tag}", model=tag)])
+        run.eval_judgments(tag, "msvd_qa").write([judgment("m1", "m1", 4, f"{{'pred': 'yes', 'score': 4}} {tag}")])
+    run.eval_summary.write(run.eval_summary.all() + [
+        summary(f"msvd_qa/{tag}", tag, acc, dataset="msvd_qa", protocol="video_chatgpt", skipped=1)
+        for tag, acc in (("before", 0.0), ("after", 1.0))])
+
+    page = write_report(run.round(2), RunConfig(run_dir=str(run.root), rounds=2)).read_text()  # from round 2's paths too
+    assert (run.root / "report.html").exists() and not (run.root / "round-2" / "report.html").exists()
+    assert "<th>round 1</th><th>round 2</th>" in page  # records per stage, one column per round
+    assert "<td>candidates</td><td>3</td><td>1</td>" in page and "<td>preference pairs</td><td>1</td><td>1</td>" in page
+    assert "<td>MSVD-QA</td>" in page and "video_chatgpt" in page and "round 2 after" in page
+    assert "round 2: a cat" in page and "r2 reply" in page and "msvd after" in page  # examples of every evaluation
+    assert "round two reply" in page  # round 2's pair in the browser, with its judge reply
+    assert not re.search(r"https?://", page)
+
+
+def test_agreement_section(run: RunPaths) -> None:
+    from capdpo.agreement import agreement
+    from capdpo.report import save_agreement
+
+    a = {"q1#0": 5.0, "q1#1": 1.0, "q2#0": 4.0, "q2#1": None}
+    b = {"q1#0": 4.0, "q1#1": 2.0, "q2#0": 4.0, "q2#1": 3.0}
+    save_agreement(run.agreement, agreement(a, b), "caption judge", "frame judge")
+    save_agreement(run.agreement, agreement(a, b), "caption judge", "frame judge")  # same study: replaced, not added
+    assert len(json.loads(run.agreement.read_text())) == 1
+    page = write_report(run, RunConfig(run_dir=str(run.root))).read_text()
+    assert "caption judge vs frame judge" in page and "Pearson r" in page and "<td>answers compared</td><td>3</td>" in page
+    assert "no judge-agreement study" not in page

@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from capdpo.adapters.llava import LlavaNextVideoPolicy
 from capdpo.frames import sample_frames
 from capdpo.models.packaged import cached_build, dinov2_small, smollm2_dir
-from capdpo.policy import VIDEO_TOKEN, VideoPolicy, VisionSpec
+from capdpo.policy import VIDEO_TOKEN, VisionSpec
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ SFT_SEED = 7  # clip i uses scene seed 7 * 100_000 + i; the demo uses seed 0
 SFT_EPOCHS = 1
 
 
-def assemble_mini(cache_dir: Path) -> VideoPolicy:
+def assemble_mini(cache_dir: Path) -> LlavaNextVideoPolicy:
     """Pretrained DINOv2 and SmolLM2 joined by a random projector (not yet aligned)."""
     from transformers import (AutoTokenizer, Dinov2Model, LlamaForCausalLM, LlavaNextVideoConfig,
                               LlavaNextVideoForConditionalGeneration)
@@ -57,7 +58,7 @@ def assemble_mini(cache_dir: Path) -> VideoPolicy:
     model.model.vision_tower.load_state_dict(vit.state_dict())
     model.model.language_model.load_state_dict(llm.model.state_dict())
     model.lm_head.load_state_dict(llm.lm_head.state_dict())
-    return VideoPolicy(model.eval(), tokenizer, SPEC, "mini-base")
+    return LlavaNextVideoPolicy(model.eval(), tokenizer, SPEC, "mini-base")
 
 
 def _sft_data(cache_dir: Path):
@@ -77,13 +78,11 @@ def _build(out: Path, cache_dir: Path) -> None:
 
     policy = assemble_mini(cache_dir)
     clips, examples = _sft_data(cache_dir)
-    pixels = {c.video.id: policy.pixel_values(sample_frames(c.video.video, SPEC.num_frames))
+    pixels = {c.video.id: policy.preprocess(sample_frames(c.video.video, SPEC.num_frames))
               for c in tqdm(clips, desc="mini: frames", unit="video")}
     losses = supervised_finetune(policy, pixels, examples, epochs=SFT_EPOCHS, batch_size=8, lr=1e-3)
     log.info("mini SFT loss %.3f -> %.3f", sum(losses[:5]) / 5, sum(losses[-5:]) / 5)
-    policy.model.save_pretrained(out)
-    policy.tokenizer.save_pretrained(out)
-    SPEC.save(out)
+    policy.save(out)
 
 
 def mini_model_dir(cache_dir: Path) -> Path:
