@@ -259,9 +259,13 @@ def _num(x: float | None) -> str:
 def _signed(d: Difference, scale: float, digits: int) -> str:
     if d.value is None:
         return "–"
-    text = f"{scale * d.value:+.{digits}f}"
+
+    def show(x: float) -> str:
+        return f"{round(scale * x, digits) + 0.0:+.{digits}f}"  # + 0.0 turns -0.0 into 0.0: never "-0.00"
+
+    text = show(d.value)
     if d.low is not None:
-        text += f" [{scale * d.low:+.{digits}f}, {scale * d.high:+.{digits}f}]"
+        text += f" [{show(d.low)}, {show(d.high)}]"
     return text
 
 

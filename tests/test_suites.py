@@ -212,3 +212,16 @@ def test_video_chatgpt_accuracy_is_yes_over_yes_and_no():
     assert (s.protocol, s.judged, s.failed, s.undecided, s.template) == ("video_chatgpt", 4, 1, 1, "video_chatgpt")
     assert s.accuracy == pytest.approx(2 / 3) and s.mean_score == pytest.approx(13 / 4)
     assert "yes/(yes+no)" in format_summary(s) and "1 undecided" in format_summary(s)
+
+
+def test_cli_names_missing_media_before_loading_models(tmp_path):
+    from typer.testing import CliRunner
+
+    from capdpo.cli import app
+
+    data = write_jsonl(tmp_path / "msvd.qa.official.jsonl", [sharegpt("gone_0", "gone", "Q?", "A.")])
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", "--run-dir", str(tmp_path / "run"), "--suite", "msvd_qa"])
+    assert result.exit_code != 0 and "--suite and --data go together" in result.output
+    result = runner.invoke(app, ["evaluate", "--run-dir", str(tmp_path / "run"), "--suite", "msvd_qa", "--data", str(data)])
+    assert isinstance(result.exception, MissingMediaError) and "1 of 1 videos not found" in str(result.exception)
