@@ -8,7 +8,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -19,24 +18,15 @@ from capdpo.judge import CaptionJudge
 from capdpo.llm import Reply
 from capdpo.pipeline import Run, RunPaths
 
+import run_configs
+
+
+SCRIPTED_JUDGE = {"judge": {"mode": "generate", "llm": {"backend": "openai", "model": "scripted-judge", "batch_size": 8}}}
+
 
 def write_config(path: Path, run_dir: Path, policy: Path, cache_dir: Path, **sections) -> Path:
-    """The pipeline tests' small run (copied from tests/test_pipeline.py), judged by a scripted LLM."""
-    cfg = {
-        "run_dir": str(run_dir), "cache_dir": str(cache_dir),
-        "data": {"synthetic_videos": 4, "test_fraction": 0.25},
-        "policy": {"model": str(policy)},
-        "sample": {"n": 3, "max_new_tokens": 6},
-        "judge": {"mode": "generate", "llm": {"backend": "openai", "model": "scripted-judge", "batch_size": 8}},
-        # a random policy's answers are all poor: accept any strict preference
-        "pairs": {"min_gap": 0.0, "min_chosen": 1, "max_rejected": 5},
-        "train": {"epochs": 1, "batch_size": 2, "lr": 1e-3},
-        "evaluate": {"max_new_tokens": 6},
-    }
-    for key, value in sections.items():
-        cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    """The pipeline tests' small run, judged by a scripted LLM."""
+    return run_configs.write_config(path, run_dir, policy, cache_dir, **{**SCRIPTED_JUDGE, **sections})
 
 
 class ScriptedJudgeLLM:
