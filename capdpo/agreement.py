@@ -11,7 +11,6 @@ that sees the frames -- or any judge against an oracle's 0/1 correctness -- on t
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings

@@ -1,4 +1,5 @@
-"""How a stage treats one bad item: record it and go on, or stop at once (``--fail-fast``)."""
+"""How a stage treats one bad item (record it and go on, or stop at once with ``--fail-fast``), and
+the errors that stop a stage cleanly (an over-budget judge)."""
 
 from __future__ import annotations
 

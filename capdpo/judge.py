@@ -20,7 +20,6 @@ import ast
 import base64
 import io
 import json
-import logging
 import math
 import re
 import statistics
@@ -39,7 +38,6 @@ from capdpo.llm import HFChatLLM, Reply, load_llm
 from capdpo.prompts import Template, load_template, short_hash
 from capdpo.records import Candidate, Judgment, QAItem, RecordFile, Video
 
-log = logging.getLogger(__name__)
 
 SCORE_RANGE = (1, 5)
 REASK = ("\n\nYour previous reply was:\n{reply}\n\nIt did not end with a valid score. "

@@ -25,7 +25,6 @@ from capdpo.records import (Candidate, EvalSummary, Judgment, PreferencePair, Pr
 from capdpo.suites import HELD_OUT
 
 log = logging.getLogger("capdpo")
-STAGES = ("data", "frames", "qa", "sample", "judge", "pairs", "evaluate", "train", "report")
 
 
 @dataclass(frozen=True)
