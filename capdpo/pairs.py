@@ -8,6 +8,7 @@ judge failed is neither good nor bad, just unknown.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tqdm import tqdm
@@ -49,15 +50,17 @@ def select_pair(scored: list[tuple[Candidate, float]], cfg: PairsConfig) -> tupl
 
 
 def build_pairs(videos: dict[str, Video], qa: dict[str, QAItem], candidates: list[Candidate],
-                judgments: dict[str, Judgment], cfg: PairsConfig) -> tuple[list[PreferencePair], PairStats]:
+                scores: Mapping[str, float | None], cfg: PairsConfig) -> tuple[list[PreferencePair], PairStats]:
+    """Pairs from ``{candidate id: score}`` (a judge's, or any scorer's: the oracle, a similarity);
+    ``None`` or a missing id is an unscored candidate."""
     by_question: dict[str, list[tuple[Candidate, float]]] = {}
     for c in candidates:
         if qa[c.qa_id].split != "train":
             continue  # a held-out question never feeds training, whatever was sampled for it
         scored = by_question.setdefault(c.qa_id, [])  # a question with no scored candidate still counts
-        j = judgments.get(c.id)
-        if j is not None and j.score is not None:
-            scored.append((c, j.score))
+        score = scores.get(c.id)
+        if score is not None:
+            scored.append((c, score))
     stats, pairs = PairStats(questions=len(by_question)), []
     for qa_id, scored in by_question.items():
         picked = select_pair(scored, cfg)
@@ -100,7 +103,8 @@ def run_pairs(videos_file: RecordFile[Video], qa_file: RecordFile[QAItem], candi
     """The ``pairs`` stage. Pairs are a function of the judgments, so the file is rewritten
     whole (atomically) rather than appended. With ``cfg.pairwise_check``, ``judge`` confirms each."""
     videos = videos_file.by_id()
-    pairs, stats = build_pairs(videos, qa_file.by_id(), candidates_file.all(), judgments_file.by_id(), cfg)
+    scores = {j.id: j.score for j in judgments_file.read()}
+    pairs, stats = build_pairs(videos, qa_file.by_id(), candidates_file.all(), scores, cfg)
     if cfg.pairwise_check:
         pairs = confirm_pairwise(pairs, videos, judge, stats)
     out.write(pairs)

@@ -20,8 +20,8 @@ from functools import cached_property
 from pathlib import Path
 
 from capdpo.config import RunConfig, SuiteConfig, save_config
-from capdpo.records import (Candidate, EvalSummary, Judgment, PreferencePair, Prediction, QAItem, RecordFile, Video,
-                            write_jsonl)
+from capdpo.records import (Candidate, EvalSummary, Judgment, PreferencePair, Prediction, QAItem, RecordFile,
+                            ReferenceLogps, Video, write_jsonl)
 from capdpo.suites import HELD_OUT
 
 log = logging.getLogger("capdpo")
@@ -77,6 +77,11 @@ class RunPaths:
     @property
     def pairs(self) -> RecordFile[PreferencePair]:
         return RecordFile(self.root / "pairs.jsonl", PreferencePair)
+
+    @property
+    def reference(self) -> RecordFile[ReferenceLogps]:
+        """The reference log-probs of the round's pairs (`capdpo reference`), read by ``train``."""
+        return RecordFile(self.train / "reference.jsonl", ReferenceLogps)
 
     def eval_dir(self, dataset: str = HELD_OUT) -> Path:
         """``eval/`` for the held-out questions, ``eval/<suite>/`` for a benchmark suite."""
@@ -136,6 +141,14 @@ class Run:
         from capdpo.policy import VideoPolicy
 
         return VideoPolicy.from_config(self.cfg.policy, self.cfg.cache_dir)
+
+    @cached_property
+    def embedding_cache(self):
+        """Encoded videos on disk, shared by every run on this machine (``cache_dir/embeddings``);
+        None when ``train.embedding_cache`` is off."""
+        from capdpo.embed_cache import EmbeddingCache
+
+        return EmbeddingCache(Path(self.cfg.cache_dir) / "embeddings") if self.cfg.train.embedding_cache else None
 
     @cached_property
     def judge(self):
@@ -237,6 +250,23 @@ class Run:
         write_jsonl(self.paths.root / "pairs_paper.jsonl", paper_dpo_rows(pairs))
         log.info("pairs: %s", stats)
 
+    def reference(self, shard: tuple[int, int] | None = None, recompute: bool = False) -> None:
+        """Reference log-probs of the pairs (of ``shard``), from the current policy: run before ``train``."""
+        from capdpo.reference import precompute_reference, shard_file
+
+        out = shard_file(self.paths.reference, shard) if shard else self.paths.reference
+        errors = precompute_reference(self.paths.pairs.all(), self.paths.videos.by_id(), self.policy, self.cfg.train,
+                                      self.cfg.frames, out, embed_cache=self.embedding_cache, shard=shard,
+                                      fail_fast=self.cfg.fail_fast, recompute=recompute)
+        log.info("reference: %s%s", out.path, f" ({errors.summary()})" if errors.errors else "")
+
+    def merge_reference(self, shards: int) -> dict[str, int]:
+        from capdpo.reference import merge_reference_shards
+
+        stats = merge_reference_shards(self.paths.reference, shards, self.paths.pairs.all())
+        log.info("reference merge: %s", stats)
+        return stats
+
     def evaluate(self, tag: str, suite: SuiteConfig | None = None) -> EvalSummary:
         """Evaluate the current policy on the run's held-out questions, or on a benchmark suite
         (judged with the suite's protocol); the summary replaces any earlier one of the same id."""
@@ -280,7 +310,8 @@ class Run:
         from capdpo.train import run_train
 
         out = run_train(self.paths.pairs, self.paths.videos, self.policy, self.cfg.train, self.cfg.frames,
-                        self.paths.train, fail_fast=self.cfg.fail_fast)
+                        self.paths.train, embed_cache=self.embedding_cache, reference_file=self.paths.reference,
+                        fail_fast=self.cfg.fail_fast)
         # the next stages use the trained checkpoint, loaded as any user checkpoint would be
         self.__dict__["policy"] = VideoPolicy.from_config(self.cfg.policy.model_copy(update={"model": str(out)}), self.cfg.cache_dir)
         return out
@@ -291,7 +322,13 @@ class Run:
         return write_report(self.paths, self.cfg)
 
     def run_all(self) -> None:
-        """Every stage in order, the round stages ``rounds`` times; each skips what is already done."""
+        """Every stage in order, the round stages ``rounds`` times; each skips what is already done.
+        A config with a ``repro`` section runs the miniature reproduction instead (capdpo.repro)."""
+        if self.cfg.repro is not None:
+            from capdpo.repro import run_repro
+
+            log.info("mini reproduction: %s", run_repro(self))
+            return
         self.data()
         self.frames()
         self.qa()

@@ -10,6 +10,7 @@ Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Every adapter offers the same operations:
     video = policy.encode(inputs)                                 # vision tower + projector, once per video
     answers = policy.generate(video, question, n=4, temperature=1.0, top_p=0.95, seed=7)
     logps, counts = policy.sequence_logps([video, video], prompts, responses)
+    pair = policy.pair_logps([video], [prompt], [chosen], [rejected])  # one row: both answers share the prompt
     policy.parts                                                  # vision / projector / LLM parameter names
 
 An ``EncodedVideo`` is all a later forward needs (embeddings, plus the patch grid and deepstack
@@ -20,11 +21,13 @@ scatters it into the placeholder positions of every row that uses it, and comput
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, NamedTuple
 
 import torch
 from jinja2 import TemplateError
@@ -36,11 +39,17 @@ from capdpo.errors import OverBudgetError
 if TYPE_CHECKING:
     from capdpo.config import PolicyConfig
 
+logger = logging.getLogger(__name__)
+
 VIDEO_TOKEN = "<video>"
 SPEC_FILE = "capdpo_video.json"
 DEFAULT_FPS = 2.0  # frame rate assumed for frames without timing (the paper's frame folders are 2 fps)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's, the paper's setting
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Attention implementations that apply a custom 4D mask as given (transformers' create_causal_mask
+# returns a 4D mask untouched), and the form each expects: sdpa a boolean "may attend" mask, eager
+# an additive one. Others (flash attention) take no such mask: pair_logps then runs two rows a pair.
+TREE_MASK_ATTENTION = ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,15 @@ class EncodedVideo:
 
     def detach(self) -> EncodedVideo:
         return EncodedVideo(self.layout, self.embeds.detach().clone(), tuple(d.detach().clone() for d in self.deepstack))
+
+
+class PairLogprobs(NamedTuple):
+    """Per pair: summed log-prob of the chosen and of the rejected answer, and their token counts."""
+
+    chosen: torch.Tensor
+    rejected: torch.Tensor
+    chosen_tokens: torch.Tensor
+    rejected_tokens: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -335,6 +353,11 @@ class VideoPolicy:
         """Extra forward inputs (Qwen: token types, grids, temporal spacing for multimodal RoPE)."""
         return {}
 
+    def _position_ids(self, ids: torch.Tensor, attention_mask: torch.Tensor, videos: Sequence[EncodedVideo]) -> torch.Tensor:
+        """Rotary position ids the model would give right-padded rows itself, sequence dimension
+        last: ``(rows, length)`` 0, 1, 2, ... for a 1D RoPE LLM (Qwen's multimodal RoPE overrides)."""
+        return torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+
     # -- text ---------------------------------------------------------------------------------------
     @property
     def video_placeholder(self) -> str:
@@ -421,6 +444,97 @@ class VideoPolicy:
         sums = torch.zeros(len(prompts), device=flat.device, dtype=flat.dtype).index_add(0, row, flat)
         return sums, torch.bincount(row, minlength=len(prompts))
 
+    @property
+    def shares_prompt_prefix(self) -> bool:
+        """Whether ``pair_logps`` runs a pair's two answers behind one shared prompt in a single row.
+        It needs an attention implementation that takes a custom 4D mask, and no sliding-window
+        layers (the tree mask would override their window)."""
+        text = self.model.config.get_text_config()
+        return text._attn_implementation in TREE_MASK_ATTENTION and "sliding_attention" not in (getattr(text, "layer_types", None) or ())
+
+    def pair_logps(self, videos: Sequence[EncodedVideo], prompts: list[list[int]], chosen: list[list[int]],
+                   rejected: list[list[int]]) -> PairLogprobs:
+        """Summed log-probs and token counts of ``chosen[i]`` and ``rejected[i]`` given ``prompts[i]``
+        and ``videos[i]``: the numbers of ``sequence_logps(videos + videos, prompts + prompts,
+        chosen + rejected)``, with the prompt (video tokens included) run once for both answers.
+
+        Each pair is one row, right-padded, whose rejected branch restarts where the chosen one
+        started (P prompt, C chosen, R rejected tokens; Qwen's multimodal positions likewise reuse
+        those of the linear row at offset P + j):
+
+            tokens     p0 .. pP-1 | c0 .. cC-1  | r0 .. rR-1  | pad
+            positions  0  .. P-1  | P  .. P+C-1 | P  .. P+R-1 | (any)
+
+        and a tree-shaped mask (query rows, key columns): the prompt is causal, an answer sees the
+        prompt and its own earlier tokens, never the other answer; padding sees itself only.
+
+                 p p p c c r r r
+            p    x
+            p    x x
+            p    x x x
+            c    x x x x
+            c    x x x x x
+            r    x x x     x
+            r    x x x     x x
+            r    x x x     x x x
+
+        c0 and r0 are both predicted from the hidden state of pP-1, cj from cj-1 and rj from rj-1.
+        Without a 4D-mask attention (``shares_prompt_prefix`` false) it runs two rows per pair."""
+        n = len(prompts)
+        if not self.shares_prompt_prefix:
+            log_once(f"{self.name}: pair log-probs run chosen and rejected as two rows (attention "
+                     f"{self.model.config.get_text_config()._attn_implementation!r} takes no custom 4D mask, or sliding-window layers)")
+            logps, counts = self.sequence_logps([*videos, *videos], prompts + prompts, chosen + rejected)
+            return PairLogprobs(logps[:n], logps[n:], counts[:n], counts[n:])
+        rows = [p + c + r for p, c, r in zip(prompts, chosen, rejected)]
+        width = max(map(len, rows))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=self.device)
+        real = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=self.device)
+        # prompt 0, chosen 1, rejected 2, padding -1
+        segment = torch.tensor([[0] * len(p) + [1] * len(c) + [2] * len(r) + [-1] * (width - len(row))
+                                for p, c, r, row in zip(prompts, chosen, rejected, rows)], device=self.device)
+        # the linear-row offset whose position each token takes: rejected token j that of chosen token j
+        source = torch.tensor([[*range(len(p) + len(c)), *range(len(p), len(p) + len(r)), *range(len(row), width)]
+                               for p, c, r, row in zip(prompts, chosen, rejected, rows)], device=self.device)
+        natural = self._position_ids(ids, real, videos)
+        hidden = self.model.model(input_ids=ids, attention_mask=self._tree_mask(segment), use_cache=False,
+                                  position_ids=natural.gather(-1, source.expand_as(natural)),
+                                  mm_encoder_outputs={"video": self._video_outputs(videos)},
+                                  **self._forward_kwargs(ids, videos)).last_hidden_state
+        # (row, predicting position, target, output slot): chosen answers fill slots 0..n-1, rejected n..2n-1
+        picks = []
+        for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
+            last_prompt, rejected_start = len(p) - 1, len(p) + len(c)
+            picks += [(i, last_prompt + j, t, i) for j, t in enumerate(c)]
+            picks += [(i, last_prompt if j == 0 else rejected_start + j - 1, t, n + i) for j, t in enumerate(r)]
+        row, position, target, slot = torch.tensor(picks, dtype=torch.long, device=self.device).reshape(-1, 4).unbind(1)
+        flat = self._logps_at(hidden, row, position, target)
+        sums = torch.zeros(2 * n, device=flat.device, dtype=flat.dtype).index_add(0, slot, flat)
+        counts = torch.bincount(slot, minlength=2 * n)
+        return PairLogprobs(sums[:n], sums[n:], counts[:n], counts[n:])
+
+    def _tree_mask(self, segment: torch.Tensor) -> torch.Tensor:
+        """``(rows, 1, length, length)`` attention mask of packed pairs from each position's segment
+        (prompt 0, chosen 1, rejected 2, padding -1), in the form the attention implementation takes."""
+        query, key = segment[:, :, None], segment[:, None, :]
+        offsets = torch.arange(segment.shape[1], device=segment.device)
+        causal = offsets[:, None] >= offsets[None, :]
+        allowed = causal & (query >= 0) & ((key == 0) | (key == query))
+        # a padding query attends to itself alone: no empty softmax row, so no NaN
+        allowed |= (query < 0) & (offsets[:, None] == offsets[None, :])
+        allowed = allowed.unsqueeze(1)
+        if self.model.config.get_text_config()._attn_implementation == "sdpa":
+            return allowed
+        dtype = self.model.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+    def _logps_at(self, hidden: torch.Tensor, row: torch.Tensor, position: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Log-prob of each ``target`` under the hidden state at (``row``, ``position``). Only these
+        states go through the vocabulary projection, not the thousands of visual tokens."""
+        logits = self.model.lm_head(hidden[row, position]).float()
+        return logits.log_softmax(-1).gather(1, target.unsqueeze(1)).squeeze(1)
+
     def _response_logps(self, videos, prompts, responses) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probs of all response tokens, flat, with each token's row index.
 
@@ -439,11 +553,13 @@ class VideoPolicy:
         hidden = self.model.model(input_ids=ids, attention_mask=attn, use_cache=False,
                                   mm_encoder_outputs={"video": self._video_outputs(videos)},
                                   **self._forward_kwargs(ids, videos)).last_hidden_state
-        logits = self.model.lm_head(hidden[predicts]).float()
-        targets = ids[:, 1:][predicts[:, :-1]]
-        flat = logits.log_softmax(-1).gather(1, targets.unsqueeze(1)).squeeze(1)
-        row = torch.arange(len(rows), device=self.device).unsqueeze(1).expand_as(predicts)[predicts]
-        return flat, row
+        row, position = predicts.nonzero(as_tuple=True)
+        return self._logps_at(hidden, row, position, ids[row, position + 1]), row
+
+
+@functools.cache
+def log_once(message: str) -> None:
+    logger.info(message)
 
 
 def checkpoint_chat_template(path: Path | None) -> str | None:

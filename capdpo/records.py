@@ -4,7 +4,7 @@ Every stage reads the previous stage's records and appends its own. A record's `
 identity: a stage skips ids already on disk, so a stage killed half-way resumes where it stopped
 and never writes a record twice.
 
-    Video -> QAItem -> Candidate -> Judgment -> PreferencePair -> (DPO) -> Prediction -> Judgment -> EvalSummary
+    Video -> QAItem -> Candidate -> Judgment -> PreferencePair -> (ReferenceLogps, DPO) -> Prediction -> Judgment -> EvalSummary
 """
 
 from __future__ import annotations
@@ -100,6 +100,18 @@ class PreferencePair(Record):
     rejected_score: float
     chosen_id: str
     rejected_id: str
+
+
+class ReferenceLogps(Record):
+    """The DPO reference model's summed log-probs of one pair's answers, precomputed so training
+    needs no reference model in memory (capdpo.reference). ``id`` is the pair id."""
+
+    fingerprint: str = Field(description="Reference model, tokenizer and video settings that computed the values (reference_fingerprint).")
+    pair_hash: str = Field(description="Hash of the pair's video id, prompt, answers and max_response_tokens: a changed pair is recomputed.")
+    chosen_logp: float
+    rejected_logp: float
+    chosen_tokens: int
+    rejected_tokens: int
 
 
 class Prediction(Record):

@@ -1,14 +1,27 @@
-"""Stage 8: DPO of the video policy on preference pairs (method.md step 8).
+"""Stage 8: DPO of the video policy on preference pairs (method.md step 8), on accelerate.
 
-The recipe, per optimizer step:
+Video DPO is expensive because of the video: 8 frames are hundreds to thousands of visual tokens, an
+answer often under 100. The standard formulation encodes each video again for the chosen answer, the
+rejected answer and the reference model on every step. Here, with the vision tower and projector frozen
+(the paper's setting):
 
-    1. look up each pair's video embeddings (encoded once: vision tower and projector are frozen)
-    2. policy log-probs of chosen and rejected answers, in one forward of 2B rows
-    3. reference log-probs of the same rows (LoRA: adapters disabled; full: a frozen copy)
-    4. sigmoid DPO loss, backward, clip, step, log TRL's reward metrics
+    before training
+      a. every video is encoded once; its embeddings live on disk (``EmbeddingCache``) and serve
+         chosen, rejected, reference, every epoch and every later run
+      b. the reference log-probs of every pair are computed once (``capdpo.reference``) and cached,
+         so no reference model is held in memory (``train.reference='precomputed'``)
+    per optimizer step
+      1. the batch's videos: cached embeddings (or pixels encoded now, when the encoder trains)
+      2. policy log-probs of chosen and rejected: one packed row per pair sharing the video +
+         question prefix (``VideoPolicy.pair_logps``), or two rows per pair
+      3. reference log-probs: the cache, or a no-grad forward (LoRA adapters off / a frozen copy)
+      4. the configured preference loss (``capdpo.losses``), backward, clip, step, log metrics
 
-The result is a plain checkpoint (LoRA adapters merged) in ``out_dir/policy`` so the next stage
-loads it like any other model.
+The loop is accelerate's, so the same code runs on one CPU, DDP, DeepSpeed ZeRO-2/3 and FSDP
+(``configs/accelerate/``). Every ``save_every`` optimizer steps a checkpoint holds weights, optimizer,
+scheduler, RNG states and the data position; an interrupted run resumes from the newest one and ends
+with the same weights as an uninterrupted run. The result is a plain checkpoint (LoRA adapters merged)
+in ``out_dir/policy`` that the next stage loads like any other model.
 """
 
 from __future__ import annotations
@@ -16,27 +29,76 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import random
+import resource
 import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from peft import LoraConfig, get_peft_model
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from capdpo.config import FramesConfig, TrainConfig
+from capdpo.embed_cache import EmbeddingCache
 from capdpo.errors import ITEM_ERRORS, ItemErrors
-from capdpo.losses import reward_metrics, sigmoid_dpo
-from capdpo.policy import EncodedVideo, VideoPolicy
-from capdpo.records import PreferencePair, RecordFile, Video
-from capdpo.sample import encode_video
+from capdpo.losses import needs_reference, preference_loss
+from capdpo.policy import EncodedVideo, VideoInputs, VideoPolicy
+from capdpo.records import PreferencePair, RecordFile, ReferenceLogps, Video
+from capdpo.reference import load_reference, precompute_reference, reference_fingerprint
+from capdpo.sample import plan_video
 
 log = logging.getLogger(__name__)
 DONE = ".complete"
+STATE_FILE = "trainer_state.json"
 
 
+# -- what the engines wrap ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TokenizedPair:
+    """A pair with its token ids: the prompt holds the video's expanded tokens, never truncated."""
+
+    pair: PreferencePair
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+class PairScorer(torch.nn.Module):
+    """The module accelerate wraps (DDP, FSDP, DeepSpeed): a batch of pairs -> the policy's summed
+    answer log-probs. Routing the forward through one module call is what lets the engines hook
+    their gradient sync, parameter gathering and autocast around it."""
+
+    def __init__(self, policy: VideoPolicy, shared_prefix: bool):
+        super().__init__()
+        self.model = policy.model  # registered, so the engines see (and shard) the parameters
+        self.policy = policy
+        self.shared_prefix = shared_prefix
+        self._no_split_modules = policy.model._no_split_modules  # FSDP wraps the model's own decoder layers
+
+    def forward(self, videos: Sequence[EncodedVideo | VideoInputs], batch: Sequence[TokenizedPair]):
+        """``(chosen logps, rejected logps, chosen tokens, rejected tokens)``, one entry per pair.
+        Pixels (a trained encoder) are encoded here, once per pair, with autograd."""
+        videos = [v if isinstance(v, EncodedVideo) else self.policy.encode(v) for v in videos]
+        return pair_logps(self.policy, videos, batch, self.shared_prefix)
+
+
+def pair_logps(policy: VideoPolicy, videos: Sequence[EncodedVideo], batch: Sequence[TokenizedPair],
+               shared_prefix: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed log-probs and token counts of each pair's chosen and rejected answers."""
+    prompts = [t.prompt for t in batch]
+    chosen, rejected = [t.chosen for t in batch], [t.rejected for t in batch]
+    if shared_prefix:
+        return policy.pair_logps(videos, prompts, chosen, rejected)
+    logps, counts = policy.sequence_logps(list(videos) * 2, prompts * 2, chosen + rejected)
+    return (*logps.chunk(2), *counts.chunk(2))
+
+
+# -- set-up --------------------------------------------------------------------------------------------
 def set_trainable(policy: VideoPolicy, cfg: TrainConfig):
     """Freeze what the config freezes; wrap the LLM in LoRA if asked. Returns the PEFT model or None.
     The parts (vision tower, projector, LLM) come from the policy's family adapter."""
@@ -44,10 +106,11 @@ def set_trainable(policy: VideoPolicy, cfg: TrainConfig):
     for p in model.parameters():
         p.requires_grad_(False)
     peft_model = None
-    if cfg.lora:  # PEFT leaves only the adapters trainable
+    if cfg.lora and not cfg.freeze_llm:  # PEFT leaves only the adapters trainable
         peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                                                       lora_dropout=cfg.lora_dropout, target_modules=parts.lora_targets()))
-    trains = {"vision": not cfg.freeze_vision, "projector": not cfg.freeze_projector, "llm": not cfg.lora}
+    trains = {"vision": not cfg.freeze_vision, "projector": not cfg.freeze_projector,
+              "llm": not cfg.lora and not cfg.freeze_llm}
     for name, p in model.named_parameters():
         part = parts.part_of(name)
         if part is not None and trains[part]:
@@ -55,111 +118,285 @@ def set_trainable(policy: VideoPolicy, cfg: TrainConfig):
     return peft_model
 
 
+def frozen_encoder(cfg: TrainConfig) -> bool:
+    """Vision tower and projector frozen: a video's embeddings never change, so they can be cached."""
+    return cfg.freeze_vision and cfg.freeze_projector
+
+
+def prepare_videos(pairs: list[PreferencePair], videos: dict[str, Video], policy: VideoPolicy, cfg: TrainConfig,
+                   frames: FramesConfig, embed_cache: EmbeddingCache | None, errors: ItemErrors) -> dict[str, EncodedVideo | VideoInputs]:
+    """Each pair's video, once: embeddings for a frozen encoder (from the disk cache when given),
+    else pixels that the step encodes with autograd. A bad video is recorded and its pairs dropped."""
+    prompts: dict[str, list[str]] = {}
+    for p in pairs:
+        prompts.setdefault(p.video_id, []).append(p.prompt)
+    out: dict[str, EncodedVideo | VideoInputs] = {}
+    for vid in tqdm(sorted(prompts), desc="train: videos", unit="video"):
+        try:
+            if vid not in videos:
+                raise KeyError(f"{vid}: pairs name a video that is not in the run's videos")
+            if not frozen_encoder(cfg):
+                images, layout = plan_video(policy, videos[vid], frames, prompts[vid], cfg.max_response_tokens)
+                out[vid] = policy.preprocess(images, layout)
+            elif embed_cache is not None:
+                out[vid] = embed_cache.get_or_encode(policy, videos[vid], frames, prompts[vid], cfg.max_response_tokens)
+            else:
+                images, layout = plan_video(policy, videos[vid], frames, prompts[vid], cfg.max_response_tokens)
+                with torch.inference_mode():
+                    out[vid] = policy.encode(policy.preprocess(images, layout)).detach()
+        except (*ITEM_ERRORS, KeyError) as e:
+            errors.record(vid, e)
+    return out
+
+
+def tokenize(policy: VideoPolicy, pairs: list[PreferencePair], videos: dict, cfg: TrainConfig) -> list[TokenizedPair]:
+    """Token ids of every pair whose video is ready. Answers are cut to ``max_response_tokens``
+    (end-of-turn kept); the prompt, with its visual tokens, is never cut."""
+    return [TokenizedPair(p, policy.prompt_ids(p.prompt, videos[p.video_id].layout),
+                          policy.response_ids(p.chosen, cfg.max_response_tokens),
+                          policy.response_ids(p.rejected, cfg.max_response_tokens))
+            for p in pairs if p.video_id in videos]
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------
+@dataclass
+class Progress:
+    """Where training is: optimizer steps done, and the epoch and batch the next step starts at."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches of ``epoch`` already consumed
+
+    @classmethod
+    def load(cls, checkpoint: Path) -> Progress:
+        return cls(**json.loads((checkpoint / STATE_FILE).read_text()))
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    done = [d for d in checkpoints.glob("step-*") if (d / STATE_FILE).exists()]
+    return max(done, key=lambda d: int(d.name.removeprefix("step-")), default=None)
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoints: Path, progress: Progress, keep: int) -> None:
+    """accelerate's full state (model, optimizer, scheduler, RNG of every process) plus the data
+    position; the state file is written last, so a half-written checkpoint is never resumed."""
+    path = checkpoints / f"step-{progress.step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        (path / STATE_FILE).write_text(json.dumps(progress.__dict__))
+        done = sorted((d for d in checkpoints.glob("step-*") if (d / STATE_FILE).exists()),
+                      key=lambda d: int(d.name.removeprefix("step-")))
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: the accelerator's allocator on CUDA, the process's max RSS on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- the stage -------------------------------------------------------------------------------------------
 def run_train(pairs_file: RecordFile[PreferencePair], videos_file: RecordFile[Video], policy: VideoPolicy,
-              cfg: TrainConfig, frames: FramesConfig, out_dir: Path, *, fail_fast: bool = False) -> Path:
+              cfg: TrainConfig, frames: FramesConfig, out_dir: Path, *, embed_cache: EmbeddingCache | None = None,
+              reference_file: RecordFile[ReferenceLogps] | None = None, fail_fast: bool = False) -> Path:
     """The ``train`` stage; returns the trained checkpoint dir. A finished run is not redone; an
-    interrupted one restarts from the policy it was given."""
+    interrupted one resumes from its newest checkpoint (``out_dir/checkpoints``).
+
+    ``embed_cache`` keeps the frozen encoder's video embeddings on disk (None: in memory for this run);
+    ``reference_file`` the cached reference log-probs (default ``out_dir/reference.jsonl``)."""
     out_dir = Path(out_dir)
     final = out_dir / "policy"
     if (final / DONE).exists():
         return final
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                              log_with=cfg.report_to or None, project_dir=str(out_dir),
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    if cfg.freeze_vision and cfg.freeze_projector and cfg.freeze_llm:
+        raise ValueError("train: nothing to train (freeze_vision, freeze_projector and freeze_llm all true)")
+    if cfg.lora and sharded_engine(accelerator):
+        raise ValueError("train.lora=true needs the whole LLM in each process to merge the adapters: use DDP or "
+                         "DeepSpeed ZeRO-2 (configs/accelerate/); ZeRO-3 and FSDP are for full fine-tuning (train.lora=false)")
+    if accelerator.num_processes > 1:  # each process works on its own device (cuda:<local rank>)
+        policy.model.to(accelerator.device)
     torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
     pairs = pairs_file.all()
     if not pairs:
         raise ValueError(f"{pairs_file.path}: no preference pairs to train on")
-    videos = videos_file.by_id()
-    frozen_video = cfg.freeze_vision and cfg.freeze_projector
-    if not frozen_video:
-        raise NotImplementedError("train.freeze_vision=false / freeze_projector=false is not supported yet")
-
-    # 1. every video encoded once, before training: the same embeddings serve chosen, rejected,
-    #    reference and every epoch
     errors = ItemErrors("train", fail_fast)
-    video_cache: dict[str, EncodedVideo] = {}
-    prompts: dict[str, list[str]] = {}
-    for p in pairs:
-        prompts.setdefault(p.video_id, []).append(p.prompt)
-    for vid in tqdm(sorted(prompts), desc="train: encode videos", unit="video"):
-        try:
-            video_cache[vid] = encode_video(policy, videos[vid], frames, prompts[vid], cfg.max_response_tokens).detach()
-        except ITEM_ERRORS as e:
-            errors.record(vid, e)
-    pairs = [p for p in pairs if p.video_id in video_cache]
 
-    reference = None if cfg.lora else copy.deepcopy(policy.model).eval().requires_grad_(False)
+    # a. every video once (and b. below reads the same embeddings)
+    videos = prepare_videos(pairs, videos_file.by_id(), policy, cfg, frames, embed_cache, errors)
+    tokenized = tokenize(policy, pairs, videos, cfg)
+    if not tokenized:
+        raise ValueError(f"{pairs_file.path}: no pair has a usable video")
+
+    # b. reference log-probs, before any weight moves: the policy as loaded is the reference
+    uses_reference = needs_reference(cfg.loss)
+    reference: dict[str, ReferenceLogps] | None = None
+    reference_model = None
+    if uses_reference and cfg.reference == "precomputed":
+        reference_file = reference_file or RecordFile(out_dir / "reference.jsonl", ReferenceLogps)
+        trained_pairs = [t.pair for t in tokenized]
+        with accelerator.main_process_first():  # one process computes, the others read its file
+            if accelerator.is_main_process:
+                precompute_reference(trained_pairs, videos_file.by_id(), policy, cfg, frames, reference_file,
+                                     embed_cache=embed_cache, fail_fast=fail_fast)
+            reference = load_reference(reference_file, trained_pairs, reference_fingerprint(policy, cfg, frames),
+                                       cfg.max_response_tokens)
+    elif uses_reference and not cfg.lora:
+        reference_model = copy.deepcopy(policy.model).eval().requires_grad_(False)
+
     peft_model = set_trainable(policy, cfg)
     if cfg.gradient_checkpointing:
-        policy.model.gradient_checkpointing_enable()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum)
-    trainable = [p for p in policy.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = (len(pairs) + cfg.batch_size - 1) // cfg.batch_size
-    total = max(1, cfg.epochs * steps_per_epoch // cfg.grad_accum)
-    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * total), total)
-    opt, sched = accelerator.prepare(opt, sched)
-    policy.model.train()
+        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    scorer = PairScorer(policy, cfg.shared_prefix)
+    opt = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loader = DataLoader(tokenized, batch_size=cfg.batch_size, shuffle=True, collate_fn=list,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    steps_per_epoch = -(-len(loader) // (cfg.grad_accum * accelerator.num_processes))
+    total = min(cfg.max_steps or 10**12, max(1, cfg.epochs * steps_per_epoch))
+    # accelerate steps a prepared scheduler once per process per optimizer step: count in those units
+    ticks = total * accelerator.num_processes
+    sched = get_linear_schedule_with_warmup(opt, int(cfg.warmup_ratio * ticks), ticks)
+    scorer, opt, loader, sched = accelerator.prepare(scorer, opt, loader, sched)
+    trainable = list(scorer.parameters())  # the wrapped ones: FSDP clips its own flat parameters
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = out_dir / "checkpoints"
+    progress = Progress()
+    if (resume := latest_checkpoint(checkpoints)) is not None:
+        accelerator.load_state(str(resume))
+        progress = Progress.load(resume)
+        log.info("train: resuming from %s (step %d)", resume, progress.step)
     metrics_path = out_dir / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
-    step = 0
-    with tqdm(total=cfg.epochs * steps_per_epoch, desc="train", unit="batch") as bar, metrics_path.open("a") as metrics_file:
-        for epoch in range(cfg.epochs):
-            order = random.Random(cfg.seed + epoch).sample(pairs, len(pairs))
-            for start in range(0, len(order), cfg.batch_size):
-                batch = order[start : start + cfg.batch_size]
-                with accelerator.accumulate(policy.model):
-                    metrics = dpo_step(policy, reference, peft_model, batch, video_cache, cfg, accelerator, trainable)
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
-                step += 1
-                bar.update()
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-                if step % cfg.log_every == 0:
-                    metrics_file.write(json.dumps({"step": step, "epoch": epoch + start / len(order), "lr": sched.get_last_lr()[0], **metrics}) + "\n")
-                    metrics_file.flush()
+    if accelerator.is_main_process:  # a resumed run keeps the lines of the steps it does not redo
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= progress.step] \
+            if metrics_path.exists() else []
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    if cfg.report_to:
+        accelerator.init_trackers("capdpo-train", config=cfg.model_dump(mode="json"))
 
-    model = peft_model.merge_and_unload() if peft_model is not None else policy.model
-    tmp = out_dir / "policy.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.eval().save_pretrained(tmp)
-    policy.tokenizer.save_pretrained(tmp)
-    policy.spec.save(tmp)
-    (tmp / DONE).write_text("")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    policy.model = model
+    scorer.train()
+    bar = tqdm(total=total, initial=progress.step, desc="train", unit="step", disable=not accelerator.is_local_main_process)
+    step_start, tokens = time.perf_counter(), 0
+    while progress.step < total and progress.epoch < cfg.epochs:
+        loader.set_epoch(progress.epoch)  # the shuffle depends on seed and epoch only: resumable
+        batches = accelerator.skip_first_batches(loader, progress.batch) if progress.batch else loader
+        for batch in batches:
+            with accelerator.accumulate(scorer):
+                metrics = dpo_step(scorer, batch, videos, reference, reference_model, peft_model, cfg, accelerator, trainable)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+            progress.batch += 1
+            tokens += sum(len(t.prompt) + len(t.chosen) + len(t.rejected) for t in batch)
+            if not accelerator.sync_gradients:
+                continue
+            progress.step += 1
+            elapsed = time.perf_counter() - step_start
+            metrics.update({"step_time_s": elapsed, "tokens_per_s": tokens * accelerator.num_processes / elapsed,
+                            "peak_memory_mb": peak_memory_mb(accelerator.device)})
+            metrics = gather_metrics(accelerator, metrics)
+            bar.update()
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
+            if accelerator.is_main_process and progress.step % cfg.log_every == 0:
+                row = {"step": progress.step, "epoch": progress.epoch + progress.batch / len(loader),
+                       "lr": sched.get_last_lr()[0], **metrics}
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+            if cfg.report_to:
+                accelerator.log(metrics, step=progress.step)
+            if cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < total:
+                save_checkpoint(accelerator, checkpoints, progress, cfg.keep_checkpoints)
+            if progress.step >= total:
+                break
+            step_start, tokens = time.perf_counter(), 0
+        else:
+            progress.epoch, progress.batch = progress.epoch + 1, 0
+    bar.close()
+    if cfg.report_to:
+        accelerator.end_training()
+
+    policy.model = save_policy(accelerator, scorer, peft_model, policy, out_dir)
+    if accelerator.is_main_process:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    accelerator.wait_for_everyone()
     return final
 
 
-def dpo_step(policy: VideoPolicy, reference, peft_model, batch: list[PreferencePair], video_cache: dict[str, EncodedVideo],
-             cfg: TrainConfig, accelerator: Accelerator, trainable: list[torch.nn.Parameter]) -> dict[str, float]:
-    """One DPO forward/backward on a batch of pairs; returns the logged metrics."""
-    videos = [video_cache[p.video_id] for p in batch]
-    prompts = [policy.prompt_ids(p.prompt, v.layout) for p, v in zip(batch, videos)]
-    chosen = [policy.response_ids(p.chosen, cfg.max_response_tokens) for p in batch]
-    rejected = [policy.response_ids(p.rejected, cfg.max_response_tokens) for p in batch]
-    rows_videos = videos + videos  # chosen rows, then rejected rows
+def dpo_step(scorer: PairScorer, batch: list[TokenizedPair], videos: dict, reference: dict[str, ReferenceLogps] | None,
+             reference_model, peft_model, cfg: TrainConfig, accelerator: Accelerator,
+             trainable: list[torch.nn.Parameter]) -> dict[str, float]:
+    """One forward/backward on a batch of pairs; returns the logged metrics (this process's)."""
+    policy: VideoPolicy = accelerator.unwrap_model(scorer).policy
+    # 1. the batch's videos
+    batch_videos = [videos[t.pair.video_id] for t in batch]
 
-    # 2. policy log-probs
-    with accelerator.autocast():
-        logps, _ = policy.sequence_logps(rows_videos, prompts + prompts, chosen + rejected)
-    pc, pr = logps.chunk(2)
+    # 2. policy log-probs of chosen and rejected
+    pc, pr, nc, nr = scorer(batch_videos, batch)
 
-    # 3. reference log-probs: the same model with adapters off, or the frozen copy
-    with torch.no_grad(), accelerator.autocast():
-        if peft_model is not None:
-            with peft_model.disable_adapter():
-                ref, _ = policy.sequence_logps(rows_videos, prompts + prompts, chosen + rejected)
-        else:
-            ref, _ = policy.with_model(reference, "reference").sequence_logps(rows_videos, prompts + prompts, chosen + rejected)
-    rc, rr = ref.chunk(2)
+    # 3. reference log-probs: the cache, or a forward without gradients
+    rc = rr = None
+    if reference is not None:
+        rc = torch.tensor([reference[t.pair.id].chosen_logp for t in batch], device=pc.device, dtype=pc.dtype)
+        rr = torch.tensor([reference[t.pair.id].rejected_logp for t in batch], device=pc.device, dtype=pc.dtype)
+    elif needs_reference(cfg.loss):
+        with torch.no_grad(), accelerator.autocast():
+            encoded = [v if isinstance(v, EncodedVideo) else policy.encode(v) for v in batch_videos]
+            if peft_model is not None:
+                with peft_model.disable_adapter():
+                    rc, rr, _, _ = pair_logps(policy, encoded, batch, cfg.shared_prefix)
+            else:
+                rc, rr, _, _ = pair_logps(policy.with_model(reference_model, "reference"), encoded, batch, cfg.shared_prefix)
 
     # 4. loss and update
-    loss = sigmoid_dpo(pc, pr, rc, rr, cfg.beta).mean()
+    per_pair, metrics = preference_loss(cfg.loss, policy_chosen=pc, policy_rejected=pr, ref_chosen=rc, ref_rejected=rr,
+                                        chosen_tokens=nc.to(pc.dtype), rejected_tokens=nr.to(pc.dtype), beta=cfg.beta,
+                                        label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha)
+    loss = per_pair.mean()
     accelerator.backward(loss)
     grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm) if accelerator.sync_gradients else None
-    return {"loss": loss.item(), **reward_metrics(pc, pr, rc, rr, cfg.beta),
-            "grad_norm": float(grad_norm) if grad_norm is not None else None}
+    return {"loss": loss.item(), **metrics, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+
+def gather_metrics(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Every metric averaged over the processes (peak memory: the largest), identical on each."""
+    if accelerator.num_processes == 1:
+        return metrics
+    names = sorted(metrics)
+    values = torch.tensor([metrics[k] for k in names], device=accelerator.device, dtype=torch.float64)
+    mean = accelerator.reduce(values.clone(), "mean")
+    peak = accelerator.reduce(values.clone(), "max") if "peak_memory_mb" in metrics else mean
+    return {k: (peak if k == "peak_memory_mb" else mean)[i].item() for i, k in enumerate(names)}
+
+
+def sharded_engine(accelerator: Accelerator) -> bool:
+    """ZeRO-3 or FSDP: no process holds the whole model, the engine gathers it for saving."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    plugin = accelerator.state.deepspeed_plugin
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
+
+
+def save_policy(accelerator: Accelerator, scorer, peft_model, policy: VideoPolicy, out_dir: Path):
+    """Write ``out_dir/policy`` (LoRA merged) from the main process, atomically; returns the model."""
+    model = accelerator.unwrap_model(scorer).model
+    state = None
+    if sharded_engine(accelerator):  # full weights gathered from every process's shard
+        state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(scorer).items()}
+    elif peft_model is not None:
+        model = peft_model.merge_and_unload()
+    final, tmp = out_dir / "policy", out_dir / "policy.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.eval().save_pretrained(tmp, state_dict=state)
+        policy.tokenizer.save_pretrained(tmp)
+        policy.spec.save(tmp)
+        (tmp / DONE).write_text("")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+    return model

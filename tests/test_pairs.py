@@ -23,7 +23,8 @@ def judgment(c: Candidate, score: float | None) -> Judgment:
 
 
 def world(scores: dict[str, list[float | None]]):
-    """Videos, QA, candidates and judgments for {qa_id: [score of candidate 0, 1, ...]}."""
+    """Videos, QA, candidates and their scores ({candidate id: score}, as the judgments give them)
+    for {qa_id: [score of candidate 0, 1, ...]}."""
     videos, qa, cands, judged = {}, {}, [], {}
     for qa_id, row in scores.items():
         vid = qa_id.rsplit("_", 1)[0]
@@ -33,7 +34,7 @@ def world(scores: dict[str, list[float | None]]):
             c = cand(qa_id, k)
             cands.append(c)
             if s != "missing":
-                judged[c.id] = judgment(c, s)
+                judged[c.id] = judgment(c, s).score
     return videos, qa, cands, judged
 
 
@@ -123,7 +124,8 @@ def test_run_pairs_rewrites_the_file(tmp_path):
     vf, qf = RecordFile(tmp_path / "videos.jsonl", Video), RecordFile(tmp_path / "qa.jsonl", QAItem)
     cf, jf = RecordFile(tmp_path / "candidates.jsonl", Candidate), RecordFile(tmp_path / "judgments.jsonl", Judgment)
     out = RecordFile(tmp_path / "pairs.jsonl", PreferencePair)
-    vf.write(videos.values()), qf.write(qa.values()), cf.write(cands), jf.write(judged.values())
+    by_id = {c.id: c for c in cands}
+    vf.write(videos.values()), qf.write(qa.values()), cf.write(cands), jf.write(judgment(by_id[i], s) for i, s in judged.items())
     stats = run_pairs(vf, qf, cf, jf, out, CFG)
     assert stats.pairs == 1 and [p.id for p in out.read()] == ["a_0"]
     run_pairs(vf, qf, cf, jf, out, CFG)  # a rerun does not duplicate

@@ -17,12 +17,14 @@ from capdpo.media.synthetic import (
     REGIONS,
     Scene,
     caption_scene,
+    check_unambiguous,
     draw_frame,
     load_scenes,
     make_synthetic_dataset,
     random_scene,
     render_scene,
     scene_qa,
+    scene_questions,
 )
 from capdpo.records import Video
 
@@ -127,6 +129,71 @@ def test_qa_answers_agree_with_the_scene():
                 else:
                     assert a.startswith(("No,", "Yes,")) and "keep" in q + a
     assert kinds_seen == {"colour", "shape", "count", "motion", "order", "change"}
+
+
+def test_qa_text_is_pinned():
+    """Runs, SFT data and oracle lookups key on this exact text: a change here is a new data set."""
+    assert scene_qa(random_scene(7)) == [
+        ("What colour is the square in the lower left of the frame?", "It is orange.", "colour"),
+        ("What kind of shape is the orange object?", "It is a square.", "shape"),
+        ("How many shapes are visible at the end of the video?", "There are two shapes at the end.", "count"),
+        ("Does the orange square move during the video?", "Yes, it moves steadily to the right.", "motion"),
+        ("Which shape appears last?", "The orange square appears last.", "order"),
+        ("What happens to the yellow square during the video?",
+         "The square changes colour from yellow to red late in the video.", "change"),
+    ]
+    assert scene_qa(random_scene(3, change_prob=1.0))[0] == (
+        "Which colour does the small triangle in the lower right have when it first appears?",
+        "It is blue when it first appears.", "colour")
+
+
+def test_question_facts_agree_with_the_scene():
+    for seed in SEEDS:
+        scene = random_scene(seed, max_shapes=4)
+        questions = scene_questions(scene)
+        assert [q.as_tuple() for q in questions] == scene_qa(scene)
+        for q in questions:
+            json.dumps(q.facts)  # facts travel as JSON
+            f = q.facts
+            if q.kind == "colour":
+                (s,) = [s for s in scene.shapes if f"{s.kind} in the {s.region}" in q.question]
+                assert f == {"colour": s.colour, "later_colour": s.change.colour if s.change else None}
+            elif q.kind == "shape":
+                (s,) = [s for s in scene.shapes if f" {s.colour} " in q.question]
+                assert f == {"shape": s.kind}
+            elif q.kind == "count":
+                noun = f["noun"]
+                assert f["count"] == sum(noun in ("shape", s.kind) for s in scene.shapes)
+                assert q.question.startswith(f"How many {noun}s ")
+            elif q.kind == "motion":
+                (s,) = _by_name(scene, q.question)
+                assert f["direction"] == s.direction
+                assert f["asks"] == ("direction" if q.question.startswith("In which direction") else "yes_no")
+            elif q.kind == "order":
+                options = [s for s in scene.shapes if {"kind": s.kind, "colour": s.colour} in f["options"]]
+                assert len(options) == len(f["options"]) and f["answer"] in f["options"]
+                when = min if f["position"] == "first" else max
+                expected = when(options, key=lambda s: s.appear)
+                assert f["answer"] == {"kind": expected.kind, "colour": expected.colour}
+            elif q.kind == "change":
+                changed = [s for s in scene.shapes if s.change]
+                assert f["changed"] == bool(changed)
+                if changed:
+                    assert (f["from"], f["to"], f["shape"]) == (changed[0].colour, changed[0].change.colour, changed[0].kind)
+                else:
+                    assert f["yes_means_change"] == q.question.startswith("Does any")
+
+
+def test_ambiguous_scenes_are_refused():
+    scene = random_scene(1, min_shapes=2, max_shapes=2, change_prob=0.0)
+    check_unambiguous(scene)
+    a, b = scene.shapes
+    twin = Scene.from_dict({**scene.to_dict(), "shapes": [a.__dict__, {**b.__dict__, "colour": a.colour}]})
+    with pytest.raises(ValueError, match="share a colour"):
+        scene_questions(twin)
+    same_place = Scene.from_dict({**scene.to_dict(), "shapes": [a.__dict__, {**b.__dict__, "region": a.region}]})
+    with pytest.raises(ValueError, match="share a quadrant"):
+        scene_qa(same_place)
 
 
 @pytest.mark.parametrize("codec", ["libx264", "mpeg4"])

@@ -9,7 +9,8 @@ transformers' Qwen video processors. A video costs ``t * h * w / merge^2`` token
     Qwen3-VL           per temporal patch: "<1.5 seconds>" <|vision_start|> <|video_pad|> x n/t <|vision_end|>
 
 Positions are multimodal RoPE ids that the model computes itself (``get_rope_index``) from the
-token types, ``video_grid_thw`` and, for Qwen2.5-VL, the seconds per temporal patch.
+token types, ``video_grid_thw`` and, for Qwen2.5-VL, the seconds per temporal patch. ``pair_logps``
+computes them the same way for its packed rows and lets the rejected answer reuse the chosen one's.
 """
 
 from __future__ import annotations
@@ -213,6 +214,10 @@ class QwenVLPolicy(VideoPolicy):
     def _forward_kwargs(self, ids: torch.Tensor, videos: Sequence[EncodedVideo]) -> dict:
         return {"mm_token_type_ids": (ids == self.video_token_id).int() * 2,  # 0 text, 2 video
                 "video_grid_thw": torch.tensor([v.layout.grid_thw for v in videos], device=ids.device)}
+
+    def _position_ids(self, ids, attention_mask, videos) -> torch.Tensor:
+        # (3, rows, length) temporal / height / width ids, from the model's own get_rope_index
+        return self.model.model.get_rope_index(ids, attention_mask=attention_mask, **self._forward_kwargs(ids, videos))[0]
 
 
 class Qwen25VLPolicy(QwenVLPolicy):

@@ -313,17 +313,78 @@ def caption_scene(scene: Scene) -> str:
     return " ".join(parts)
 
 
-def scene_qa(scene: Scene) -> list[tuple[str, str, str]]:
-    """Exact ``(question, answer, kind)`` pairs; kinds: colour, shape, count, motion, order, change.
+@dataclass(frozen=True)
+class SceneQuestion:
+    """One exact question about a scene: its text, reference answer and kind, plus ``facts``, the
+    machine-readable truth an oracle checks a free-form answer against (``capdpo.oracle``).
+
+    ``facts`` by kind (JSON-serialisable; colours are PALETTE names, kinds are KINDS):
+
+    * colour: ``{"colour": str, "later_colour": str | None}`` -- the shape's colour when it appears;
+      ``later_colour`` is the colour it changes to, if it does (the question then says "when it
+      first appears").
+    * shape: ``{"shape": str}``.
+    * count: ``{"count": int, "noun": "shape" | kind}`` -- what is counted.
+    * motion: ``{"direction": "left" | "right" | "up" | "down" | "none", "asks": "direction" | "yes_no"}``.
+    * order: ``{"position": "first" | "last", "answer": shape, "options": [shape, ...]}`` with
+      shape = ``{"kind", "colour"}`` (its colour when it appears, the colour that names it);
+      ``options`` are the shapes the question chooses among (the two it names, or every shape).
+    * change: ``{"changed": true, "from": str, "to": str, "shape": kind, "asks": "what"}`` or
+      ``{"changed": false, "asks": "yes_no", "yes_means_change": bool}``.
+    """
+
+    question: str
+    answer: str
+    kind: str  # colour | shape | count | motion | order | change
+    facts: dict
+
+    def as_tuple(self) -> tuple[str, str, str]:
+        return self.question, self.answer, self.kind
+
+
+def _shape_facts(s: Shape) -> dict:
+    return {"kind": s.kind, "colour": s.colour}
+
+
+def check_unambiguous(scene: Scene) -> None:
+    """Raise ``ValueError`` unless every way :func:`scene_questions` names a shape picks exactly one.
+
+    Questions name a shape by its first colour ("the red object", "the red circle"), by kind and
+    quadrant ("the circle in the upper left"), ask which of two shapes appears first, and ask
+    "what changes". That is unambiguous only when no two shapes share a quadrant, no colour is used
+    twice (first colours and the colour a shape changes to), no two shapes appear on the same frame
+    and at most one shape changes colour. :func:`random_scene` guarantees all four; a hand-made scene
+    (say, read back from an edited ``scenes.jsonl``) might not.
+    """
+    shapes = scene.shapes
+    colours = [s.colour for s in shapes] + [s.change.colour for s in shapes if s.change]
+    problems = [
+        what
+        for what, values in (("quadrant", [s.region for s in shapes]), ("colour", colours),
+                             ("appearance frame", [s.appear for s in shapes]))
+        if len(set(values)) != len(values)
+    ]
+    if sum(s.change is not None for s in shapes) > 1:
+        problems.append("colour change (more than one shape changes)")
+    if not shapes:
+        problems.append("shape (the scene has none)")
+    if problems:
+        raise ValueError(f"scene {scene.seed}: questions would be ambiguous, shapes share a {', a '.join(problems)}")
+
+
+def scene_questions(scene: Scene) -> list[SceneQuestion]:
+    """Exact questions with their truth; kinds: colour, shape, count, motion, order, change.
 
     Every scene gets colour, shape, count, motion and change questions, plus order when it has two
-    or more shapes. Phrasing varies with the scene's seed.
+    or more shapes. Phrasing varies with the scene's seed. Raises ``ValueError`` for a scene whose
+    questions would be ambiguous (:func:`check_unambiguous`).
     """
+    check_unambiguous(scene)
     rng = random.Random(scene.seed * 7919 + 1)  # own stream: QA phrasing never shifts the scene
     shapes = scene.shapes
     # Prefer shapes that keep their colour, so "what colour" has one answer for the whole clip.
     stable = [s for s in shapes if not s.change] or shapes
-    qa: list[tuple[str, str, str]] = []
+    qa: list[SceneQuestion] = []
 
     s = rng.choice(stable)
     first = " when it first appears" if s.change else ""
@@ -331,40 +392,52 @@ def scene_qa(scene: Scene) -> list[tuple[str, str, str]]:
         f"What colour is the {s.kind} in the {s.region} of the frame{first}?",
         f"Which colour does the {s.size} {s.kind} in the {s.region} have{first}?",
     ])
-    qa.append((q, rng.choice([f"It is {s.colour}{first}.", f"The {s.kind} is {s.colour}{first}."]), "colour"))
+    ans = rng.choice([f"It is {s.colour}{first}.", f"The {s.kind} is {s.colour}{first}."])
+    qa.append(SceneQuestion(q, ans, "colour", {"colour": s.colour, "later_colour": s.change.colour if s.change else None}))
 
     s = rng.choice(stable)
     who = f"the object that is {s.colour} at first" if s.change else f"the {s.colour} object"
     q = rng.choice([f"What shape is {who}?", f"What kind of shape is {who}?"])
-    qa.append((q, rng.choice([f"It is a {s.kind}.", f"{who[0].upper()}{who[1:]} is a {s.kind}."]), "shape"))
+    ans = rng.choice([f"It is a {s.kind}.", f"{who[0].upper()}{who[1:]} is a {s.kind}."])
+    qa.append(SceneQuestion(q, ans, "shape", {"shape": s.kind}))
 
     n = len(shapes)
     kind = rng.choice([s.kind for s in shapes])
     k = sum(s.kind == kind for s in shapes)
     n_shapes, appear = _count(n, "shape"), "appears" if n == 1 else "appear"
     qa.append(rng.choice([
-        ("How many shapes appear in the video?", f"{n_shapes.capitalize()} {appear} in the video.", "count"),
-        ("How many shapes are visible at the end of the video?", f"There {_is(n)} {n_shapes} at the end.", "count"),
-        (f"How many {kind}s are there in the video?", f"There {_is(k)} {_count(k, kind)}.", "count"),
+        SceneQuestion("How many shapes appear in the video?", f"{n_shapes.capitalize()} {appear} in the video.", "count",
+                      {"count": n, "noun": "shape"}),
+        SceneQuestion("How many shapes are visible at the end of the video?", f"There {_is(n)} {n_shapes} at the end.",
+                      "count", {"count": n, "noun": "shape"}),
+        SceneQuestion(f"How many {kind}s are there in the video?", f"There {_is(k)} {_count(k, kind)}.", "count",
+                      {"count": k, "noun": kind}),
     ]))
 
     s = rng.choice(shapes)
+    yes_no = {"direction": s.direction, "asks": "yes_no"}
     if s.direction == "none":
-        qa.append((f"Does the {s.name} move during the video?", "No, it stays still the whole time.", "motion"))
+        qa.append(SceneQuestion(f"Does the {s.name} move during the video?", "No, it stays still the whole time.", "motion",
+                                yes_no))
     else:
         way = {"left": "to the left", "right": "to the right", "up": "upward", "down": "downward"}[s.direction]
         qa.append(rng.choice([
-            (f"In which direction does the {s.name} move?", f"It moves {way}.", "motion"),
-            (f"Does the {s.name} move during the video?", f"Yes, it moves steadily {way}.", "motion"),
+            SceneQuestion(f"In which direction does the {s.name} move?", f"It moves {way}.", "motion",
+                          {"direction": s.direction, "asks": "direction"}),
+            SceneQuestion(f"Does the {s.name} move during the video?", f"Yes, it moves steadily {way}.", "motion", yes_no),
         ]))
 
     if n >= 2:
         a, b = rng.sample(shapes, 2)
         early = min(a, b, key=lambda s: s.appear)
+        every = [_shape_facts(s) for s in shapes]
         qa.append(rng.choice([
-            (f"Which appears first, the {a.name} or the {b.name}?", f"The {early.name} appears first.", "order"),
-            ("Which shape is there from the very beginning?", f"The {shapes[0].name} is there from the beginning.", "order"),
-            ("Which shape appears last?", f"The {shapes[-1].name} appears last.", "order"),
+            SceneQuestion(f"Which appears first, the {a.name} or the {b.name}?", f"The {early.name} appears first.", "order",
+                          {"position": "first", "answer": _shape_facts(early), "options": [_shape_facts(a), _shape_facts(b)]}),
+            SceneQuestion("Which shape is there from the very beginning?", f"The {shapes[0].name} is there from the beginning.",
+                          "order", {"position": "first", "answer": _shape_facts(shapes[0]), "options": every}),
+            SceneQuestion("Which shape appears last?", f"The {shapes[-1].name} appears last.", "order",
+                          {"position": "last", "answer": _shape_facts(shapes[-1]), "options": every}),
         ]))
 
     changed = [s for s in shapes if s.change]
@@ -372,13 +445,21 @@ def scene_qa(scene: Scene) -> list[tuple[str, str, str]]:
         s = changed[0]
         ans = f"The {s.kind} changes colour from {s.colour} to {s.change.colour} {_when(scene, s.change.frame)}."
         q = rng.choice(["What changes during the video?", f"What happens to the {s.name} during the video?"])
-        qa.append((q, ans, "change"))
+        qa.append(SceneQuestion(q, ans, "change",
+                                {"changed": True, "from": s.colour, "to": s.change.colour, "shape": s.kind, "asks": "what"}))
     else:
         qa.append(rng.choice([
-            ("Does any shape change colour during the video?", "No, every shape keeps its colour throughout.", "change"),
-            ("Does every shape keep its colour for the whole video?", "Yes, no shape changes colour.", "change"),
+            SceneQuestion("Does any shape change colour during the video?", "No, every shape keeps its colour throughout.",
+                          "change", {"changed": False, "asks": "yes_no", "yes_means_change": True}),
+            SceneQuestion("Does every shape keep its colour for the whole video?", "Yes, no shape changes colour.", "change",
+                          {"changed": False, "asks": "yes_no", "yes_means_change": False}),
         ]))
     return qa
+
+
+def scene_qa(scene: Scene) -> list[tuple[str, str, str]]:
+    """The ``(question, answer, kind)`` of :func:`scene_questions`, without the facts."""
+    return [item.as_tuple() for item in scene_questions(scene)]
 
 
 # ----------------------------------------------------------------------------- datasets

@@ -1,0 +1,334 @@
+"""The paper's two claims in miniature, on synthetic clips whose truth is known (docs/mini-repro.md).
+
+    capdpo run configs/mini-repro.yaml        # a run config with a ``repro`` section
+
+Claim 1: a text-only judge that reads the caption scores answers in line with the truth. Claim 2:
+DPO on pairs from that judge improves open-ended video QA. Synthetic clips make both checkable: the
+oracle (``capdpo.oracle``) decides from the scene whether any free-form answer is correct.
+
+The experiment composes the ordinary stages and writes everything under the run folder:
+
+    videos.jsonl, qa.jsonl, media/        data: the run's train clips (DPO questions) and test clips
+    sft/policy/                           the start: builtin:mini after SFT on ``sft_videos`` other clips
+    candidates.jsonl, judgments.jsonl     N sampled answers per train question, the caption judge's scores
+    claim1/                               the same answers scored without the caption, by MiniLM
+                                          similarity and by the oracle; agreement of each with the oracle
+    claim2/pairs-<source>.jsonl           pairs from the caption judge, the oracle and random pairing
+    claim2/<source>-s<seed>/              DPO from the SFT start on those pairs
+    claim2/eval/<policy>/                 greedy answers to the test questions, judge and oracle scores
+    mini-repro.md, mini-repro.json        both tables, with bootstrap confidence intervals
+
+Every step skips what is on disk, so an interrupted experiment resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from capdpo.config import PairsConfig
+from capdpo.records import Judgment, PreferencePair, Prediction, QAItem, RecordFile
+
+log = logging.getLogger("capdpo")
+DONE = ".complete"
+SCORERS = {"caption judge": "judgments.jsonl", "judge without caption": "claim1/judgments_no_caption.jsonl",
+           "MiniLM similarity": "claim1/similarity.jsonl"}
+
+
+def run_repro(run) -> Path:
+    """Both claims, then the report; returns ``mini-repro.md``."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def timed(name, fn, *args):
+        t = time.perf_counter()
+        out = fn(*args)
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
+        return out
+
+    timed("data", run.data)
+    timed("qa", run.qa)
+    sft = timed("sft", sft_start, run)
+    run.use_policy(str(sft))
+    timed("sample", run.sample)
+    timed("judge (caption)", run.judge_candidates)
+    claim1 = timed("claim 1 scorers", claim1_agreement, run)
+    claim2 = timed("claim 2 (pairs, DPO, evaluation)", claim2_dpo, run, sft)
+    results = {"claim1": claim1, "claim2": claim2, "data": data_summary(run), "timings_s": timings,
+               "wall_s": time.perf_counter() - started}
+    return write_report(run.paths.top, results)
+
+
+# -- the starting policy ---------------------------------------------------------------------------------
+def sft_start(run) -> Path:
+    """``policy.model`` after a short SFT on the QA of ``repro.sft_videos`` synthetic clips drawn with
+    their own seed (never the run's train or test clips): the policy DPO starts from and is compared to."""
+    from capdpo.media.synthetic import make_synthetic_dataset
+    from capdpo.sample import plan_video
+    from capdpo.sft import SFTExample, supervised_finetune
+
+    cfg = run.cfg.repro
+    out = run.paths.top / "sft" / "policy"
+    if (out / DONE).exists():
+        return out
+    if cfg.sft_videos == 0:
+        return Path(run.policy.path)
+    clips = make_synthetic_dataset(run.paths.media / "sft", cfg.sft_videos, cfg.sft_seed)
+    policy = run.policy
+    pixels = {}
+    for clip in clips:
+        images, layout = plan_video(policy, clip.video, run.cfg.frames)
+        pixels[clip.video.id] = policy.preprocess(images, layout)
+    examples = [SFTExample(clip.video.id, q, a) for clip in clips for q, a, _ in clip.qa]
+    losses = supervised_finetune(policy, pixels, examples, epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size,
+                                 lr=cfg.sft_lr, seed=cfg.sft_seed)
+    log.info("sft: %d examples, loss %.3f -> %.3f", len(examples), losses[0], np.mean(losses[-10:]))
+    tmp = out.with_name("policy.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save(tmp)
+    (tmp / DONE).write_text("")
+    tmp.rename(out)
+    return out
+
+
+# -- claim 1 ------------------------------------------------------------------------------------------------
+def claim1_agreement(run) -> dict:
+    """Score the sampled answers with the oracle, the judge without the caption and MiniLM similarity;
+    compare each scorer (and the caption judge) with the oracle."""
+    from capdpo.agreement import agreement, load_scores
+    from capdpo.judge import CaptionJudge, candidate_items, judge_items
+    from capdpo.oracle import load_answers, oracle_scores
+    from capdpo.similarity import MiniLM, similarity_scores
+
+    top, cfg = run.paths.top, run.cfg
+    (top / "claim1").mkdir(exist_ok=True)
+    questions, answers = run.paths.qa.by_id(), load_answers(run.paths.candidates.path)
+    oracle_path = top / "claim1" / "oracle.jsonl"
+    oracle = oracle_scores(answers, questions, scenes(run))
+    oracle.write(oracle_path)
+    log.info("claim 1: oracle %s", oracle.summary())
+
+    no_caption = CaptionJudge(cfg.judge.model_copy(update={"template": cfg.repro.no_caption_template}), cfg.cache_dir,
+                              llm=run.judge.llm)
+    items = list(candidate_items(run.paths.videos.by_id(), questions, run.paths.candidates.read()))
+    judge_items(no_caption, items, RecordFile(top / SCORERS["judge without caption"], Judgment),
+                batch_size=run.judge_batch, desc="claim 1: judge without caption")
+    similarity_path = top / SCORERS["MiniLM similarity"]
+    if not similarity_path.exists():
+        similarity_scores(answers, questions, MiniLM(device="cpu")).write(similarity_path)
+
+    truth = load_scores(oracle_path)
+    rows = {}
+    for name, path in SCORERS.items():
+        rep = agreement(load_scores(top / path), truth)
+        rows[name] = {"answers": rep.n_common, "failed": rep.n_failed_a, "auroc": rep.auroc,
+                      "pairwise_strict": rep.pairwise_agreement_strict, "pairs_strict": rep.n_pairs_strict,
+                      "pairwise_with_ties": rep.pairwise_agreement_with_ties, "pairs": rep.n_pairs,
+                      "kendall_tau_b": rep.kendall_tau_b, "mean_score": rep.mean_a}
+    return {"scorers": rows, "oracle_accuracy": float(np.mean([r["score"] for r in oracle.rows])),
+            "answers": len(answers)}
+
+
+def scenes(run):
+    from capdpo.media.synthetic import load_scenes
+    from capdpo.oracle import run_scenes_path
+
+    return load_scenes(run_scenes_path(run.paths.top))
+
+
+# -- claim 2 ------------------------------------------------------------------------------------------------
+def claim2_dpo(run, sft: Path) -> dict:
+    """Pairs from each source, DPO on each (per seed), evaluation of SFT and every DPO policy."""
+    from capdpo.policy import VideoPolicy
+    from capdpo.train import run_train
+
+    cfg = run.cfg.repro
+    out = run.paths.top / "claim2"
+    out.mkdir(exist_ok=True)
+    available = make_pairs(run, cfg.pair_sources)
+    pairs = {s: p for s, p in available.items() if p}
+    for source in available.keys() - pairs.keys():
+        log.warning("claim 2: no %s pairs (no question had two answers that source tells apart): not trained", source)
+    if cfg.equal_pairs and pairs:  # the same number of pairs for every source: the comparison is of pair quality
+        n = min(len(p) for p in pairs.values())
+        pairs = {s: sorted(random.Random(cfg.seeds[0]).sample(p, n), key=lambda x: x.id) for s, p in pairs.items()}
+    pair_files = {}
+    for source, rows in pairs.items():
+        pair_files[source] = RecordFile(out / f"pairs-{source}.jsonl", PreferencePair)
+        pair_files[source].write(rows)
+
+    policies = {"SFT": sft}
+    for source in pairs:
+        for seed in cfg.seeds:
+            name = f"DPO ({source} pairs, seed {seed})"
+            policy = VideoPolicy.from_config(run.cfg.policy.model_copy(update={"model": str(sft)}), run.cfg.cache_dir)
+            policies[name] = run_train(pair_files[source], run.paths.videos, policy,
+                                       run.cfg.train.model_copy(update={"seed": seed}), run.cfg.frames,
+                                       out / f"{source}-s{seed}", embed_cache=run.embedding_cache,
+                                       fail_fast=run.cfg.fail_fast)
+    evals = {name: evaluate_policy(run, name, path) for name, path in policies.items()}
+    rows = compare_to(evals, "SFT", cfg.bootstrap, cfg.seeds[0])
+    for name, row in rows.items():
+        source = next((s for s in pairs if f"({s} pairs" in name), None)
+        row["pairs"] = len(pairs[source]) if source else None
+    return {"policies": rows, "pairs_available": {s: len(p) for s, p in available.items()},
+            "test_questions": len(held_out_questions(run))}
+
+
+def make_pairs(run, sources: Sequence[str]) -> dict[str, list[PreferencePair]]:
+    """Per source, at most one pair per train question:
+
+    * ``judge``: best vs worst caption-judge score, with the run's ``pairs`` thresholds;
+    * ``oracle``: a correct vs a wrong answer (first of each in sampling order), the upper bound;
+    * ``random``: two different answers drawn at random, in random order (the control)."""
+    from capdpo.pairs import build_pairs
+
+    videos, qa, candidates = run.paths.videos.by_id(), run.paths.qa.by_id(), run.paths.candidates.all()
+    out = {}
+    for source in sources:
+        if source == "judge":
+            scores = {j.id: j.score for j in run.paths.judgments.read()}
+            out[source], _ = build_pairs(videos, qa, candidates, scores, run.cfg.pairs)
+        elif source == "oracle":
+            from capdpo.agreement import load_scores
+
+            oracle = load_scores(run.paths.top / "claim1" / "oracle.jsonl")
+            out[source], _ = build_pairs(videos, qa, candidates, oracle, PairsConfig(min_gap=1, min_chosen=1, max_rejected=0))
+        elif source == "random":
+            out[source] = random_pairs(videos, qa, candidates, run.cfg.repro.seeds[0])
+        else:
+            raise ValueError(f"repro.pair_sources: unknown source {source!r} (judge, oracle, random)")
+    return out
+
+
+def random_pairs(videos, qa: Mapping[str, QAItem], candidates, seed: int) -> list[PreferencePair]:
+    """Two different answers per train question, chosen and rejected at random (scores 0: unscored)."""
+    by_question: dict[str, list] = {}
+    for c in candidates:
+        if qa[c.qa_id].split == "train":
+            by_question.setdefault(c.qa_id, []).append(c)
+    pairs = []
+    for qa_id, cands in sorted(by_question.items()):
+        distinct = list({c.answer: c for c in cands}.values())
+        if len(distinct) < 2:
+            continue
+        chosen, rejected = random.Random(f"{seed}:{qa_id}").sample(distinct, 2)
+        q = qa[qa_id]
+        pairs.append(PreferencePair(id=qa_id, qa_id=qa_id, video_id=q.video_id, video=videos[q.video_id].video,
+                                    prompt=q.question, answer=q.answer, chosen=chosen.answer, rejected=rejected.answer,
+                                    chosen_score=0.0, rejected_score=0.0, chosen_id=chosen.id, rejected_id=rejected.id))
+    return pairs
+
+
+def held_out_questions(run) -> list[QAItem]:
+    return [q for q in run.paths.qa.read() if q.split == "test"]
+
+
+def evaluate_policy(run, name: str, model_dir: Path) -> dict[str, dict]:
+    """Greedy answers of one policy to the test questions: ``{qa id: {"oracle": 0/1, "judge": score}}``."""
+    from capdpo.evaluate import run_evaluate
+    from capdpo.oracle import load_answers, oracle_scores
+
+    d = run.paths.top / "claim2" / "eval" / slug(name)
+    d.mkdir(parents=True, exist_ok=True)
+    questions = held_out_questions(run)
+    run.use_policy(str(model_dir))
+    run_evaluate(slug(name), run.paths.videos.by_id(), questions, run.policy, run.eval_judge(run.cfg.judge.protocol),
+                 RecordFile(d / "predictions.jsonl", Prediction), RecordFile(d / "judgments.jsonl", Judgment),
+                 run.cfg.evaluate, run.cfg.frames, fail_fast=run.cfg.fail_fast)
+    oracle = oracle_scores(load_answers(d / "predictions.jsonl"), {q.id: q for q in questions}, scenes(run))
+    oracle.write(d / "oracle.jsonl")
+    judged = {j.id: j.score for j in RecordFile(d / "judgments.jsonl", Judgment).read()}
+    return {r["qa_id"]: {"oracle": r["score"], "judge": judged.get(r["id"]), "kind": r.get("kind")} for r in oracle.rows}
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-").replace("--", "-")
+
+
+# -- statistics ---------------------------------------------------------------------------------------------
+def bootstrap_mean(values: Sequence[float], rounds: int, seed: int) -> tuple[float, float, float]:
+    """Mean and 95% percentile-bootstrap interval over the items (questions)."""
+    x = np.asarray(values, dtype=float)
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(rounds, len(x)))
+    means = x[idx].mean(axis=1)
+    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def compare_to(evals: Mapping[str, Mapping[str, dict]], base: str, rounds: int, seed: int) -> dict[str, dict]:
+    """Per policy: oracle accuracy and mean judge score with bootstrap CIs, and the paired difference
+    of oracle accuracy to ``base`` on the same questions (resampled together)."""
+    rows = {}
+    for name, scores in evals.items():
+        common = sorted(scores.keys() & evals[base].keys())
+        acc = [scores[q]["oracle"] for q in common]
+        judge = [scores[q]["judge"] for q in common if scores[q]["judge"] is not None]
+        diff = [scores[q]["oracle"] - evals[base][q]["oracle"] for q in common]
+        rows[name] = {"questions": len(common), "oracle_accuracy": bootstrap_mean(acc, rounds, seed),
+                      "judge_score": bootstrap_mean(judge, rounds, seed) if judge else None,
+                      "vs_base": bootstrap_mean(diff, rounds, seed) if name != base else None}
+    return rows
+
+
+def data_summary(run) -> dict:
+    videos, qa = run.paths.videos.all(), run.paths.qa.all()
+    return {"train_videos": sum(v.split == "train" for v in videos), "test_videos": sum(v.split == "test" for v in videos),
+            "train_questions": sum(q.split == "train" for q in qa), "test_questions": sum(q.split == "test" for q in qa),
+            "candidates": len(run.paths.candidates.all()), "sft_videos": run.cfg.repro.sft_videos}
+
+
+# -- report -------------------------------------------------------------------------------------------------
+def _f(x, fmt=".3f") -> str:
+    return "n/a" if x is None else format(x, fmt)
+
+
+def _ci(t, fmt=".3f", signed=False) -> str:
+    if t is None:
+        return "-"
+    mean, lo, hi = t
+    f = ("+" if signed else "") + fmt
+    return f"{format(mean, f)} [{format(lo, f)}, {format(hi, f)}]"
+
+
+def write_report(top: Path, results: dict) -> Path:
+    """``mini-repro.json`` (every figure) and ``mini-repro.md`` (the two tables)."""
+    (top / "mini-repro.json").write_text(json.dumps(results, indent=1))
+    d, c1, c2 = results["data"], results["claim1"], results["claim2"]
+    lines = [
+        "# Miniature reproduction",
+        "",
+        f"{d['train_videos']} train clips ({d['train_questions']} questions, {d['candidates']} sampled answers), "
+        f"{d['test_videos']} held-out clips ({d['test_questions']} questions); SFT start on {d['sft_videos']} other clips. "
+        f"Wall time {results['wall_s'] / 60:.1f} min.",
+        "",
+        f"## Claim 1: scorers against the oracle ({c1['answers']} answers, {c1['oracle_accuracy']:.1%} correct)",
+        "",
+        "| scorer | AUROC | pairwise agreement, strict (pairs) | pairwise agreement, with ties (pairs) | Kendall tau-b |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in c1["scorers"].items():
+        lines.append(f"| {name} | {_f(r['auroc'])} | {_f(r['pairwise_strict'])} ({r['pairs_strict']}) | "
+                     f"{_f(r['pairwise_with_ties'])} ({r['pairs']}) | {_f(r['kendall_tau_b'])} |")
+    lines += [
+        "",
+        f"## Claim 2: DPO from the SFT start, held-out questions ({c2['test_questions']}), 95% bootstrap CIs",
+        "",
+        "| policy | pairs | oracle accuracy | vs SFT (paired) | judge score (1-5) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in c2["policies"].items():
+        lines.append(f"| {name} | {r['pairs'] if r['pairs'] is not None else '-'} | {_ci(r['oracle_accuracy'])} | "
+                     f"{_ci(r['vs_base'], signed=True)} | {_ci(r['judge_score'], '.2f')} |")
+    lines += ["", "Pairs available before equalising: " +
+              ", ".join(f"{s} {n}" for s, n in c2["pairs_available"].items()) + ".",
+              "", "Stage times (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in results["timings_s"].items()) + "."]
+    path = top / "mini-repro.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
