@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check: the family tests and the sampling benchmark on CUDA in bf16; figures appended to
+# GPU check: the family and shared-prefix tests, the sampling and DPO-step benchmarks on CUDA; figures appended to
 # BENCHMARKS.md under the GPU's name. Run from anywhere, on a node with the project installed
 # (`make setup`; torchvision present lets the tests compare capdpo's preprocessing with transformers').
 #
@@ -14,7 +14,9 @@ LOG=$(mktemp)
 "$PY" -m capdpo.cli models >/dev/null  # builds builtin:mini once (SmolLM2 + DINOv2 + short SFT)
 status=0  # a failing test is recorded with the figures, and is the script's exit status
 CAPDPO_TEST_DEVICE=cuda CAPDPO_TEST_DTYPE=bfloat16 "$PY" -m pytest tests/test_families.py -q -p no:cacheprovider | tee "$LOG" || status=$?
+CAPDPO_TEST_DEVICE=cuda "$PY" -m pytest tests/test_shared_prefix.py -q -p no:cacheprovider | tee -a "$LOG" || status=$?
 TABLE=$("$PY" benchmarks/sample_throughput.py --device cuda --dtype bfloat16)
+DPO=$("$PY" benchmarks/dpo_step.py --device cuda --dtype bfloat16 --preset 1b --init random --pairs 2 --steps 5 --warmup 2)
 echo "$TABLE"
 
 {
@@ -24,5 +26,9 @@ echo "$TABLE"
   echo '`bash benchmarks/gpu_check.sh`; family tests on CUDA bf16: '"$(tail -n 1 "$LOG")"
   echo
   echo "$TABLE"
+  echo
+  echo "DPO step, 1b preset (benchmarks/dpo_step.py):"
+  echo
+  echo "$DPO"
 } >> BENCHMARKS.md
 exit $status

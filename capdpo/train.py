@@ -277,7 +277,9 @@ def run_train(pairs_file: RecordFile[PreferencePair], videos_file: RecordFile[Vi
             if metrics_path.exists() else []
         metrics_path.write_text("".join(line + "\n" for line in kept))
     if cfg.report_to:
-        accelerator.init_trackers("capdpo-train", config=cfg.model_dump(mode="json"))
+        # trackers take scalar hyper-parameters only: lists (a loss mix) and None as JSON text
+        hparams = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in cfg.model_dump(mode="json").items()}
+        accelerator.init_trackers("capdpo-train", config=hparams)
 
     scorer.train()
     bar = tqdm(total=total, initial=progress.step, desc="train", unit="step", disable=not accelerator.is_local_main_process)

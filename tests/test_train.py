@@ -133,6 +133,17 @@ def test_lora_reference_and_full_copy_reference_agree_with_the_cache(pair_files,
     assert cached.exists() and live.exists()
 
 
+def test_metrics_go_to_tensorboard_when_asked(pair_files, tiny_policy_dir, cache_dir, tmp_path):
+    pytest.importorskip("tensorboard", reason="pip install tensorboard (capdpo[tracking])")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_once(pair_files, tiny_policy_dir, cache_dir, tmp_path, epochs=1, save_every=0, report_to=["tensorboard"])
+    runs = [EventAccumulator(str(p.parent)) for p in tmp_path.rglob("events.out.tfevents.*")]
+    [scalars] = [run for run in runs if "loss" in run.Reload().Tags()["scalars"]]
+    losses = [e.value for e in scalars.Scalars("loss")]
+    assert losses == pytest.approx([m["loss"] for m in metrics(tmp_path)])
+
+
 def test_nothing_to_train_is_a_clear_error(pair_files, tiny_policy_dir, cache_dir, tmp_path):
     with pytest.raises(ValueError, match="nothing to train"):
         train_once(pair_files, tiny_policy_dir, cache_dir, tmp_path, lora=False, freeze_llm=True)
