@@ -37,7 +37,7 @@ from capdpo.embed_cache import EmbeddingCache, encoder_fingerprint, sha256_json,
 from capdpo.errors import ITEM_ERRORS, ItemErrors
 from capdpo.policy import EncodedVideo, PairLogprobs, VideoPolicy
 from capdpo.records import PreferencePair, RecordFile, ReferenceLogps, Video
-from capdpo.sample import encode_video, shard_of
+from capdpo.sample import encode_video, read_shards, shard_of
 
 log = logging.getLogger("capdpo")
 
@@ -188,18 +188,8 @@ def merge_reference_shards(out: RecordFile[ReferenceLogps], shards: int, pairs: 
     absent = [str(p.path) for p in parts if not p.exists()]
     if absent:
         raise FileNotFoundError(f"missing shard file(s): {', '.join(absent)}")
-    merged: dict[str, ReferenceLogps] = {}
-    duplicates = 0
-    for i, part in enumerate(parts):
-        for r in part.read():
-            if shard_of(r.id, shards) != i:
-                raise ValueError(f"{part.path}: {r.id} belongs to shard {shard_of(r.id, shards)}, not {i}")
-            if r.id in merged:
-                if (merged[r.id].fingerprint, merged[r.id].pair_hash) != (r.fingerprint, r.pair_hash):
-                    raise ValueError(f"{part.path}: {r.id} appears twice, computed for different pairs or models")
-                duplicates += 1
-                continue
-            merged[r.id] = r
+    merged, duplicates = read_shards(list(enumerate(parts)), shards, lambda r: r.id,
+                                     lambda a, b: (a.fingerprint, a.pair_hash) == (b.fingerprint, b.pair_hash))
     fingerprints = sorted({r.fingerprint[:12] for r in merged.values()})
     if len(fingerprints) > 1:
         raise ValueError(f"{out.path}: shards computed by different reference models or settings ({', '.join(fingerprints)})")

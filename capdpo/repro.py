@@ -17,6 +17,7 @@ The experiment composes the ordinary stages and writes everything under the run 
     claim2/<source>-s<seed>/              DPO from the SFT start on those pairs
     claim2/eval/<policy>/                 greedy answers to the test questions, judge and oracle scores
     mini-repro.md, mini-repro.json        both tables, with bootstrap confidence intervals
+    repro_times.json                      seconds per stage, summed over interrupted and resumed invocations
 
 Every step skips what is on disk, so an interrupted experiment resumes where it stopped.
 """
@@ -38,21 +39,16 @@ from capdpo.records import Judgment, PreferencePair, Prediction, QAItem, RecordF
 
 log = logging.getLogger("capdpo")
 DONE = ".complete"
+TIMES_FILE = "repro_times.json"
 SCORERS = {"caption judge": "judgments.jsonl", "judge without caption": "claim1/judgments_no_caption.jsonl",
            "MiniLM similarity": "claim1/similarity.jsonl"}
 
 
 def run_repro(run) -> Path:
     """Both claims, then the report; returns ``mini-repro.md``."""
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
+    times = StageTimes(run.paths.top / TIMES_FILE)
 
-    def timed(name, fn, *args):
-        t = time.perf_counter()
-        out = fn(*args)
-        timings[name] = timings.get(name, 0.0) + time.perf_counter() - t
-        return out
-
+    timed = times.timed
     timed("data", run.data)
     timed("qa", run.qa)
     sft = timed("sft", sft_start, run)
@@ -61,9 +57,34 @@ def run_repro(run) -> Path:
     timed("judge (caption)", run.judge_candidates)
     claim1 = timed("claim 1 scorers", claim1_agreement, run)
     claim2 = timed("claim 2 (pairs, DPO, evaluation)", claim2_dpo, run, sft)
-    results = {"claim1": claim1, "claim2": claim2, "data": data_summary(run), "timings_s": timings,
-               "wall_s": time.perf_counter() - started}
+    results = {"claim1": claim1, "claim2": claim2, "data": data_summary(run), "timings_s": times.seconds,
+               "run_time_s": sum(times.seconds.values()), "invocations": times.invocations}
     return write_report(run.paths.top, results)
+
+
+class StageTimes:
+    """Seconds spent per stage, summed over every invocation of the experiment.
+
+    Kept on disk after each stage so that a run interrupted and resumed reports its whole cost:
+    stages already on disk add only the time to find that out.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        saved = json.loads(path.read_text()) if path.exists() else {}
+        self.seconds: dict[str, float] = saved.get("seconds", {})
+        self.invocations: int = saved.get("invocations", 0) + 1
+        self._save()
+
+    def timed(self, name: str, fn, *args):
+        started = time.perf_counter()
+        out = fn(*args)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+        self._save()
+        return out
+
+    def _save(self) -> None:
+        self.path.write_text(json.dumps({"seconds": self.seconds, "invocations": self.invocations}, indent=1))
 
 
 # -- the starting policy ---------------------------------------------------------------------------------
@@ -306,7 +327,8 @@ def write_report(top: Path, results: dict) -> Path:
         "",
         f"{d['train_videos']} train clips ({d['train_questions']} questions, {d['candidates']} sampled answers), "
         f"{d['test_videos']} held-out clips ({d['test_questions']} questions); SFT start on {d['sft_videos']} other clips. "
-        f"Wall time {results['wall_s'] / 60:.1f} min.",
+        f"Run time {results['run_time_s'] / 60:.1f} min"
+        + (f" over {results['invocations']} invocations (resumed)." if results["invocations"] > 1 else "."),
         "",
         f"## Claim 1: scorers against the oracle ({c1['answers']} answers, {c1['oracle_accuracy']:.1%} correct)",
         "",

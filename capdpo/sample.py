@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +30,8 @@ from capdpo.errors import ITEM_ERRORS, ItemErrors, OverBudgetError
 from capdpo.frames import count_frames, frame_rate, sample_frames, sample_indices
 from capdpo.policy import EncodedVideo, VideoLayout, VideoPolicy
 from capdpo.records import Candidate, QAItem, RecordFile, Video
+
+R = TypeVar("R")
 
 
 def question_seed(base: int, qa_id: str) -> int:
@@ -141,6 +144,26 @@ def shard_of(qa_id: str, shards: int) -> int:
     return zlib.crc32(f"shard:{qa_id}".encode()) % shards
 
 
+def read_shards(parts: Sequence[tuple[int | None, RecordFile[R]]], shards: int, shard_key: Callable[[R], str],
+                same: Callable[[R, R], bool]) -> tuple[dict[str, R], int]:
+    """The rows of shard files by id, and how many repeated ids were dropped. ``parts`` pairs each
+    file with the shard index its rows must belong to (``shard_of(shard_key(row), shards)``; None =
+    any). An id seen twice must be the ``same`` row (a re-run shard repeats itself exactly)."""
+    merged: dict[str, R] = {}
+    duplicates = 0
+    for i, part in parts:
+        for row in part.read():
+            if i is not None and shard_of(shard_key(row), shards) != i:
+                raise ValueError(f"{part.path}: {row.id} belongs to shard {shard_of(shard_key(row), shards)}, not {i}")
+            if row.id in merged:
+                if not same(merged[row.id], row):
+                    raise ValueError(f"{part.path}: {row.id} appears twice with different content")
+                duplicates += 1
+                continue
+            merged[row.id] = row
+    return merged, duplicates
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
     i, sep, n = text.partition("/")
@@ -205,18 +228,8 @@ def merge_shards(out: RecordFile[Candidate], shards: int, qa_file: RecordFile[QA
     missing = [str(p.path) for p in parts if not p.exists()]
     if missing:
         raise FileNotFoundError(f"missing shard file(s): {', '.join(missing)}")
-    merged: dict[str, Candidate] = {}
-    duplicates = 0
-    for i, part in [(None, out)] + list(enumerate(parts)):
-        for c in part.read():
-            if i is not None and shard_of(c.qa_id, shards) != i:
-                raise ValueError(f"{part.path}: {c.id} belongs to shard {shard_of(c.qa_id, shards)}, not {i}")
-            if c.id in merged:
-                if merged[c.id].answer != c.answer:
-                    raise ValueError(f"{part.path}: {c.id} has two different answers across shards")
-                duplicates += 1
-                continue
-            merged[c.id] = c
+    merged, duplicates = read_shards([(None, out), *enumerate(parts)], shards, lambda c: c.qa_id,
+                                     lambda a, b: a.answer == b.answer)
     order = {q.id: i for i, q in enumerate(qa_file.read())} if qa_file is not None else {}
 
     out.write(sorted(merged.values(), key=lambda c: (order.get(c.qa_id, len(order)), c.qa_id, int(c.id.rpartition("#")[2]))))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from capdpo.config import BUILTIN_LLM, BUILTIN_POLICY, ConfigError, RunConfig, describe, load_config, save_config
+from capdpo.config import BUILTIN_LLM, BUILTIN_POLICY, ConfigError, ReproConfig, RunConfig, describe, load_config, save_config
 
 
 def test_defaults_load():
@@ -126,6 +126,8 @@ def test_describe_covers_every_leaf_with_a_description():
     assert missing == []
     # every leaf is settable by its dotted key (the keys are real)
     cfg = load_config().model_dump()
+    assert cfg["repro"] is None and "repro" in keys, "an optional section is listed, off by default"
+    cfg["repro"] = ReproConfig().model_dump()
     for key in keys:
         node = cfg
         for part in key.split("."):

@@ -56,3 +56,7 @@ def test_tiny_reproduction_writes_both_claims(tmp_path, tiny_policy_dir, cache_d
     before = {p: p.stat().st_mtime_ns for p in [run_dir / "candidates.jsonl", *(run_dir / "claim2").glob("*-s0/policy/model.safetensors")]}
     Run(load_config(config)).run_all()
     assert {p: p.stat().st_mtime_ns for p in before} == before
+    resumed = json.loads((run_dir / "mini-repro.json").read_text())
+    assert resumed["invocations"] == 2, "the run time covers both invocations"
+    assert resumed["timings_s"]["sample"] >= results["timings_s"]["sample"]
+    assert "over 2 invocations" in (run_dir / "mini-repro.md").read_text()

@@ -88,7 +88,7 @@ def test_merge_verifies_its_shards(tmp_path):
     with pytest.raises(ValueError, match="belongs to shard 1"):
         merge_shards(out, 2)
     shard_file(out, (0, 2)).write([candidate(q, 0, "other") for q in ids if shard_of(q, 2) == 0])
-    with pytest.raises(ValueError, match="two different answers"):
+    with pytest.raises(ValueError, match="appears twice with different content"):
         merge_shards(out, 2)
 
 
