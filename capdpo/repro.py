@@ -199,8 +199,22 @@ def claim2_dpo(run, sft: Path) -> dict:
     for name, row in rows.items():
         source = next((s for s in pairs if f"({s} pairs" in name), None)
         row["pairs"] = len(pairs[source]) if source else None
+    from capdpo.agreement import load_scores
+
+    oracle = load_scores(run.paths.top / "claim1" / "oracle.jsonl")
     return {"policies": rows, "pairs_available": {s: len(p) for s, p in available.items()},
+            "pair_orientation": {s: pair_orientation(p, oracle) for s, p in pairs.items()},
             "test_questions": len(held_out_questions(run))}
+
+
+def pair_orientation(pairs: Sequence[PreferencePair], oracle: Mapping[str, float | None]) -> dict[str, int]:
+    """How the oracle grades the pairs DPO trains on: ``right`` (chosen correct, rejected wrong),
+    ``reversed``, or ``tied`` (both correct or both wrong: a pair that teaches nothing about correctness)."""
+    counts = {"right": 0, "reversed": 0, "tied": 0}
+    for pair in pairs:
+        chosen, rejected = oracle[pair.chosen_id], oracle[pair.rejected_id]
+        counts["right" if chosen > rejected else "reversed" if chosen < rejected else "tied"] += 1
+    return counts
 
 
 def make_pairs(run, sources: Sequence[str]) -> dict[str, list[PreferencePair]]:
@@ -348,6 +362,10 @@ def write_report(top: Path, results: dict) -> Path:
     for name, r in c2["policies"].items():
         lines.append(f"| {name} | {r['pairs'] if r['pairs'] is not None else '-'} | {_ci(r['oracle_accuracy'])} | "
                      f"{_ci(r['vs_base'], signed=True)} | {_ci(r['judge_score'], '.2f')} |")
+    lines += ["", "Training pairs graded by the oracle (right: chosen correct and rejected wrong; tied: both "
+              "correct or both wrong): " + "; ".join(
+                  f"{s} {o['right']} right, {o['reversed']} reversed, {o['tied']} tied"
+                  for s, o in c2["pair_orientation"].items()) + "."]
     lines += ["", "Pairs available before equalising: " +
               ", ".join(f"{s} {n}" for s, n in c2["pairs_available"].items()) + ".",
               "", "Stage times (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in results["timings_s"].items()) + "."]

@@ -9,7 +9,8 @@ import pytest
 
 from capdpo.config import load_config
 from capdpo.pipeline import Run
-from capdpo.repro import bootstrap_mean, compare_to, random_pairs
+from capdpo.records import PreferencePair
+from capdpo.repro import bootstrap_mean, compare_to, pair_orientation, random_pairs
 from tests.run_configs import write_config
 
 
@@ -27,6 +28,17 @@ def test_paired_difference_is_on_the_same_questions():
     assert rows["DPO"]["questions"] == 2, "a question only one policy answered is left out"
     assert rows["DPO"]["vs_base"][0] == pytest.approx(0.5)
     assert rows["SFT"]["vs_base"] is None
+
+
+def test_pair_orientation_grades_each_pair_by_the_oracle():
+    def pair(chosen_id, rejected_id):
+        return PreferencePair(id=chosen_id, qa_id="q", video_id="v", video="v.mp4", prompt="p", answer="a",
+                              chosen="x", rejected="y", chosen_score=2, rejected_score=1,
+                              chosen_id=chosen_id, rejected_id=rejected_id)
+
+    oracle = {"q#0": 1, "q#1": 0, "q#2": 0, "q#3": 1}
+    pairs = [pair("q#0", "q#1"), pair("q#1", "q#0"), pair("q#1", "q#2"), pair("q#0", "q#3")]
+    assert pair_orientation(pairs, oracle) == {"right": 1, "reversed": 1, "tied": 2}
 
 
 @pytest.mark.slow
@@ -47,6 +59,10 @@ def test_tiny_reproduction_writes_both_claims(tmp_path, tiny_policy_dir, cache_d
     policies = results["claim2"]["policies"]
     assert "SFT" in policies and policies["SFT"]["questions"] == 2
     assert any(name.startswith("DPO (random pairs") for name in policies)
+    for source, graded in results["claim2"]["pair_orientation"].items():
+        assert sum(graded.values()) == next(r["pairs"] for n, r in policies.items() if f"({source} pairs" in n)
+    if "oracle" in results["claim2"]["pair_orientation"]:
+        assert results["claim2"]["pair_orientation"]["oracle"]["reversed"] == 0
     report = (run_dir / "mini-repro.md").read_text()
     assert "## Claim 1" in report and "## Claim 2" in report and "| SFT |" in report
     trained = sorted(p.name for p in (run_dir / "claim2").glob("*-s0"))
