@@ -8,8 +8,8 @@ Every field carries a one-line description; ``capdpo config show`` prints them.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 import types
+from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
@@ -259,7 +259,8 @@ def describe(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple
     for name, field in model.model_fields.items():
         ann = field.annotation
         optional = [a for a in get_args(ann) if a is not type(None)]  # `Section | None`: an optional section
-        if get_origin(ann) in (Union, types.UnionType) and len(optional) == 1 and isinstance(optional[0], type) and issubclass(optional[0], BaseModel):
+        if (get_origin(ann) in (Union, types.UnionType) and len(optional) == 1
+                and isinstance(optional[0], type) and issubclass(optional[0], BaseModel)):
             rows.append((prefix + name, "None", field.description or ""))
             ann = optional[0]
         if isinstance(ann, type) and issubclass(ann, BaseModel):

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from capdpo.agreement import agreement, load_scores
 from capdpo.config import PairsConfig
 from capdpo.records import Judgment, PreferencePair, Prediction, QAItem, RecordFile
 
@@ -47,7 +48,6 @@ SCORERS = {"caption judge": "judgments.jsonl", "judge without caption": "claim1/
 def run_repro(run) -> Path:
     """Both claims, then the report; returns ``mini-repro.md``."""
     times = StageTimes(run.paths.top / TIMES_FILE)
-
     timed = times.timed
     timed("data", run.data)
     timed("qa", run.qa)
@@ -123,7 +123,6 @@ def sft_start(run) -> Path:
 def claim1_agreement(run) -> dict:
     """Score the sampled answers with the oracle, the judge without the caption and MiniLM similarity;
     compare each scorer (and the caption judge) with the oracle."""
-    from capdpo.agreement import agreement, load_scores
     from capdpo.judge import CaptionJudge, candidate_items, judge_items
     from capdpo.oracle import load_answers, oracle_scores
     from capdpo.similarity import MiniLM, similarity_scores
@@ -173,7 +172,8 @@ def claim2_dpo(run, sft: Path) -> dict:
     cfg = run.cfg.repro
     out = run.paths.top / "claim2"
     out.mkdir(exist_ok=True)
-    available = make_pairs(run, cfg.pair_sources)
+    oracle = load_scores(run.paths.top / "claim1" / "oracle.jsonl")
+    available = make_pairs(run, cfg.pair_sources, oracle)
     pairs = {s: p for s, p in available.items() if p}
     for source in available.keys() - pairs.keys():
         log.warning("claim 2: no %s pairs (no question had two answers that source tells apart): not trained", source)
@@ -199,9 +199,6 @@ def claim2_dpo(run, sft: Path) -> dict:
     for name, row in rows.items():
         source = next((s for s in pairs if f"({s} pairs" in name), None)
         row["pairs"] = len(pairs[source]) if source else None
-    from capdpo.agreement import load_scores
-
-    oracle = load_scores(run.paths.top / "claim1" / "oracle.jsonl")
     return {"policies": rows, "pairs_available": {s: len(p) for s, p in available.items()},
             "pair_orientation": {s: pair_orientation(p, oracle) for s, p in pairs.items()},
             "test_questions": len(held_out_questions(run))}
@@ -217,7 +214,7 @@ def pair_orientation(pairs: Sequence[PreferencePair], oracle: Mapping[str, float
     return counts
 
 
-def make_pairs(run, sources: Sequence[str]) -> dict[str, list[PreferencePair]]:
+def make_pairs(run, sources: Sequence[str], oracle: Mapping[str, float | None]) -> dict[str, list[PreferencePair]]:
     """Per source, at most one pair per train question:
 
     * ``judge``: best vs worst caption-judge score, with the run's ``pairs`` thresholds;
@@ -232,9 +229,6 @@ def make_pairs(run, sources: Sequence[str]) -> dict[str, list[PreferencePair]]:
             scores = {j.id: j.score for j in run.paths.judgments.read()}
             out[source], _ = build_pairs(videos, qa, candidates, scores, run.cfg.pairs)
         elif source == "oracle":
-            from capdpo.agreement import load_scores
-
-            oracle = load_scores(run.paths.top / "claim1" / "oracle.jsonl")
             out[source], _ = build_pairs(videos, qa, candidates, oracle, PairsConfig(min_gap=1, min_chosen=1, max_rejected=0))
         elif source == "random":
             out[source] = random_pairs(videos, qa, candidates, run.cfg.repro.seeds[0])
