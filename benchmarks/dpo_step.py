@@ -6,7 +6,7 @@ full fine-tuning of the LLM with vision tower and projector frozen (the paper's 
     baseline        each video encoded for the chosen rows, the rejected rows and the reference rows
                     of every step; chosen and rejected as two rows; a frozen reference copy held in
                     memory and run every step (TRL / LLaMA-Factory / the paper's code)
-    embed-cache     videos encoded once before training (``capdpo.embed_cache``), embeddings reused
+    embed-cache     videos encoded once before training (``capdpo.policy.embed_cache``), embeddings reused
     ref-cache       reference log-probs precomputed once (``capdpo.reference``): no reference model
     shared-prefix   one packed row per pair, the video + question prefix computed once
                     (``VideoPolicy.pair_logps``)
@@ -60,8 +60,8 @@ def build_policy(args):
     """The benchmark's policy: the mini checkpoint's tokenizer and config, pooling off, sized by preset."""
     from transformers import AutoConfig, AutoTokenizer, LlavaNextVideoForConditionalGeneration
 
-    from capdpo.adapters.llava import LlavaNextVideoPolicy
-    from capdpo.policy import VisionSpec
+    from capdpo.policy.base import VisionSpec
+    from capdpo.policy.llava import LlavaNextVideoPolicy
 
     src = Path(args.model_dir) if args.model_dir else mini_dir()
     preset = PRESETS[args.preset]

@@ -17,7 +17,7 @@ import itertools
 from pathlib import Path
 
 from capdpo.config import load_config
-from capdpo.judge import CaptionJudge, JudgeItem
+from capdpo.judge.judge import CaptionJudge, JudgeItem
 from capdpo.records import read_jsonl
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from capdpo.config import JudgeConfig, LLMConfig
-from capdpo.judge import CaptionJudge, JudgeItem
+from capdpo.judge.judge import CaptionJudge, JudgeItem
 from capdpo.llm import load_llm
 
 # -- the fake server -------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from capdpo.policy import VideoPolicy
+from capdpo.models.load import load_policy
+from capdpo.policy.base import VideoPolicy
 
 QUESTIONS = ["What shapes are in the video?", "Which way does the circle move?", "What colour is the background?"]
 
@@ -90,7 +91,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    policy = VideoPolicy.load(args.model, args.cache_dir, args.device, args.dtype)
+    policy = load_policy(args.model, args.cache_dir, args.device, args.dtype)
     policy.model.generation_config.min_new_tokens = args.max_new_tokens  # same token count in both modes
     frames = clip_frames(args.frames)
     measure(policy, batched, frames, 1, 4)  # warm-up: first-call allocations and kernel selection

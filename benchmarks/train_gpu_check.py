@@ -18,8 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from dpo_step import build_policy  # noqa: E402
 
 from capdpo.config import FramesConfig, TrainConfig  # noqa: E402
-from capdpo.embed_cache import EmbeddingCache  # noqa: E402
 from capdpo.media.synthetic import make_synthetic_dataset  # noqa: E402
+from capdpo.policy.embed_cache import EmbeddingCache  # noqa: E402
 from capdpo.records import PreferencePair, RecordFile, Video  # noqa: E402
 from capdpo.train import run_train  # noqa: E402
 

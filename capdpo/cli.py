@@ -93,7 +93,7 @@ def sample(ctx: typer.Context, config: ConfigOpt = None, run_dir: RunDirOpt = No
            shard: Annotated[Optional[str], typer.Option(help="i/n: sample only the questions of shard i of n (by hash of the question id) into candidates.shard-i-of-n.jsonl.")] = None) -> None:
     """N candidate answers per training question from the policy."""
     if ctx.invoked_subcommand is None:
-        from capdpo.sample import parse_shard
+        from capdpo.shards import parse_shard
 
         _run(config, run_dir, set_, fail_fast).sample(parse_shard(shard) if shard else None)
 
@@ -148,7 +148,7 @@ RoundOpt = Annotated[int, typer.Option("--round", min=1, help="DPO round whose c
 def _answers_to_score(config: Path | None, run_dir: Path | None, set_: list[str] | None, round_: int, answers: Path | None):
     """(run paths, answers to score, the run's QA items by id); reads the run folder, writes nothing."""
     from capdpo.oracle import load_answers
-    from capdpo.pipeline import RunPaths
+    from capdpo.rundir import RunPaths
 
     paths = RunPaths(Path(_config(config, run_dir, set_, False).run_dir)).round(round_)
     return paths, load_answers(answers or paths.candidates.path), paths.qa.by_id()
@@ -206,7 +206,7 @@ def reference(ctx: typer.Context, config: ConfigOpt = None, run_dir: RunDirOpt =
               recompute: Annotated[bool, typer.Option(help="Replace rows computed by another reference model or settings instead of stopping.")] = False) -> None:
     """Reference log-probs of every preference pair from the policy before training (train/reference.jsonl)."""
     if ctx.invoked_subcommand is None:
-        from capdpo.sample import parse_shard
+        from capdpo.shards import parse_shard
 
         _run(config, run_dir, set_, fail_fast).reference(parse_shard(shard) if shard else None, recompute=recompute)
 
@@ -294,8 +294,8 @@ def export(fmt: Annotated[str, typer.Argument(help="trl | paper-dpo | paper-qa |
            out: Annotated[Path, typer.Argument(help="Output JSONL file.")], run_dir: RunDirOpt = Path("runs/demo")) -> None:
     """Export the run's records in another tool's row format."""
     from capdpo import formats
-    from capdpo.pipeline import RunPaths
     from capdpo.records import write_jsonl
+    from capdpo.rundir import RunPaths
 
     paths = RunPaths(run_dir)
     rows = {
@@ -313,7 +313,7 @@ def export(fmt: Annotated[str, typer.Argument(help="trl | paper-dpo | paper-qa |
 def models(cache_dir: Annotated[Optional[Path], typer.Option(help="Cache folder (default: env CAPDPO_CACHE or ~/.cache/capdpo).")] = None) -> None:
     """Build the built-in models once (SmolLM2 judge, DINOv2, the mini video LMM with its SFT)."""
     from capdpo.models.mini import mini_model_dir
-    from capdpo.models.packaged import dinov2_small, smollm2_dir
+    from capdpo.packaged import dinov2_small, smollm2_dir
 
     _setup_logging()
     cache = cache_dir or Path(RunConfig().cache_dir)

@@ -207,7 +207,7 @@ def _pick(summaries: list[EvalSummary], evaluation: str | None) -> EvalSummary |
 
 def load_system(spec: str) -> System:
     """A system from a run folder: per dataset, the chosen evaluation's per-question outcomes."""
-    from capdpo.pipeline import RunPaths
+    from capdpo.rundir import RunPaths
 
     label, run_dir, evaluation = parse_spec(spec)
     if not run_dir.is_dir():

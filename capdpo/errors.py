@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from capdpo.frames import FrameError
+from capdpo.media.frames import FrameError
 from capdpo.records import RecordError
 
 log = logging.getLogger("capdpo")

@@ -18,10 +18,10 @@ from tqdm import tqdm
 
 from capdpo.config import EvaluateConfig, FramesConfig
 from capdpo.errors import ITEM_ERRORS, ItemErrors
-from capdpo.judge import CaptionJudge, JudgeItem, judge_items
-from capdpo.policy import VideoPolicy
+from capdpo.judge.judge import CaptionJudge, JudgeItem, judge_items
+from capdpo.policy.base import VideoPolicy
+from capdpo.policy.video import encode_video
 from capdpo.records import EvalSummary, Judgment, Prediction, QAItem, RecordFile, Video
-from capdpo.sample import encode_video
 from capdpo.suites import HELD_OUT
 
 

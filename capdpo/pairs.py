@@ -80,7 +80,7 @@ def build_pairs(videos: dict[str, Video], qa: dict[str, QAItem], candidates: lis
 
 def confirm_pairwise(pairs: list[PreferencePair], videos: dict[str, Video], judge, stats: PairStats) -> list[PreferencePair]:
     """Keep the pairs whose chosen answer the judge prefers in both presentation orders."""
-    from capdpo.judge import JudgeItem, pairwise_preference
+    from capdpo.judge.judge import JudgeItem, pairwise_preference
 
     kept = []
     for p in tqdm(pairs, desc="pairs: pairwise check", unit="pair"):

@@ -15,102 +15,15 @@ the same records as an uninterrupted run.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 from capdpo.config import RunConfig, SuiteConfig, save_config
-from capdpo.records import (Candidate, EvalSummary, Judgment, PreferencePair, Prediction, QAItem, RecordFile,
-                            ReferenceLogps, Video, write_jsonl)
+from capdpo.records import EvalSummary, write_jsonl
+from capdpo.rundir import RunPaths
 from capdpo.suites import HELD_OUT
 
 log = logging.getLogger("capdpo")
-
-
-@dataclass(frozen=True)
-class RunPaths:
-    """Where each stage's output lives inside a run folder, or inside one of its rounds
-    (``base``: the run folder of a round-k folder; the data stages' files live there)."""
-
-    root: Path
-    base: Path | None = None
-
-    @property
-    def top(self) -> Path:
-        """The run folder itself (``root`` unless this is a round-k folder)."""
-        return self.base or self.root
-
-    @property
-    def round_number(self) -> int:
-        return int(self.root.name.removeprefix("round-")) if self.base else 1
-
-    def round(self, k: int) -> RunPaths:
-        """Round ``k``'s paths: the run folder for round 1, ``round-k/`` after."""
-        return RunPaths(self.top) if k == 1 else RunPaths(self.top / f"round-{k}", self.top)
-
-    def rounds(self) -> list[RunPaths]:
-        """Round 1 and every round-k folder on disk, in order."""
-        found = sorted(int(d.name.removeprefix("round-")) for d in self.top.glob("round-*")
-                       if d.is_dir() and d.name.removeprefix("round-").isdigit())
-        return [self.round(1)] + [self.round(k) for k in found if k >= 2]
-
-    @property
-    def videos(self) -> RecordFile[Video]:
-        return RecordFile(self.top / "videos.jsonl", Video)
-
-    @property
-    def qa_given(self) -> RecordFile[QAItem]:
-        return RecordFile(self.top / "qa_given.jsonl", QAItem)
-
-    @property
-    def qa(self) -> RecordFile[QAItem]:
-        return RecordFile(self.top / "qa.jsonl", QAItem)
-
-    @property
-    def candidates(self) -> RecordFile[Candidate]:
-        return RecordFile(self.root / "candidates.jsonl", Candidate)
-
-    @property
-    def judgments(self) -> RecordFile[Judgment]:
-        return RecordFile(self.root / "judgments.jsonl", Judgment)
-
-    @property
-    def pairs(self) -> RecordFile[PreferencePair]:
-        return RecordFile(self.root / "pairs.jsonl", PreferencePair)
-
-    @property
-    def reference(self) -> RecordFile[ReferenceLogps]:
-        """The reference log-probs of the round's pairs (`capdpo reference`), read by ``train``."""
-        return RecordFile(self.train / "reference.jsonl", ReferenceLogps)
-
-    def eval_dir(self, dataset: str = HELD_OUT) -> Path:
-        """``eval/`` for the held-out questions, ``eval/<suite>/`` for a benchmark suite."""
-        return self.root / "eval" if dataset == HELD_OUT else self.root / "eval" / dataset
-
-    def predictions(self, tag: str, dataset: str = HELD_OUT) -> RecordFile[Prediction]:
-        return RecordFile(self.eval_dir(dataset) / f"{tag}_predictions.jsonl", Prediction)
-
-    def eval_judgments(self, tag: str, dataset: str = HELD_OUT) -> RecordFile[Judgment]:
-        return RecordFile(self.eval_dir(dataset) / f"{tag}_judgments.jsonl", Judgment)
-
-    def suite_videos(self, dataset: str) -> RecordFile[Video]:
-        """A suite's videos and questions as evaluated (found media only), kept for the report."""
-        return RecordFile(self.eval_dir(dataset) / "videos.jsonl", Video)
-
-    def suite_questions(self, dataset: str) -> RecordFile[QAItem]:
-        return RecordFile(self.eval_dir(dataset) / "questions.jsonl", QAItem)
-
-    @property
-    def eval_summary(self) -> RecordFile[EvalSummary]:
-        return RecordFile(self.root / "eval" / "summary.jsonl", EvalSummary)
-
-    frames = property(lambda self: self.top / "frames")
-    media = property(lambda self: self.top / "media")
-    train = property(lambda self: self.root / "train")
-    report = property(lambda self: self.top / "report.html")
-    config = property(lambda self: self.top / "config.yaml")
-    agreement = property(lambda self: self.top / "agreement.json")
-    llm_cache = property(lambda self: self.top / "llm_cache.sqlite")  # one reply cache for every round
 
 
 class Run:
@@ -131,28 +44,28 @@ class Run:
     def use_policy(self, model: str) -> None:
         """Evaluate (or go on with) another checkpoint than ``policy.model``, leaving the run's
         config.yaml as it is."""
-        from capdpo.policy import VideoPolicy
+        from capdpo.models.load import policy_from_config
 
-        self.__dict__["policy"] = VideoPolicy.from_config(self.cfg.policy.model_copy(update={"model": model}),
+        self.__dict__["policy"] = policy_from_config(self.cfg.policy.model_copy(update={"model": model}),
                                                           self.cfg.cache_dir)
 
     @cached_property
     def policy(self):
-        from capdpo.policy import VideoPolicy
+        from capdpo.models.load import policy_from_config
 
-        return VideoPolicy.from_config(self.cfg.policy, self.cfg.cache_dir)
+        return policy_from_config(self.cfg.policy, self.cfg.cache_dir)
 
     @cached_property
     def embedding_cache(self):
         """Encoded videos on disk, shared by every run on this machine (``cache_dir/embeddings``);
         None when ``train.embedding_cache`` is off."""
-        from capdpo.embed_cache import EmbeddingCache
+        from capdpo.policy.embed_cache import EmbeddingCache
 
         return EmbeddingCache(Path(self.cfg.cache_dir) / "embeddings") if self.cfg.train.embedding_cache else None
 
     @cached_property
     def judge(self):
-        from capdpo.judge import CaptionJudge
+        from capdpo.judge.judge import CaptionJudge
 
         cache = self.paths.llm_cache if self.cfg.judge.cache else None
         return CaptionJudge(self.cfg.judge, self.cfg.cache_dir, reply_cache=cache)
@@ -169,7 +82,7 @@ class Run:
         template when the suite's protocol differs from ``judge.protocol``. It shares the stage
         judge's LLM - loaded once, behind the run's reply cache when ``judge.cache`` is on - so
         judging the same predictions again sends nothing."""
-        from capdpo.judge import CaptionJudge
+        from capdpo.judge.judge import CaptionJudge
 
         if protocol not in self._eval_judges:
             cfg = self.cfg.judge
@@ -192,16 +105,9 @@ class Run:
         log.info("data: %d videos", n)
 
     def frames(self) -> None:
-        from capdpo.errors import ITEM_ERRORS, ItemErrors
-        from capdpo.frames import extract_frame_folder
-        from tqdm import tqdm
+        from capdpo.frames import run_frames
 
-        errors = ItemErrors("frames", self.cfg.fail_fast)
-        for v in tqdm(self.paths.videos.all(), desc="frames", unit="video"):
-            try:
-                extract_frame_folder(v.video, self.paths.frames / v.id, fps=self.cfg.frames.fps, width=self.cfg.frames.width)
-            except ITEM_ERRORS as e:
-                errors.record(v.id, e)
+        run_frames(self.paths.videos, self.paths.frames, self.cfg.frames, fail_fast=self.cfg.fail_fast)
 
     def qa(self) -> None:
         from capdpo.qa import run_qa
@@ -209,12 +115,13 @@ class Run:
         log.info("qa: %s", run_qa(self.paths.videos, self.paths.qa_given, self.paths.qa, self.cfg.qa, self.cfg.cache_dir))
 
     def sample(self, shard: tuple[int, int] | None = None) -> None:
-        from capdpo.policy import VideoPolicy
-        from capdpo.sample import run_sample, shard_file
+        from capdpo.models.load import policy_from_config
+        from capdpo.sample import run_sample
+        from capdpo.shards import shard_file
 
         out = shard_file(self.paths.candidates, shard) if shard else self.paths.candidates
         # vLLM runs the weights itself: load only tokenizer, config and preprocessing
-        policy = (VideoPolicy.from_config(self.cfg.policy, self.cfg.cache_dir, weights=False)
+        policy = (policy_from_config(self.cfg.policy, self.cfg.cache_dir, weights=False)
                   if self.cfg.sample.backend == "vllm" else self.policy)
         run_sample(self.paths.videos, self.paths.qa, out, policy, self.cfg.sample, self.cfg.frames,
                    fail_fast=self.cfg.fail_fast, shard=shard, dtype=self.cfg.policy.dtype)
@@ -228,7 +135,7 @@ class Run:
 
     def judge_candidates(self, retry_failed: bool = False, dry_run: bool = False) -> dict | None:
         """The judge stage; ``dry_run`` returns the request/token/cost estimate and sends nothing."""
-        from capdpo.judge import candidate_items, estimate, judge_items
+        from capdpo.judge.judge import candidate_items, estimate, judge_items
 
         items = list(candidate_items(self.paths.videos.by_id(), self.paths.qa.by_id(), self.paths.candidates.read()))
         if dry_run:
@@ -252,7 +159,8 @@ class Run:
 
     def reference(self, shard: tuple[int, int] | None = None, recompute: bool = False) -> None:
         """Reference log-probs of the pairs (of ``shard``), from the current policy: run before ``train``."""
-        from capdpo.reference import precompute_reference, shard_file
+        from capdpo.reference import precompute_reference
+        from capdpo.shards import shard_file
 
         out = shard_file(self.paths.reference, shard) if shard else self.paths.reference
         errors = precompute_reference(self.paths.pairs.all(), self.paths.videos.by_id(), self.policy, self.cfg.train,
@@ -306,14 +214,14 @@ class Run:
         return [self.evaluate(tag)] + [self.evaluate(tag, suite) for suite in self.cfg.evaluate.suites]
 
     def train(self) -> Path:
-        from capdpo.policy import VideoPolicy
+        from capdpo.models.load import policy_from_config
         from capdpo.train import run_train
 
         out = run_train(self.paths.pairs, self.paths.videos, self.policy, self.cfg.train, self.cfg.frames,
                         self.paths.train, embed_cache=self.embedding_cache, reference_file=self.paths.reference,
                         fail_fast=self.cfg.fail_fast)
         # the next stages use the trained checkpoint, loaded as any user checkpoint would be
-        self.__dict__["policy"] = VideoPolicy.from_config(self.cfg.policy.model_copy(update={"model": str(out)}), self.cfg.cache_dir)
+        self.__dict__["policy"] = policy_from_config(self.cfg.policy.model_copy(update={"model": str(out)}), self.cfg.cache_dir)
         return out
 
     def report(self) -> Path:

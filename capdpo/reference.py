@@ -33,11 +33,13 @@ import torch
 from tqdm import tqdm
 
 from capdpo.config import FramesConfig, TrainConfig
-from capdpo.embed_cache import EmbeddingCache, encoder_fingerprint, sha256_json, weights_hash
 from capdpo.errors import ITEM_ERRORS, ItemErrors
-from capdpo.policy import EncodedVideo, PairLogprobs, VideoPolicy
+from capdpo.hashing import sha256_json
+from capdpo.policy.base import EncodedVideo, PairLogprobs, VideoPolicy
+from capdpo.policy.embed_cache import EmbeddingCache, encoder_fingerprint, weights_hash
+from capdpo.policy.video import encode_video
 from capdpo.records import PreferencePair, RecordFile, ReferenceLogps, Video
-from capdpo.sample import encode_video, read_shards, shard_of
+from capdpo.shards import read_shards, shard_file, shard_of
 
 log = logging.getLogger("capdpo")
 
@@ -68,11 +70,6 @@ def reference_fingerprint(policy: VideoPolicy, cfg: TrainConfig, frames: FramesC
 
 def pair_hash(pair: PreferencePair, max_response_tokens: int) -> str:
     return sha256_json([pair.video_id, pair.prompt, pair.chosen, pair.rejected, max_response_tokens])
-
-
-def shard_file(out: RecordFile[ReferenceLogps], shard: tuple[int, int]) -> RecordFile[ReferenceLogps]:
-    path = out.path
-    return RecordFile(path.with_name(f"{path.stem}.shard-{shard[0]}-of-{shard[1]}{path.suffix}"), ReferenceLogps)
 
 
 # -- the forward ---------------------------------------------------------------------------------------

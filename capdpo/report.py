@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from capdpo.config import RunConfig
-from capdpo.frames import FrameError, sample_frames
+from capdpo.media.frames import FrameError, sample_frames
 from capdpo.records import Judgment, RecordFile
 from capdpo.suites import HELD_OUT, SUITES, suite_title
 
 if TYPE_CHECKING:
     from capdpo.agreement import AgreementReport
-    from capdpo.pipeline import RunPaths
+    from capdpo.rundir import RunPaths
 
 MAX_PAIRS, MAX_EVAL_EXAMPLES, THUMBS, THUMB_WIDTH = 200, 8, 4, 112
 SCORES = (1, 2, 3, 4, 5)
@@ -531,7 +531,7 @@ def _questions(rounds: list[RoundData], dataset: str, qa: dict) -> dict:
 def write_report(paths: RunPaths, cfg: RunConfig) -> Path:
     """Write the run's report (``paths.report``, in the run folder whichever round ``paths`` is
     in) from whatever stages have run so far, and return its path."""
-    from capdpo.pipeline import RunPaths
+    from capdpo.rundir import RunPaths
 
     paths = RunPaths(paths.top)
     videos, qa = read_records(paths.videos), read_records(paths.qa)

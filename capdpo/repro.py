@@ -36,7 +36,7 @@ import numpy as np
 
 from capdpo.agreement import agreement, load_scores
 from capdpo.config import PairsConfig
-from capdpo.records import Judgment, PreferencePair, Prediction, QAItem, RecordFile
+from capdpo.records import Judgment, Prediction, PreferencePair, QAItem, RecordFile
 
 log = logging.getLogger("capdpo")
 DONE = ".complete"
@@ -92,8 +92,8 @@ def sft_start(run) -> Path:
     """``policy.model`` after a short SFT on the QA of ``repro.sft_videos`` synthetic clips drawn with
     their own seed (never the run's train or test clips): the policy DPO starts from and is compared to."""
     from capdpo.media.synthetic import make_synthetic_dataset
-    from capdpo.sample import plan_video
-    from capdpo.sft import SFTExample, supervised_finetune
+    from capdpo.models.sft import SFTExample, supervised_finetune
+    from capdpo.policy.video import plan_video
 
     cfg = run.cfg.repro
     out = run.paths.top / "sft" / "policy"
@@ -123,7 +123,7 @@ def sft_start(run) -> Path:
 def claim1_agreement(run) -> dict:
     """Score the sampled answers with the oracle, the judge without the caption and MiniLM similarity;
     compare each scorer (and the caption judge) with the oracle."""
-    from capdpo.judge import CaptionJudge, candidate_items, judge_items
+    from capdpo.judge.judge import CaptionJudge, candidate_items, judge_items
     from capdpo.oracle import load_answers, oracle_scores
     from capdpo.similarity import MiniLM, similarity_scores
 
@@ -166,7 +166,7 @@ def scenes(run):
 # -- claim 2 ------------------------------------------------------------------------------------------------
 def claim2_dpo(run, sft: Path) -> dict:
     """Pairs from each source, DPO on each (per seed), evaluation of SFT and every DPO policy."""
-    from capdpo.policy import VideoPolicy
+    from capdpo.models.load import policy_from_config
     from capdpo.train import run_train
 
     cfg = run.cfg.repro
@@ -189,7 +189,7 @@ def claim2_dpo(run, sft: Path) -> dict:
     for source in pairs:
         for seed in cfg.seeds:
             name = f"DPO ({source} pairs, seed {seed})"
-            policy = VideoPolicy.from_config(run.cfg.policy.model_copy(update={"model": str(sft)}), run.cfg.cache_dir)
+            policy = policy_from_config(run.cfg.policy.model_copy(update={"model": str(sft)}), run.cfg.cache_dir)
             policies[name] = run_train(pair_files[source], run.paths.videos, policy,
                                        run.cfg.train.model_copy(update={"seed": seed}), run.cfg.frames,
                                        out / f"{source}-s{seed}", embed_cache=run.embedding_cache,

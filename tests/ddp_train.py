@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import capdpo.train as train
-from capdpo.embed_cache import EmbeddingCache
 from capdpo.config import FramesConfig, TrainConfig
-from capdpo.policy import VideoPolicy
+from capdpo.models.load import load_policy
+from capdpo.policy.embed_cache import EmbeddingCache
 from capdpo.records import PreferencePair, RecordFile, Video
 
 pairs, videos, policy_dir, out, cache, log_dir = sys.argv[1:]
@@ -37,7 +37,7 @@ def recording_gather(accelerator, metrics):
 
 train.dpo_step, train.gather_metrics = recording_step, recording_gather
 cfg = TrainConfig(epochs=1, batch_size=1, lr=1e-3, lora=False, save_every=0)
-policy = VideoPolicy.load(policy_dir, cache, "cpu", "float32")
+policy = load_policy(policy_dir, cache, "cpu", "float32")
 train.run_train(RecordFile(pairs, PreferencePair), RecordFile(videos, Video), policy, cfg, FramesConfig(num_frames=4),
                 Path(out), embed_cache=EmbeddingCache(Path(out) / "embeddings"))
 from accelerate import PartialState  # noqa: E402

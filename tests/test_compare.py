@@ -19,8 +19,8 @@ from capdpo.compare import (
     load_system,
     parse_spec,
 )
-from capdpo.pipeline import RunPaths
 from capdpo.records import EvalSummary, Judgment
+from capdpo.rundir import RunPaths
 
 OFFICIAL = ["msvd_qa", "msrvtt_qa", "tgif_qa"]
 

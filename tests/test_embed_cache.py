@@ -12,18 +12,19 @@ import torch
 from PIL import Image
 
 from capdpo.config import FramesConfig
-from capdpo.embed_cache import EmbeddingCache, content_hash, entry_key
 from capdpo.media.synthetic import random_scene, render_scene
-from capdpo.policy import EncodedVideo, VideoLayout, VideoPolicy
+from capdpo.models.load import load_policy
+from capdpo.policy.base import EncodedVideo, VideoLayout, VideoPolicy
+from capdpo.policy.embed_cache import EmbeddingCache, content_hash, entry_key
+from capdpo.policy.video import encode_video, plan_video
 from capdpo.records import Video
-from capdpo.sample import encode_video, plan_video
 
 FRAMES = FramesConfig(num_frames=4)
 
 
 @pytest.fixture(scope="module")
 def policy(tiny_policy_dir, cache_dir) -> VideoPolicy:
-    return VideoPolicy.load(str(tiny_policy_dir), cache_dir, device="cpu")
+    return load_policy(str(tiny_policy_dir), cache_dir, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def test_key_follows_video_bytes_frame_count_and_vision_weights(policy, clip, ti
     assert fewer.num_frames == 2 and entry_key(policy, clip.video, fewer) != key
 
     def perturbed(part: str) -> VideoPolicy:
-        fresh = VideoPolicy.load(str(tiny_policy_dir), cache_dir, device="cpu")
+        fresh = load_policy(str(tiny_policy_dir), cache_dir, device="cpu")
         weight = next(p for n, p in fresh.model.named_parameters() if fresh.parts.part_of(n) == part)
         with torch.no_grad():
             weight.add_(0.01)

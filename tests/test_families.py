@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from capdpo.adapters import ADAPTERS
 from capdpo.config import TrainConfig
 from capdpo.errors import OverBudgetError
 from capdpo.losses import sigmoid_dpo
-from capdpo.policy import VideoPolicy
+from capdpo.models.load import ADAPTERS, load_policy
+from capdpo.policy.base import VideoPolicy
 from capdpo.train import set_trainable
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
@@ -114,7 +114,7 @@ def family_dir(request, tmp_path_factory, smollm2) -> tuple[str, Path]:
 
 @pytest.fixture(scope="module")
 def policy(family_dir, cache_dir) -> VideoPolicy:
-    return VideoPolicy.load(str(family_dir[1]), cache_dir, device=DEVICE, dtype=DTYPE, processor="capdpo")
+    return load_policy(str(family_dir[1]), cache_dir, device=DEVICE, dtype=DTYPE, processor="capdpo")
 
 
 def frames(seed: int, n: int = 4, size: tuple[int, int] = (60, 90)) -> list[Image.Image]:
@@ -198,7 +198,7 @@ def test_generate_matches_the_model_own_pixel_path(policy):
 
 
 def test_one_dpo_step_trains_the_llm_only(family_dir, cache_dir):
-    policy = VideoPolicy.load(str(family_dir[1]), cache_dir, device=DEVICE, dtype=DTYPE, processor="capdpo")
+    policy = load_policy(str(family_dir[1]), cache_dir, device=DEVICE, dtype=DTYPE, processor="capdpo")
     reference = policy.with_model(copy.deepcopy(policy.model).requires_grad_(False), "reference")
     set_trainable(policy, TrainConfig(lora=False))
     video = encode(policy, 4).detach()
@@ -224,8 +224,8 @@ def test_one_dpo_step_trains_the_llm_only(family_dir, cache_dir):
 
 def test_over_budget_video_raises_or_shrinks(policy, tmp_path):
     from capdpo.config import FramesConfig
+    from capdpo.policy.video import plan_video
     from capdpo.records import Video
-    from capdpo.sample import plan_video
 
     folder = tmp_path / "clip"
     folder.mkdir()
@@ -247,8 +247,8 @@ def test_over_budget_video_raises_or_shrinks(policy, tmp_path):
 def test_own_preprocessing_matches_transformers(family_dir, cache_dir):
     """capdpo's re-implementation against the checkpoint's own video processor (needs torchvision)."""
     pytest.importorskip("torchvision")
-    ours = VideoPolicy.load(str(family_dir[1]), cache_dir, device="cpu", processor="capdpo", weights=False)
-    theirs = VideoPolicy.load(str(family_dir[1]), cache_dir, device="cpu", processor="hf", weights=False)
+    ours = load_policy(str(family_dir[1]), cache_dir, device="cpu", processor="capdpo", weights=False)
+    theirs = load_policy(str(family_dir[1]), cache_dir, device="cpu", processor="hf", weights=False)
     ramp = np.linspace(0, 255, 120 * 180 * 3).reshape(120, 180, 3)
     smooth = [Image.fromarray(np.roll(ramp, 7 * i, axis=1).astype(np.uint8)) for i in range(4)]  # interpolation-friendly
     a, b = ours.preprocess(smooth), theirs.preprocess(smooth)
@@ -257,9 +257,9 @@ def test_own_preprocessing_matches_transformers(family_dir, cache_dir):
 
 
 def test_sft_trains_projector_and_lora_then_merges(family_dir, cache_dir):
-    from capdpo.sft import SFTExample, supervised_finetune
+    from capdpo.models.sft import SFTExample, supervised_finetune
 
-    policy = VideoPolicy.load(str(family_dir[1]), cache_dir, device=DEVICE, dtype=DTYPE, processor="capdpo")
+    policy = load_policy(str(family_dir[1]), cache_dir, device=DEVICE, dtype=DTYPE, processor="capdpo")
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
     pixels = {"a": policy.preprocess(frames(7)), "b": policy.preprocess(frames(8, n=2))}
     examples = [SFTExample("a", "What is shown?", "A red square."), SFTExample("b", "Describe it.", "Two circles.")]

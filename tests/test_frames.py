@@ -7,7 +7,6 @@ frame they are.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import av
@@ -15,15 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capdpo.frames import (
+from capdpo.frames import extract_frame_folder
+from capdpo.media.frames import (
     FrameError,
     count_frames,
-    extract_frame_folder,
     list_frame_files,
     resize_center_crop,
     sample_frames,
     sample_indices,
-    video_fingerprint,
 )
 
 SHARED = Path(__file__).parents[1].parent / "shared"
@@ -196,25 +194,6 @@ def test_extract_frame_folder_replaces_unfinished_output(tmp_path):
     assert len(list_frame_files(out)) == 4
     with pytest.raises(FrameError, match=f"^{tmp_path / 'missing.mp4'}"):
         extract_frame_folder(tmp_path / "missing.mp4", tmp_path / "x")
-
-
-def test_video_fingerprint(tmp_path, mp4):
-    copy = tmp_path / "copy.mp4"
-    copy.write_bytes(mp4.read_bytes())
-    assert video_fingerprint(copy) == video_fingerprint(mp4)
-    assert len(video_fingerprint(mp4)) == 16
-    other = write_video(tmp_path / "other.mp4", n=5)
-    assert video_fingerprint(other) != video_fingerprint(mp4)
-
-    folder = tmp_path / "frames"
-    extract_frame_folder(mp4, folder, width=32)
-    fp = video_fingerprint(folder)
-    assert fp == video_fingerprint(folder)
-    first = list_frame_files(folder)[0]
-    os.utime(first, ns=(first.stat().st_atime_ns, first.stat().st_mtime_ns + 10**9))
-    assert video_fingerprint(folder) != fp
-    with pytest.raises(FrameError):
-        video_fingerprint(tmp_path / "nope.mp4")
 
 
 def test_real_clips_sample_eight_frames():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from capdpo.config import JudgeConfig, LLMConfig
-from capdpo.judge import CaptionJudge, JudgeItem, judge_items
+from capdpo.judge.judge import CaptionJudge, JudgeItem, judge_items
 from capdpo.llm import Reply
 from capdpo.records import Judgment, RecordFile
 

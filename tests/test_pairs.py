@@ -153,7 +153,7 @@ class OrderAwareJudgeLLM:
 @pytest.mark.parametrize("biased, kept", [(False, 1), (True, 0)])
 def test_pairwise_check_keeps_pairs_confirmed_in_both_orders(biased, kept):
     from capdpo.config import JudgeConfig, LLMConfig
-    from capdpo.judge import CaptionJudge
+    from capdpo.judge.judge import CaptionJudge
     from capdpo.pairs import confirm_pairwise
 
     judge = CaptionJudge(JudgeConfig(llm=LLMConfig(backend="openai", model="pairwise-judge")), ".", llm=OrderAwareJudgeLLM(biased))

@@ -11,11 +11,11 @@ import sys
 import time
 
 import pytest
+from run_configs import write_config
 from typer.testing import CliRunner
 
 from capdpo.cli import app
-from capdpo.pipeline import RunPaths
-from run_configs import write_config
+from capdpo.rundir import RunPaths
 
 
 def test_run_end_to_end_and_rerun_skips(tmp_path, tiny_policy_dir, cache_dir):

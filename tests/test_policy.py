@@ -7,12 +7,13 @@ import pytest
 import torch
 from PIL import Image
 
-from capdpo.policy import VideoPolicy
+from capdpo.models.load import load_policy
+from capdpo.policy.base import VideoPolicy
 
 
 @pytest.fixture(scope="module")
 def policy(tiny_policy_dir, cache_dir) -> VideoPolicy:
-    return VideoPolicy.load(str(tiny_policy_dir), cache_dir, device="cpu")
+    return load_policy(str(tiny_policy_dir), cache_dir, device="cpu")
 
 
 def frames(seed: int, n: int = 4) -> list[Image.Image]:

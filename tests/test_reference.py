@@ -14,13 +14,21 @@ from typer.testing import CliRunner
 from capdpo import reference
 from capdpo.cli import app
 from capdpo.config import FramesConfig, TrainConfig
-from capdpo.embed_cache import EmbeddingCache
-from capdpo.pipeline import RunPaths
-from capdpo.policy import VideoPolicy
+from capdpo.models.load import load_policy
+from capdpo.policy.base import VideoPolicy
+from capdpo.policy.embed_cache import EmbeddingCache
+from capdpo.policy.video import encode_video
 from capdpo.records import PreferencePair, RecordFile, ReferenceLogps, Video
-from capdpo.reference import (ReferenceMismatch, load_reference, merge_reference_shards, pair_hash, precompute_reference,
-                              reference_fingerprint, shard_file)
-from capdpo.sample import encode_video, shard_of
+from capdpo.reference import (
+    ReferenceMismatch,
+    load_reference,
+    merge_reference_shards,
+    pair_hash,
+    precompute_reference,
+    reference_fingerprint,
+)
+from capdpo.rundir import RunPaths
+from capdpo.shards import shard_file, shard_of
 
 FRAMES = FramesConfig(num_frames=4)
 CFG = TrainConfig(batch_size=2, max_response_tokens=8)
@@ -28,7 +36,7 @@ CFG = TrainConfig(batch_size=2, max_response_tokens=8)
 
 @pytest.fixture(scope="module")
 def policy(tiny_policy_dir, cache_dir) -> VideoPolicy:
-    return VideoPolicy.load(str(tiny_policy_dir), cache_dir, device="cpu")
+    return load_policy(str(tiny_policy_dir), cache_dir, device="cpu")
 
 
 def write_data(root: Path, videos: int = 3, per_video: int = 2) -> tuple[dict[str, Video], list[PreferencePair]]:

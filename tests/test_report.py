@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from capdpo.config import RunConfig
-from capdpo.pipeline import RunPaths
 from capdpo.records import Candidate, EvalSummary, Judgment, Prediction, PreferencePair, QAItem, Video
 from capdpo.report import write_report
+from capdpo.rundir import RunPaths
 
 EVIL = "<script>alert(1)</script>"
 JUDGE = {"judge_backend": "hf", "judge_model": "judge-llm", "template": "caption_reward", "template_hash": "abc123", "prompt_hash": "p"}

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from capdpo.config import RunConfig
-from capdpo.pipeline import RunPaths
 from capdpo.records import Candidate, EvalSummary, Judgment, Prediction, PreferencePair, QAItem, Video
 from capdpo.report import write_report
+from capdpo.rundir import RunPaths
 
 SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "report_screenshot.png"
 JUDGE = {"judge_backend": "hf", "judge_model": "judge-llm", "template": "caption_reward", "template_hash": "abc123def4567890"}

@@ -10,7 +10,7 @@ import pytest
 from capdpo.config import load_config
 from capdpo.pipeline import Run
 from capdpo.records import PreferencePair
-from capdpo.repro import bootstrap_mean, compare_to, pair_orientation, random_pairs
+from capdpo.repro import bootstrap_mean, compare_to, pair_orientation
 from tests.run_configs import write_config
 
 

@@ -8,18 +8,17 @@ import zlib
 from pathlib import Path
 
 import pytest
+import run_configs
 from PIL import Image
 from typer.testing import CliRunner
 
-from capdpo.cache import CachedLLM, LLMCache
 from capdpo.cli import app
 from capdpo.config import load_config
-from capdpo.judge import CaptionJudge
+from capdpo.judge.judge import CaptionJudge
 from capdpo.llm import Reply
-from capdpo.pipeline import Run, RunPaths
-
-import run_configs
-
+from capdpo.llm.cache import CachedLLM, LLMCache
+from capdpo.pipeline import Run
+from capdpo.rundir import RunPaths
 
 SCRIPTED_JUDGE = {"judge": {"mode": "generate", "llm": {"backend": "openai", "model": "scripted-judge", "batch_size": 8}}}
 

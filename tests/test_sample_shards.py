@@ -15,10 +15,11 @@ from typer.testing import CliRunner
 
 from capdpo.cli import app
 from capdpo.config import FramesConfig, SampleConfig
-from capdpo.pipeline import RunPaths
-from capdpo.policy import VideoPolicy
+from capdpo.models.load import load_policy
 from capdpo.records import Candidate, QAItem, RecordFile, Video
-from capdpo.sample import merge_shards, parse_shard, question_seed, run_sample, shard_file, shard_of
+from capdpo.rundir import RunPaths
+from capdpo.sample import merge_shards, question_seed, run_sample
+from capdpo.shards import parse_shard, shard_file, shard_of
 
 
 def write_run(root: Path, policy_dir: Path, cache_dir: Path, videos: int = 3, questions: int = 3) -> Path:
@@ -128,7 +129,7 @@ def test_vllm_backend_builds_multimodal_requests(tmp_path, tiny_policy_dir, cach
     monkeypatch.setitem(sys.modules, "vllm", fake)
     write_run(tmp_path, tiny_policy_dir, cache_dir, videos=2, questions=3)
     paths = RunPaths(tmp_path)
-    policy = VideoPolicy.load(str(tiny_policy_dir), cache_dir, weights=False)
+    policy = load_policy(str(tiny_policy_dir), cache_dir, weights=False)
     cfg = SampleConfig(backend="vllm", n=3, batch_size=4, max_new_tokens=7, temperature=0.9, top_p=0.8, seed=5)
     run_sample(paths.videos, paths.qa, paths.candidates, policy, cfg, FramesConfig(num_frames=4))
 
@@ -148,7 +149,7 @@ def test_vllm_backend_builds_multimodal_requests(tmp_path, tiny_policy_dir, cach
 def test_over_budget_videos_are_named_or_reduced(tmp_path, tiny_policy_dir, cache_dir):
     write_run(tmp_path, tiny_policy_dir, cache_dir, videos=1, questions=2)
     paths = RunPaths(tmp_path)
-    policy = VideoPolicy.load(str(tiny_policy_dir), cache_dir, device="cpu")
+    policy = load_policy(str(tiny_policy_dir), cache_dir, device="cpu")
     layout = policy.layout(4, 48, 64)
     policy.max_tokens = max(len(policy.prompt_ids(q.question, layout)) for q in paths.qa.read()) + 4 - 1  # 1 token short
     cfg = SampleConfig(n=2, max_new_tokens=4)
@@ -164,7 +165,8 @@ def test_over_budget_videos_are_named_or_reduced(tmp_path, tiny_policy_dir, cach
 def test_frame_times_come_from_the_clip(tmp_path, shared_data):
     """Qwen models get the real time of each sampled frame: from the stream's rate, or the frame
     folder's marker (capdpo frames), else frames.fps."""
-    from capdpo.frames import count_frames, extract_frame_folder, frame_rate
+    from capdpo.frames import extract_frame_folder
+    from capdpo.media.frames import count_frames, frame_rate
 
     clip = sorted((shared_data / "videos").glob("*.mp4"))[0]
     rate = frame_rate(clip)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from test_families import DEVICE, FAMILIES, build, encode
 
-from capdpo.policy import PairLogprobs, VideoPolicy
+from capdpo.models.load import load_policy
+from capdpo.policy.base import PairLogprobs, VideoPolicy
 
 ATOL = 1e-4  # float32 on CAPDPO_TEST_DEVICE (cpu, or cuda in the GPU check)
 
@@ -18,13 +19,13 @@ ATOL = 1e-4  # float32 on CAPDPO_TEST_DEVICE (cpu, or cuda in the GPU check)
 @pytest.fixture(scope="module", params=FAMILIES)
 def policy(request, tmp_path_factory, smollm2, cache_dir) -> VideoPolicy:
     path = build(request.param, tmp_path_factory.mktemp(request.param), smollm2)
-    return VideoPolicy.load(str(path), cache_dir, device=DEVICE, dtype="float32", processor="capdpo")
+    return load_policy(str(path), cache_dir, device=DEVICE, dtype="float32", processor="capdpo")
 
 
 @pytest.fixture(scope="module")
 def tiny_policy(tiny_policy_dir, cache_dir) -> VideoPolicy:
     """The training path's model: LLaVA-NeXT-Video with a DINOv2 tower."""
-    return VideoPolicy.load(str(tiny_policy_dir), cache_dir, device=DEVICE, dtype="float32")
+    return load_policy(str(tiny_policy_dir), cache_dir, device=DEVICE, dtype="float32")
 
 
 def pairs(policy: VideoPolicy) -> dict:
@@ -94,7 +95,7 @@ def test_a_pair_does_not_depend_on_its_batch(policy):
 
 
 def test_eager_attention_takes_the_additive_mask(tiny_policy_dir, cache_dir):
-    eager = VideoPolicy.load(str(tiny_policy_dir), cache_dir, device=DEVICE, dtype="float32", attn_implementation="eager")
+    eager = load_policy(str(tiny_policy_dir), cache_dir, device=DEVICE, dtype="float32", attn_implementation="eager")
     batch = pairs(eager)
     assert eager.shares_prompt_prefix
     with torch.no_grad():
@@ -112,7 +113,7 @@ def test_without_a_4d_mask_attention_it_runs_two_rows(tiny_policy, monkeypatch, 
         reference = two_rows(tiny_policy, **batch)
     # CPU has no flash attention to load: only the switch says the mask cannot be used
     monkeypatch.setattr(type(tiny_policy), "shares_prompt_prefix", property(lambda self: False))
-    with caplog.at_level(logging.INFO, logger="capdpo.policy"), torch.no_grad():
+    with caplog.at_level(logging.INFO, logger="capdpo.policy.base"), torch.no_grad():
         fallback = tiny_policy.pair_logps(**batch)
         tiny_policy.pair_logps(**batch)
     assert sum("two rows" in r.message for r in caplog.records) == 1  # logged once

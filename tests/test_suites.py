@@ -13,7 +13,7 @@ from PIL import Image
 
 from capdpo.config import JudgeConfig, LLMConfig
 from capdpo.evaluate import accuracy_of, format_summary, summarize
-from capdpo.judge import CaptionJudge
+from capdpo.judge.judge import CaptionJudge
 from capdpo.llm import Reply
 from capdpo.records import Judgment, RecordError
 from capdpo.suites import SUITES, MissingMediaError, load_suite, resolve_video

@@ -9,8 +9,8 @@ import av
 import numpy as np
 import pytest
 
-from capdpo.frames import sample_frames, sample_indices
 from capdpo.media import synthetic
+from capdpo.media.frames import sample_frames, sample_indices
 from capdpo.media.synthetic import (
     BACKGROUNDS,
     PALETTE,

@@ -13,11 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 import capdpo.train as train
-from capdpo.embed_cache import EmbeddingCache
 from capdpo.config import FramesConfig, TrainConfig
 from capdpo.media.synthetic import make_synthetic_dataset
-from capdpo.policy import VideoPolicy
-from capdpo.records import PreferencePair, RecordFile, ReferenceLogps, Video
+from capdpo.models.load import load_policy
+from capdpo.policy.base import VideoPolicy
+from capdpo.policy.embed_cache import EmbeddingCache
+from capdpo.records import PreferencePair, RecordFile, Video
 
 FRAMES = FramesConfig(num_frames=4)
 
@@ -44,7 +45,7 @@ def pair_files(tmp_path_factory):
 def train_once(pair_files, policy_dir, cache_dir, out: Path, **overrides) -> Path:
     pairs, videos = pair_files
     cfg = TrainConfig(**{"epochs": 2, "batch_size": 2, "lr": 1e-3, "lora": False, "save_every": 1, **overrides})
-    policy = VideoPolicy.load(str(policy_dir), cache_dir, "cpu", "float32")
+    policy = load_policy(str(policy_dir), cache_dir, "cpu", "float32")
     return train.run_train(pairs, videos, policy, cfg, FRAMES, out, embed_cache=EmbeddingCache(out / "cache") if cfg.embedding_cache else None)
 
 
@@ -105,7 +106,7 @@ def test_embeddings_are_encoded_once_across_runs(pair_files, tiny_policy_dir, ca
     cache = tmp_path / "shared-cache"
     pairs, videos = pair_files
     for out in ("first", "second"):
-        policy = VideoPolicy.load(str(tiny_policy_dir), cache_dir, "cpu", "float32")
+        policy = load_policy(str(tiny_policy_dir), cache_dir, "cpu", "float32")
         train.run_train(pairs, videos, policy, TrainConfig(epochs=2, batch_size=2, lora=False, save_every=0),
                         FRAMES, tmp_path / out, embed_cache=EmbeddingCache(cache))
     assert len(encodes) == 3, "each of the 3 videos is encoded once, for both runs, every epoch and the reference"

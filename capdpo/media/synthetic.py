@@ -21,7 +21,7 @@ from pathlib import Path
 import av
 from PIL import Image, ImageDraw
 
-from capdpo.frames import sample_indices
+from capdpo.media.frames import sample_indices
 from capdpo.records import Video, write_jsonl
 
 PALETTE: dict[str, tuple[int, int, int]] = {

@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from capdpo.adapters.llava import LlavaNextVideoPolicy
-from capdpo.frames import sample_frames
-from capdpo.models.packaged import cached_build, dinov2_small, smollm2_dir
-from capdpo.policy import VIDEO_TOKEN, VisionSpec
+from capdpo.media.frames import sample_frames
+from capdpo.packaged import cached_build, dinov2_small, smollm2_dir
+from capdpo.policy.base import VIDEO_TOKEN, VisionSpec
+from capdpo.policy.llava import LlavaNextVideoPolicy
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,13 @@ SFT_EPOCHS = 1
 
 def assemble_mini(cache_dir: Path) -> LlavaNextVideoPolicy:
     """Pretrained DINOv2 and SmolLM2 joined by a random projector (not yet aligned)."""
-    from transformers import (AutoTokenizer, Dinov2Model, LlamaForCausalLM, LlavaNextVideoConfig,
-                              LlavaNextVideoForConditionalGeneration)
+    from transformers import (
+        AutoTokenizer,
+        Dinov2Model,
+        LlamaForCausalLM,
+        LlavaNextVideoConfig,
+        LlavaNextVideoForConditionalGeneration,
+    )
 
     llm_dir, vit_dir = smollm2_dir(cache_dir), dinov2_small(cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(llm_dir)
@@ -63,7 +68,7 @@ def assemble_mini(cache_dir: Path) -> LlavaNextVideoPolicy:
 
 def _sft_data(cache_dir: Path):
     from capdpo.media.synthetic import make_synthetic_dataset
-    from capdpo.sft import SFTExample
+    from capdpo.models.sft import SFTExample
 
     clips = make_synthetic_dataset(cache_dir / "mini-sft-clips", SFT_VIDEOS, SFT_SEED)
     examples = []
@@ -74,7 +79,7 @@ def _sft_data(cache_dir: Path):
 
 
 def _build(out: Path, cache_dir: Path) -> None:
-    from capdpo.sft import supervised_finetune
+    from capdpo.models.sft import supervised_finetune
 
     policy = assemble_mini(cache_dir)
     clips, examples = _sft_data(cache_dir)

@@ -15,7 +15,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from capdpo.policy import VideoInputs, VideoPolicy
+from capdpo.policy.base import VideoInputs, VideoPolicy
 
 
 @dataclass(frozen=True)

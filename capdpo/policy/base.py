@@ -1,7 +1,7 @@
 """The video LMM behind ``sample``, ``train`` and ``evaluate``: one interface over several families.
 
 ``VideoPolicy.load`` reads the checkpoint's ``config.model_type`` and returns that family's adapter
-(``capdpo.adapters``: LLaVA-NeXT-Video and the built-in mini model, Video-LLaVA, LLaVA-OneVision,
+(``capdpo.models.load``: LLaVA-NeXT-Video and the built-in mini model, Video-LLaVA, LLaVA-OneVision,
 Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Every adapter offers the same operations:
 
     policy = VideoPolicy.load("Qwen/Qwen2-VL-7B-Instruct", cache_dir, dtype="bfloat16")
@@ -27,17 +27,13 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from jinja2 import TemplateError
 from PIL import Image
 
-from capdpo.config import BUILTIN_POLICY
 from capdpo.errors import OverBudgetError
-
-if TYPE_CHECKING:
-    from capdpo.config import PolicyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -159,27 +155,8 @@ class ModelParts:
         return rf"({prefixes})\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def checkpoint_dir(model: str, cache_dir: str | Path) -> Path:
-    """Local folder of a policy: the built-in mini model (built on first use), a path, or a hub id."""
-    if model == BUILTIN_POLICY:
-        from capdpo.models.mini import mini_model_dir
-
-        return mini_model_dir(Path(cache_dir))
-    if Path(model).exists():
-        return Path(model)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(model))
-
-
 class VideoPolicy:
-    """A video LMM behind one interface; subclasses in ``capdpo.adapters`` hold what differs per family.
+    """A video LMM behind one interface; subclasses in ``capdpo.models.load`` hold what differs per family.
 
     A subclass sets ``model_class`` and implements ``read_spec``, ``layout``, ``sized_frames``,
     ``_pixels``, ``_encode``, ``_video_outputs`` and ``parts``; Qwen models add position inputs
@@ -209,41 +186,6 @@ class VideoPolicy:
             tokenizer.pad_token = tokenizer.eos_token
         if tokenizer.chat_template is None:
             tokenizer.chat_template = checkpoint_chat_template(path) or self.fallback_template
-
-    # -- loading ------------------------------------------------------------------------------
-    @classmethod
-    def load(cls, model: str, cache_dir: str | Path, device: str = "auto", dtype: str = "auto", *,
-             attn_implementation: str | None = None, device_map: str | None = None, max_tokens: int | None = None,
-             processor: str = "auto", weights: bool = True) -> VideoPolicy:
-        """The adapter of ``config.model_type`` around a local checkpoint, hub id or builtin:mini.
-        ``weights=False`` loads tokenizer, config and preprocessing only (the vLLM backend runs
-        the weights itself)."""
-        import transformers
-        from transformers import AutoConfig, AutoTokenizer
-
-        from capdpo.adapters import adapter_class
-        from capdpo.llm import resolve_device
-
-        path = checkpoint_dir(model, cache_dir)
-        config = AutoConfig.from_pretrained(path)
-        adapter = adapter_class(config.model_type)
-        net = None
-        if weights:
-            dev = resolve_device(device)
-            kwargs = {"dtype": pick_dtype(dtype, dev)}
-            if attn_implementation:
-                kwargs["attn_implementation"] = attn_implementation
-            if device_map:
-                kwargs["device_map"] = device_map
-            net = getattr(transformers, adapter.model_class).from_pretrained(path, **kwargs)
-            net = (net if device_map else net.to(dev)).eval()
-        return adapter(net, AutoTokenizer.from_pretrained(path), adapter.read_spec(path, config), model, config=config,
-                       path=path, max_tokens=max_tokens, processor=processor)
-
-    @classmethod
-    def from_config(cls, cfg: PolicyConfig, cache_dir: str | Path, **kwargs) -> VideoPolicy:
-        return cls.load(cfg.model, cache_dir, cfg.device, cfg.dtype, attn_implementation=cfg.attn_implementation,
-                        device_map=cfg.device_map, max_tokens=cfg.max_tokens, processor=cfg.processor, **kwargs)
 
     @classmethod
     def read_spec(cls, path: Path, config):

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from capdpo.policy import EncodedVideo, ModelParts, VideoLayout, VideoPolicy, VisionSpec
+from capdpo.policy.base import EncodedVideo, ModelParts, VideoLayout, VideoPolicy, VisionSpec
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")

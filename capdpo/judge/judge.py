@@ -33,11 +33,10 @@ from tqdm import tqdm
 
 from capdpo.config import JudgeConfig
 from capdpo.errors import BudgetExceeded
-from capdpo.frames import FrameError, sample_frames
 from capdpo.llm import HFChatLLM, Reply, load_llm
+from capdpo.media.frames import FrameError, sample_frames
 from capdpo.prompts import Template, load_template, short_hash
 from capdpo.records import Candidate, Judgment, QAItem, RecordFile, Video
-
 
 SCORE_RANGE = (1, 5)
 REASK = ("\n\nYour previous reply was:\n{reply}\n\nIt did not end with a valid score. "

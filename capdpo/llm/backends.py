@@ -10,7 +10,6 @@ Three backends share one small interface, ``chat(prompts, ...) -> replies``:
 - ``VLLMChatLLM``: an offline vLLM engine in process (GPU nodes; vLLM is optional).
 
 A backend that gives up on a prompt returns a ``Reply`` with ``error`` set instead of raising.
-``load_llm(..., cache_path=...)`` adds a persistent reply cache (:mod:`capdpo.cache`).
 """
 
 from __future__ import annotations
@@ -26,14 +25,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-from capdpo.config import BUILTIN_LLM, LLMConfig
-
-if TYPE_CHECKING:
-    from capdpo.cache import CachedLLM
+from capdpo.config import BUILTIN_LLM
+from capdpo.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +45,6 @@ class Reply:
     error: str | None = None
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class HFChatLLM:
     """A local chat model; ``chat`` is batched greedy or sampled generation."""
 
@@ -64,7 +54,7 @@ class HFChatLLM:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if model == BUILTIN_LLM:
-            from capdpo.models.packaged import smollm2_dir
+            from capdpo.packaged import smollm2_dir
 
             path = smollm2_dir(Path(cache_dir))
         else:
@@ -361,7 +351,7 @@ class VLLMChatLLM:
         self._vllm = vllm
         self.model_id = model
         if model == BUILTIN_LLM:
-            from capdpo.models.packaged import smollm2_dir
+            from capdpo.packaged import smollm2_dir
 
             path = smollm2_dir(Path(cache_dir))
         else:
@@ -385,23 +375,3 @@ class VLLMChatLLM:
 
 
 ChatLLM = HFChatLLM | OpenAIChatLLM | VLLMChatLLM
-
-
-def load_llm(cfg: LLMConfig, cache_dir: str | Path, cache_path: Path | None = None) -> ChatLLM | CachedLLM:
-    """The configured backend; with ``cache_path``, wrapped in a :class:`~capdpo.cache.CachedLLM`
-    keeping its replies in that SQLite file."""
-    llm = _load_backend(cfg, cache_dir)
-    if cache_path is None:
-        return llm
-    from capdpo.cache import CachedLLM, LLMCache  # imported here: capdpo.cache imports this module
-
-    return CachedLLM(llm, LLMCache(cache_path))
-
-
-def _load_backend(cfg: LLMConfig, cache_dir: str | Path) -> ChatLLM:
-    if cfg.backend == "openai":
-        return OpenAIChatLLM(cfg.model, cfg.base_url, cfg.api_key_env, cfg.timeout_s, concurrency=cfg.concurrency,
-                             max_tries=cfg.max_tries, backoff_base_s=cfg.backoff_base_s, backoff_max_s=cfg.backoff_max_s)
-    if cfg.backend == "vllm":
-        return VLLMChatLLM(cfg.model, cache_dir)
-    return HFChatLLM(cfg.model, cache_dir, cfg.device, cfg.batch_size)

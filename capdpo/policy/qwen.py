@@ -25,8 +25,7 @@ import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from capdpo.adapters.llava import CHATML, normalise
-from capdpo.policy import (
+from capdpo.policy.base import (
     CLIP_MEAN,
     CLIP_STD,
     DEFAULT_FPS,
@@ -38,6 +37,7 @@ from capdpo.policy import (
     read_processor_config,
     spec_from_dict,
 )
+from capdpo.policy.llava import CHATML, normalise
 
 
 @dataclass(frozen=True)

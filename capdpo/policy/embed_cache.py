@@ -43,35 +43,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from capdpo.config import FramesConfig
-from capdpo.frames import list_frame_files
-from capdpo.policy import EncodedVideo, VideoLayout, VideoPolicy, read_processor_config, spec_from_dict
+from capdpo.hashing import file_hash, sha256_json
+from capdpo.media.frames import list_frame_files
+from capdpo.policy.base import EncodedVideo, VideoLayout, VideoPolicy, read_processor_config, spec_from_dict
+from capdpo.policy.video import plan_video
 from capdpo.records import Video
-from capdpo.sample import plan_video
 
 log = logging.getLogger("capdpo")
 
 ENTRY_FORMAT = "1"  # bump when the entry layout changes: old entries then simply miss
 
-_file_hashes: dict[tuple[str, int, int], str] = {}
 _weight_hashes: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, ...] | None, str]] = weakref.WeakKeyDictionary()
-
-
-def sha256_json(value) -> str:
-    """sha256 hex of a canonical JSON of ``value``."""
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def file_hash(path: Path) -> str:
-    """sha256 of a file's bytes, streamed; memoised per (path, size, mtime_ns)."""
-    st = path.stat()
-    memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if memo_key not in _file_hashes:
-        h = hashlib.sha256()
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        _file_hashes[memo_key] = h.hexdigest()
-    return _file_hashes[memo_key]
 
 
 def content_hash(video_path: str | os.PathLike) -> str:

@@ -15,7 +15,6 @@ the same request at once harmless (the replies are interchangeable).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sqlite3
@@ -26,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from capdpo.llm import Reply
+from capdpo.hashing import sha256_json
+from capdpo.llm.backends import Reply
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS replies (
     key TEXT PRIMARY KEY,          -- sha256 of the canonical request
@@ -48,9 +48,7 @@ T = TypeVar("T")
 def request_key(backend: str, model: str, kind: str, prompt: str | list[dict], params: dict) -> str:
     """sha256 of the canonical JSON of one request (``prompt``: the rendered text, or the whole
     conversation for ``chat_messages``): equal requests, equal keys, across runs."""
-    canonical = json.dumps({"backend": backend, "model": model, "kind": kind, "prompt": prompt, "params": params},
-                           sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return sha256_json({"backend": backend, "model": model, "kind": kind, "prompt": prompt, "params": params})
 
 
 @dataclass(frozen=True)

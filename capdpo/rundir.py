@@ -1,0 +1,99 @@
+"""The run folder: where each stage's output lives, for a run and for each of its rounds.
+
+Round 1 fills the run folder itself; round k >= 2 fills ``round-k/`` with its own candidates,
+judgments, pairs, train/ and eval/, reading videos, QA and frames from the run folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from capdpo.records import Candidate, EvalSummary, Judgment, Prediction, PreferencePair, QAItem, RecordFile, ReferenceLogps, Video
+from capdpo.suites import HELD_OUT
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where each stage's output lives inside a run folder, or inside one of its rounds
+    (``base``: the run folder of a round-k folder; the data stages' files live there)."""
+
+    root: Path
+    base: Path | None = None
+
+    @property
+    def top(self) -> Path:
+        """The run folder itself (``root`` unless this is a round-k folder)."""
+        return self.base or self.root
+
+    @property
+    def round_number(self) -> int:
+        return int(self.root.name.removeprefix("round-")) if self.base else 1
+
+    def round(self, k: int) -> RunPaths:
+        """Round ``k``'s paths: the run folder for round 1, ``round-k/`` after."""
+        return RunPaths(self.top) if k == 1 else RunPaths(self.top / f"round-{k}", self.top)
+
+    def rounds(self) -> list[RunPaths]:
+        """Round 1 and every round-k folder on disk, in order."""
+        found = sorted(int(d.name.removeprefix("round-")) for d in self.top.glob("round-*")
+                       if d.is_dir() and d.name.removeprefix("round-").isdigit())
+        return [self.round(1)] + [self.round(k) for k in found if k >= 2]
+
+    @property
+    def videos(self) -> RecordFile[Video]:
+        return RecordFile(self.top / "videos.jsonl", Video)
+
+    @property
+    def qa_given(self) -> RecordFile[QAItem]:
+        return RecordFile(self.top / "qa_given.jsonl", QAItem)
+
+    @property
+    def qa(self) -> RecordFile[QAItem]:
+        return RecordFile(self.top / "qa.jsonl", QAItem)
+
+    @property
+    def candidates(self) -> RecordFile[Candidate]:
+        return RecordFile(self.root / "candidates.jsonl", Candidate)
+
+    @property
+    def judgments(self) -> RecordFile[Judgment]:
+        return RecordFile(self.root / "judgments.jsonl", Judgment)
+
+    @property
+    def pairs(self) -> RecordFile[PreferencePair]:
+        return RecordFile(self.root / "pairs.jsonl", PreferencePair)
+
+    @property
+    def reference(self) -> RecordFile[ReferenceLogps]:
+        """The reference log-probs of the round's pairs (`capdpo reference`), read by ``train``."""
+        return RecordFile(self.train / "reference.jsonl", ReferenceLogps)
+
+    def eval_dir(self, dataset: str = HELD_OUT) -> Path:
+        """``eval/`` for the held-out questions, ``eval/<suite>/`` for a benchmark suite."""
+        return self.root / "eval" if dataset == HELD_OUT else self.root / "eval" / dataset
+
+    def predictions(self, tag: str, dataset: str = HELD_OUT) -> RecordFile[Prediction]:
+        return RecordFile(self.eval_dir(dataset) / f"{tag}_predictions.jsonl", Prediction)
+
+    def eval_judgments(self, tag: str, dataset: str = HELD_OUT) -> RecordFile[Judgment]:
+        return RecordFile(self.eval_dir(dataset) / f"{tag}_judgments.jsonl", Judgment)
+
+    def suite_videos(self, dataset: str) -> RecordFile[Video]:
+        """A suite's videos and questions as evaluated (found media only), kept for the report."""
+        return RecordFile(self.eval_dir(dataset) / "videos.jsonl", Video)
+
+    def suite_questions(self, dataset: str) -> RecordFile[QAItem]:
+        return RecordFile(self.eval_dir(dataset) / "questions.jsonl", QAItem)
+
+    @property
+    def eval_summary(self) -> RecordFile[EvalSummary]:
+        return RecordFile(self.root / "eval" / "summary.jsonl", EvalSummary)
+
+    frames = property(lambda self: self.top / "frames")
+    media = property(lambda self: self.top / "media")
+    train = property(lambda self: self.root / "train")
+    report = property(lambda self: self.top / "report.html")
+    config = property(lambda self: self.top / "config.yaml")
+    agreement = property(lambda self: self.top / "agreement.json")
+    llm_cache = property(lambda self: self.top / "llm_cache.sqlite")  # one reply cache for every round
