@@ -56,6 +56,7 @@ class JudgeItem:
 
 
 def truncate_words(text: str, max_words: int) -> str:
+    """``text`` cut to its first ``max_words`` words (untouched, whitespace and all, when shorter)."""
     words = text.split()
     return text if len(words) <= max_words else " ".join(words[:max_words])
 
@@ -88,7 +89,6 @@ def caption_messages(video: str | Path, num_frames: int = 8, size: int | None = 
 
 
 # -- the judge -------------------------------------------------------------------------------
-
 
 @dataclass(frozen=True)
 class JudgeLLM:
