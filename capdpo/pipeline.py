@@ -34,7 +34,6 @@ class Run:
         self.paths = RunPaths(Path(cfg.run_dir))  # round 1's; enter_round moves the round stages elsewhere
         self.paths.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.paths.config)
-        self._eval_judges: dict[str, object] = {}
 
     def enter_round(self, k: int) -> None:
         """Point the round stages (sample .. evaluate) at round ``k``'s folder."""
@@ -70,32 +69,9 @@ class Run:
         cache = self.paths.llm_cache if self.cfg.judge.cache else None
         return CaptionJudge(self.cfg.judge, self.cfg.cache_dir, reply_cache=cache)
 
-    @property
-    def judge_batch(self) -> int:
-        """Items per judge call: a remote backend needs at least ``concurrency`` to keep that
-        many requests in flight."""
-        llm = self.cfg.judge.llm
-        return max(llm.batch_size, llm.concurrency) if llm.backend == "openai" else llm.batch_size
-
     def eval_judge(self, protocol: str):
-        """The evaluation judge for ``protocol``: the configured judge, with the protocol's own
-        template when the suite's protocol differs from ``judge.protocol``. It shares the stage
-        judge's LLM - loaded once, behind the run's reply cache when ``judge.cache`` is on - so
-        judging the same predictions again sends nothing."""
-        from capdpo.judge.judge import CaptionJudge
-
-        if protocol not in self._eval_judges:
-            cfg = self.cfg.judge
-            if protocol != cfg.protocol:
-                if protocol != "caption_reward" and cfg.mode != "generate":
-                    raise ValueError(f"protocol {protocol} is judged from a free reply, but judge.mode={cfg.mode}; "
-                                     "evaluate this suite with --set judge.mode=generate")
-                cfg = cfg.model_copy(update={"protocol": protocol, "template": None})
-            members = [jl.llm for jl in self.judge.judges[1:]]
-            judge = CaptionJudge(cfg, self.cfg.cache_dir, llm=self.judge.llm, members=members)
-            judge.budget = self.judge.budget  # one spend, one set of ceilings for everything judged in this process
-            self._eval_judges[protocol] = judge
-        return self._eval_judges[protocol]
+        """The evaluation judge for ``protocol``: the run's judge, sharing its LLMs and budget."""
+        return self.judge.for_protocol(protocol)
 
     # -- stages -----------------------------------------------------------------------------
     def data(self) -> None:
@@ -135,13 +111,12 @@ class Run:
 
     def judge_candidates(self, retry_failed: bool = False, dry_run: bool = False) -> dict | None:
         """The judge stage; ``dry_run`` returns the request/token/cost estimate and sends nothing."""
-        from capdpo.judge.judge import candidate_items, estimate, judge_items
+        from capdpo.judge.stage import dry_run_judge, run_judge
 
-        items = list(candidate_items(self.paths.videos.by_id(), self.paths.qa.by_id(), self.paths.candidates.read()))
+        files = (self.paths.videos, self.paths.qa, self.paths.candidates, self.paths.judgments)
         if dry_run:
-            done = self.paths.judgments.ids()
-            return estimate(self.judge, [it for it in items if it.target_id not in done])
-        done = judge_items(self.judge, items, self.paths.judgments, batch_size=self.judge_batch, retry_failed=retry_failed)
+            return dry_run_judge(*files, self.judge)
+        done = run_judge(*files, self.judge, retry_failed=retry_failed)
         failed = sum(j.failure is not None for j in done)
         log.info("judge: %d judged, %d failed (kept with their reason)", len(done) - failed, failed)
         return None

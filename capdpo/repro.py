@@ -123,7 +123,8 @@ def sft_start(run) -> Path:
 def claim1_agreement(run) -> dict:
     """Score the sampled answers with the oracle, the judge without the caption and MiniLM similarity;
     compare each scorer (and the caption judge) with the oracle."""
-    from capdpo.judge.judge import CaptionJudge, candidate_items, judge_items
+    from capdpo.judge.judge import CaptionJudge, judge_items
+    from capdpo.judge.stage import candidate_items
     from capdpo.oracle import load_answers, oracle_scores
     from capdpo.similarity import MiniLM, similarity_scores
 
@@ -139,7 +140,7 @@ def claim1_agreement(run) -> dict:
                               llm=run.judge.llm)
     items = list(candidate_items(run.paths.videos.by_id(), questions, run.paths.candidates.read()))
     judge_items(no_caption, items, RecordFile(top / SCORERS["judge without caption"], Judgment),
-                batch_size=run.judge_batch, desc="claim 1: judge without caption")
+                desc="claim 1: judge without caption")
     similarity_path = top / SCORERS["MiniLM similarity"]
     if not similarity_path.exists():
         similarity_scores(answers, questions, MiniLM(device="cpu")).write(similarity_path)
