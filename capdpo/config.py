@@ -15,6 +15,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from capdpo.records import atomic_write_text
+
 BUILTIN_POLICY = "builtin:mini"
 BUILTIN_LLM = "builtin:smollm2"
 
@@ -249,8 +251,7 @@ def _apply_override(raw: dict, item: str) -> None:
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def describe(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
