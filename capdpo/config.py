@@ -200,7 +200,7 @@ class RunConfig(Section):
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    repro: ReproConfig | None = Field(None, description="With this section `capdpo run` runs the miniature reproduction (capdpo.repro) instead of the plain pipeline.")
+    repro: ReproConfig | None = Field(None, description="The miniature reproduction (`capdpo repro CONFIG`, capdpo.repro); with this section `capdpo run` runs it instead of the plain pipeline.")
 
 
 class ConfigError(ValueError):

@@ -230,13 +230,7 @@ class Run:
         return write_report(self.paths, self.cfg)
 
     def run_all(self) -> None:
-        """Every stage in order, the round stages ``rounds`` times; each skips what is already done.
-        A config with a ``repro`` section runs the miniature reproduction instead (capdpo.repro)."""
-        if self.cfg.repro is not None:
-            from capdpo.repro import run_repro
-
-            log.info("mini reproduction: %s", run_repro(self))
-            return
+        """Every stage in order, the round stages ``rounds`` times; each skips what is already done."""
         self.data()
         self.frames()
         self.qa()
