@@ -212,8 +212,6 @@ class EvaluateConfig(Section):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:  # one eval/<suite>/ folder and one summary id per suite: the second would overwrite the first
             raise ValueError(f"evaluate.suites: {twice} listed more than once")
-        if "held-out" in names:
-            raise ValueError("evaluate.suites: 'held-out' names the run's own test split, not a suite")
         return self
 
 

@@ -224,6 +224,10 @@ class RecordFile(Generic[R]):
             for r in records:
                 f.write(r.model_dump_json() + "\n")
 
+    def upsert(self, record: R) -> None:
+        """Replace the record of the same id, or add it (atomically, as :meth:`write`)."""
+        self.write([r for r in self.read() if r.id != record.id] + [record])
+
     def _drop_partial_tail(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
             return

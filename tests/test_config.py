@@ -150,7 +150,6 @@ def test_describe_covers_every_leaf_with_a_description():
     (["judge.ensemble=[{model: builtin:smollm2}]"], "judge.ensemble", "repeats a judge"),
     (["judge.max_cost_usd=1", "judge.price_per_million={other: [1, 2]}"], "judge.max_cost_usd", "price_per_million for ['builtin:smollm2']"),
     (["evaluate.suites=[{name: msvd_qa, data: a}, {name: msvd_qa, data: b}]"], "evaluate.suites", "more than once"),
-    (["evaluate.suites=[{name: held-out, data: a}]"], "evaluate.suites", "not a suite"),
     (["repro={}"], "data.synthetic_videos", "needs synthetic clips"),
     (["repro={}", "data.synthetic_videos=4", "rounds=2"], "rounds", "rounds must be 1"),
 ])
