@@ -19,7 +19,7 @@ from functools import cached_property
 from pathlib import Path
 
 from capdpo.config import RunConfig, SuiteConfig, save_config
-from capdpo.records import EvalSummary, write_jsonl
+from capdpo.records import EvalSummary
 from capdpo.rundir import RunPaths
 from capdpo.suites import HELD_OUT
 
@@ -122,14 +122,12 @@ class Run:
         return None
 
     def pairs(self) -> None:
-        from capdpo.formats import paper_dpo_rows, trl_rows
+        from capdpo.formats import write_pair_exports
         from capdpo.pairs import run_pairs
 
         stats = run_pairs(self.paths.videos, self.paths.qa, self.paths.candidates, self.paths.judgments,
                           self.paths.pairs, self.cfg.pairs, judge=self.judge if self.cfg.pairs.pairwise_check else None)
-        pairs = self.paths.pairs.all()
-        write_jsonl(self.paths.root / "pairs_trl.jsonl", trl_rows(pairs))
-        write_jsonl(self.paths.root / "pairs_paper.jsonl", paper_dpo_rows(pairs))
+        write_pair_exports(self.paths.pairs.all(), self.paths.root)
         log.info("pairs: %s", stats)
 
     def reference(self, shard: tuple[int, int] | None = None, recompute: bool = False) -> None:
@@ -154,49 +152,34 @@ class Run:
         """Evaluate the current policy on the run's held-out questions, or on a benchmark suite
         (judged with the suite's protocol); the summary replaces any earlier one of the same id."""
         from capdpo.evaluate import format_summary, run_evaluate
+        from capdpo.suites import load_configured_suite
 
         if suite is None:
-            videos = self.paths.videos.by_id()
-            questions = [q for q in self.paths.qa.read() if q.split == "test"]
-            dataset, protocol, skipped = HELD_OUT, self.cfg.judge.protocol, 0
+            videos, questions, skipped = self.paths.videos.by_id(), [q for q in self.paths.qa.read() if q.split == "test"], 0
+            dataset, protocol = HELD_OUT, self.cfg.judge.protocol
         else:
-            bench = self._load_suite(suite)
+            bench = load_configured_suite(suite, self.paths.suite_videos(suite.name), self.paths.suite_questions(suite.name))
             videos, questions, skipped = bench.videos, bench.questions, bench.skipped
             dataset, protocol = suite.name, bench.suite.protocol
         summary = run_evaluate(tag, videos, questions, self.policy, self.eval_judge(protocol),
                                self.paths.predictions(tag, dataset), self.paths.eval_judgments(tag, dataset),
                                self.cfg.evaluate, self.cfg.frames, dataset=dataset, round_=self.paths.round_number,
                                skipped=skipped, fail_fast=self.cfg.fail_fast)
-        others = [s for s in self.paths.eval_summary.read() if s.id != summary.id]
-        self.paths.eval_summary.write(others + [summary])
+        self.paths.eval_summary.upsert(summary)
         log.info("evaluate: %s", format_summary(summary))
         return summary
-
-    def _load_suite(self, suite: SuiteConfig):
-        """A suite's found videos and questions, also saved in the round's eval/<suite>/ for the report."""
-        from capdpo.suites import load_suite
-
-        bench = load_suite(suite.name, suite.data, video_root=suite.video_root, captions=suite.captions,
-                           skip_missing=suite.skip_missing, max_questions=suite.max_questions)
-        if bench.skipped:
-            log.warning("evaluate %s: %d question(s) skipped, their video or caption is missing", suite.name, bench.skipped)
-        self.paths.suite_videos(suite.name).write(bench.videos.values())
-        self.paths.suite_questions(suite.name).write(bench.questions)
-        return bench
 
     def evaluate_all(self, tag: str) -> list[EvalSummary]:
         """The held-out questions, then every suite of ``evaluate.suites``."""
         return [self.evaluate(tag)] + [self.evaluate(tag, suite) for suite in self.cfg.evaluate.suites]
 
     def train(self) -> Path:
-        from capdpo.models.load import policy_from_config
         from capdpo.train import run_train
 
         out = run_train(self.paths.pairs, self.paths.videos, self.policy, self.cfg.train, self.cfg.frames,
                         self.paths.train, embed_cache=self.embedding_cache, reference_file=self.paths.reference,
                         fail_fast=self.cfg.fail_fast)
-        # the next stages use the trained checkpoint, loaded as any user checkpoint would be
-        self.__dict__["policy"] = policy_from_config(self.cfg.policy.model_copy(update={"model": str(out)}), self.cfg.cache_dir)
+        self.use_policy(str(out))  # the next stages use the trained checkpoint, loaded as any user checkpoint would be
         return out
 
     def report(self) -> Path:
@@ -205,13 +188,7 @@ class Run:
         return write_report(self.paths, self.cfg)
 
     def run_all(self) -> None:
-        """Every stage in order, the round stages ``rounds`` times; each skips what is already done.
-        A config with a ``repro`` section runs the miniature reproduction instead (capdpo.repro)."""
-        if self.cfg.repro is not None:
-            from capdpo.repro import run_repro
-
-            log.info("mini reproduction: %s", run_repro(self))
-            return
+        """Every stage in order, the round stages ``rounds`` times; each skips what is already done."""
         self.data()
         self.frames()
         self.qa()
