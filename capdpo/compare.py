@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from capdpo.records import EvalSummary, Judgment
+from capdpo.rundir import HELD_OUT
 from capdpo.stats import bootstrap_diff, percentile_interval
-from capdpo.suites import HELD_OUT, SUITES, suite_title
+from capdpo.suites import SUITES, suite_title
 
 TAG_ORDER = {"before": 0, "after": 2}  # any other tag sits between them
 MEAN = "mean"  # the mean-accuracy column's key among the datasets of a Comparison's differences

@@ -22,7 +22,7 @@ from capdpo.judge.judge import CaptionJudge, JudgeItem, judge_items
 from capdpo.policy.base import VideoPolicy
 from capdpo.policy.video import encode_video
 from capdpo.records import EvalSummary, Judgment, Prediction, QAItem, RecordFile, Video
-from capdpo.suites import HELD_OUT
+from capdpo.rundir import HELD_OUT
 
 
 def predict(videos: dict[str, Video], questions: list[QAItem], policy: VideoPolicy, out: RecordFile[Prediction],

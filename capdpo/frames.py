@@ -17,8 +17,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from capdpo.config import FramesConfig
-from capdpo.errors import ITEM_ERRORS, ItemErrors
-from capdpo.media.frames import DONE_MARKER, FrameError, check_exists, open_video, read_done_marker
+from capdpo.errors import ITEM_ERRORS, FrameError, ItemErrors
+from capdpo.media.frames import DONE_MARKER, check_exists, open_video, read_done_marker
 from capdpo.records import RecordFile, Video, atomic_dir
 
 

@@ -20,8 +20,7 @@ from pathlib import Path
 
 from capdpo.config import RunConfig, SuiteConfig, save_config
 from capdpo.records import EvalSummary
-from capdpo.rundir import RunPaths
-from capdpo.suites import HELD_OUT
+from capdpo.rundir import HELD_OUT, RunPaths
 
 log = logging.getLogger("capdpo")
 

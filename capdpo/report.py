@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from capdpo.config import RunConfig
-from capdpo.media.frames import FrameError, sample_frames
+from capdpo.errors import FrameError
+from capdpo.media.frames import sample_frames
 from capdpo.records import Judgment, RecordFile, atomic_write_text
-from capdpo.suites import HELD_OUT, SUITES, suite_title
+from capdpo.rundir import HELD_OUT
+from capdpo.suites import SUITES, suite_title
 
 if TYPE_CHECKING:
     from capdpo.agreement import AgreementReport

@@ -32,7 +32,6 @@ VIDEO_TAG = "<video>"
 log = logging.getLogger("capdpo")
 
 SHOW_MISSING = 5  # names listed in a missing-media error; the rest are counted
-HELD_OUT = "held-out"  # the dataset name of a run's own test split (not a suite)
 
 
 @dataclass(frozen=True)

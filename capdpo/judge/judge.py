@@ -27,11 +27,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from capdpo.config import JudgeConfig
-from capdpo.errors import BudgetExceeded
+from capdpo.errors import BudgetExceeded, FrameError
 from capdpo.judge.budget import JudgeBudget, Usage
 from capdpo.judge.parse import PROTOCOLS, Vote, parse_pairwise
 from capdpo.llm import HFChatLLM, Reply, load_llm
-from capdpo.media.frames import FrameError, sample_frames
+from capdpo.media.frames import sample_frames
 from capdpo.prompts import Template, load_template, short_hash
 from capdpo.records import Judgment, QAItem, RecordFile, Video
 
