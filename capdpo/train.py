@@ -88,7 +88,8 @@ def run_train(pairs_file: RecordFile[PreferencePair], videos_file: RecordFile[Vi
     # b. reference log-probs, before any weight moves: the policy as loaded is the reference
     reference_file = reference_file or RecordFile(out_dir / "reference.jsonl", ReferenceLogps)
     reference = prepare_reference(accelerator, policy, cfg, frames, videos, tokenized, reference_file)
-    reference.lora = set_trainable(policy, cfg)  # with LoRA, the reference is the policy with adapters off
+    peft_model = set_trainable(policy, cfg)
+    reference.lora = peft_model  # without precomputed rows, LoRA's reference is the policy with adapters off
     if cfg.gradient_checkpointing:
         policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     optimisation = prepare_optimisation(accelerator, policy, cfg, tokenized)
@@ -101,7 +102,7 @@ def run_train(pairs_file: RecordFile[PreferencePair], videos_file: RecordFile[Vi
     if cfg.report_to:
         accelerator.end_training()
 
-    policy.model = save_policy(accelerator, optimisation.scorer, reference.lora, policy, out_dir)
+    policy.model = save_policy(accelerator, optimisation.scorer, peft_model, policy, out_dir)
     if accelerator.is_main_process:
         shutil.rmtree(checkpoints, ignore_errors=True)
     accelerator.wait_for_everyone()

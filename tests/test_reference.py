@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from capdpo.cli import app
 from capdpo.config import FramesConfig, TrainConfig
 from capdpo.models.load import load_policy
-from capdpo.policy.base import VideoPolicy
 from capdpo.policy import reference_logps
+from capdpo.policy.base import VideoPolicy
 from capdpo.policy.embed_cache import EmbeddingCache
 from capdpo.policy.reference_logps import ReferenceMismatch, load_reference, pair_hash, reference_fingerprint
 from capdpo.policy.video import VideoEncoder
