@@ -30,7 +30,7 @@ demo: models
 
 # the paper's two claims in miniature, with the truth known (README "Miniature reproduction")
 mini-repro: models
-	$(VENV)/bin/capdpo run configs/mini-repro.yaml
+	$(VENV)/bin/capdpo repro configs/mini-repro.yaml
 
 test: setup
 	$(PY) -m pytest -q

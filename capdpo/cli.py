@@ -1,6 +1,7 @@
 """``capdpo``: run the whole pipeline, or any one stage on a run folder.
 
     capdpo run configs/demo.yaml                 # everything, resumable
+    capdpo repro configs/mini-repro.yaml         # the paper's two claims in miniature (docs/mini-repro.md)
     capdpo sample --run-dir runs/demo --set sample.n=8
     capdpo sample --run-dir runs/demo --shard 0/4        # one of 4 machines; then `capdpo sample merge --shards 4`
     capdpo judge --run-dir runs/demo
@@ -61,8 +62,31 @@ def _run(config, run_dir, overrides, fail_fast):
 @app.command()
 def run(config: Annotated[Path, typer.Argument(help="Run config YAML.")], run_dir: RunDirOpt = None,
         set_: SetOpt = None, fail_fast: FailFastOpt = False) -> None:
-    """Run every stage; re-running skips finished work and resumes an interrupted run."""
-    _run(config, run_dir, set_, fail_fast).run_all()
+    """Run every stage; re-running skips finished work and resumes an interrupted run.
+    A config with a ``repro`` section runs the miniature reproduction, as `capdpo repro CONFIG` does."""
+    cfg = _config(config, run_dir, set_, fail_fast)
+    if cfg.repro is not None:
+        _repro(cfg)
+        return
+    from capdpo.pipeline import Run
+
+    _setup_logging()
+    Run(cfg).run_all()
+
+
+@app.command()
+def repro(config: Annotated[Path, typer.Argument(help="Run config YAML with a `repro` section, e.g. configs/mini-repro.yaml.")],
+          run_dir: RunDirOpt = None, set_: SetOpt = None, fail_fast: FailFastOpt = False) -> None:
+    """The paper's two claims in miniature on synthetic clips whose truth is known (docs/mini-repro.md):
+    writes mini-repro.md and mini-repro.json in the run folder; re-running resumes."""
+    _repro(_config(config, run_dir, set_, fail_fast))
+
+
+def _repro(cfg: RunConfig) -> None:
+    from capdpo.repro import run_repro
+
+    _setup_logging()
+    typer.echo(f"mini reproduction: {run_repro(cfg)}")
 
 
 @app.command()

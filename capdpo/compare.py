@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from capdpo.records import EvalSummary, Judgment
-from capdpo.suites import HELD_OUT, SUITES, suite_title
+from capdpo.rundir import HELD_OUT
+from capdpo.stats import bootstrap_diff, percentile_interval
+from capdpo.suites import SUITES, suite_title
 
 TAG_ORDER = {"before": 0, "after": 2}  # any other tag sits between them
 MEAN = "mean"  # the mean-accuracy column's key among the datasets of a Comparison's differences
@@ -94,29 +96,10 @@ class Comparison:
 
 # -- the statistics ---------------------------------------------------------------------------
 
-def bootstrap_diff(base: dict[str, float], other: dict[str, float], rng: np.random.Generator,
-                   resamples: int) -> tuple[np.ndarray, bool] | None:
-    """``resamples`` bootstrap replicates of mean(other) - mean(base), and whether they were
-    paired (both judged the same question ids); None when either side is empty."""
-    if not base or not other:
-        return None
-    if base.keys() == other.keys():
-        ids = sorted(base)
-        a, b = np.array([base[i] for i in ids]), np.array([other[i] for i in ids])
-        idx = rng.integers(0, len(ids), size=(resamples, len(ids)))
-        return b[idx].mean(axis=1) - a[idx].mean(axis=1), True
-    a, b = np.array(list(base.values())), np.array(list(other.values()))
-    ia = rng.integers(0, len(a), size=(resamples, len(a)))
-    ib = rng.integers(0, len(b), size=(resamples, len(b)))
-    return b[ib].mean(axis=1) - a[ia].mean(axis=1), False
-
-
 def _interval(value: float | None, reps: np.ndarray | None, paired: bool | None, level: float) -> Difference:
     if value is None or reps is None:
         return Difference(value)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(reps, [tail, 100 - tail])
-    return Difference(value, float(low), float(high), paired)
+    return Difference(value, *percentile_interval(reps, level), paired)
 
 
 def _rng(seed: int, *names: str) -> np.random.Generator:

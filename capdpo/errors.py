@@ -1,14 +1,18 @@
-"""How a stage treats one bad item (record it and go on, or stop at once with ``--fail-fast``), and
-the errors that stop a stage cleanly (an over-budget judge)."""
+"""The errors of one bad item (a video that cannot be read, a malformed row, an over-budget video), how a
+stage treats them (record and go on, or stop at once with ``--fail-fast``), and the error that stops a
+stage cleanly (an over-budget judge)."""
 
 from __future__ import annotations
 
 import logging
 
-from capdpo.media.frames import FrameError
 from capdpo.records import RecordError
 
 log = logging.getLogger("capdpo")
+
+
+class FrameError(ValueError):
+    """A video or frame folder that cannot be read; the message starts with its path."""
 
 
 class OverBudgetError(ValueError):

@@ -23,7 +23,7 @@ from capdpo.policy.base import VideoPolicy
 from capdpo.policy.embed_cache import EmbeddingCache
 from capdpo.policy.video import VideoEncoder
 from capdpo.records import EvalSummary, Judgment, Prediction, QAItem, RecordFile, Video
-from capdpo.suites import HELD_OUT
+from capdpo.rundir import HELD_OUT
 
 
 def predict(videos: dict[str, Video], questions: list[QAItem], encoder: VideoEncoder, out: RecordFile[Prediction],
@@ -103,11 +103,8 @@ def run_evaluate(tag: str, videos: dict[str, Video], questions: list[QAItem], po
     errors = ItemErrors(f"evaluate {dataset}", fail_fast)
     predict(videos, questions, VideoEncoder(policy, frames, embed_cache), predictions, cfg, errors)
     qa = {q.id: q for q in questions}
-    items = [JudgeItem(p.id, p.qa_id, videos[p.video_id].caption, qa[p.qa_id].question, qa[p.qa_id].answer, p.answer,
-                       videos[p.video_id].video)
-             for p in predictions.read() if p.qa_id in qa]
-    graded = judge_items(judge, items, judgments, batch_size=judge.cfg.llm.batch_size,
-                         desc=f"evaluate: judge ({summary_id(tag, dataset)})")
+    items = [JudgeItem.for_answer(videos[p.video_id], qa[p.qa_id], p.answer, p.id) for p in predictions.read() if p.qa_id in qa]
+    graded = judge_items(judge, items, judgments, desc=f"evaluate: judge ({summary_id(tag, dataset)})")
     model = next((p.model for p in predictions.read()), policy.name)
     return summarize(tag, model, len(questions), graded, judge, cfg.pass_score, dataset=dataset, round_=round_,
                      skipped=skipped)

@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from capdpo.records import PreferencePair, QAItem, RecordError, Video, read_jsonl
+from capdpo.records import PreferencePair, QAItem, RecordError, Video, read_jsonl, write_jsonl
 
 VIDEO_TAG = "<video>"
 DESCRIBE_PROMPT = "Describe the video in detail."
@@ -111,6 +111,12 @@ def paper_dpo_rows(pairs: Iterable[PreferencePair]) -> Iterator[dict]:
     for p in pairs:
         yield {"id": p.id, "prompt": p.prompt, "answer": p.answer, "video": p.video, "chosen": p.chosen,
                "rejected": p.rejected, "chosen_score": p.chosen_score, "rejected_score": p.rejected_score}
+
+
+def write_pair_exports(pairs: list[PreferencePair], out_dir: Path) -> None:
+    """The pairs in TRL's and the paper's row formats, beside the run's pairs.jsonl."""
+    write_jsonl(out_dir / "pairs_trl.jsonl", trl_rows(pairs))
+    write_jsonl(out_dir / "pairs_paper.jsonl", paper_dpo_rows(pairs))
 
 
 def trl_rows(pairs: Iterable[PreferencePair]) -> Iterator[dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from fractions import Fraction
 from pathlib import Path
 
@@ -18,9 +17,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from capdpo.config import FramesConfig
-from capdpo.errors import ITEM_ERRORS, ItemErrors
-from capdpo.media.frames import DONE_MARKER, FrameError, check_exists, open_video, read_done_marker
-from capdpo.records import RecordFile, Video
+from capdpo.errors import ITEM_ERRORS, FrameError, ItemErrors
+from capdpo.media.frames import DONE_MARKER, check_exists, open_video, read_done_marker
+from capdpo.records import RecordFile, Video, atomic_dir
 
 
 def run_frames(videos: RecordFile[Video], out_dir: Path, cfg: FramesConfig, *, fail_fast: bool = False) -> ItemErrors:
@@ -58,17 +57,9 @@ def extract_frame_folder(
     if fps <= 0 or width < 1:
         raise ValueError(f"fps and width must be positive, got fps={fps}, width={width}")
 
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out_dir) as tmp:  # replaces an unfinished or differently-made folder
         count = _write_frames(video_path, tmp, Fraction(fps).limit_denominator(1000), width, quality)
         (tmp / DONE_MARKER).write_text(json.dumps({"frames": count, "settings": settings}))
-        shutil.rmtree(out_dir, ignore_errors=True)  # an unfinished or differently-made folder
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return count
 
 

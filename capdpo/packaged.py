@@ -21,14 +21,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from capdpo.records import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +64,9 @@ def cached_build(cache_dir: Path, name: str, build: Callable[[Path], None]) -> P
     if out.exists():  # only a crash mid-rename or a hand-made dir can leave this; start over
         log.warning("removing incomplete cache dir %s", out)
         shutil.rmtree(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, keep_existing=True) as tmp:  # another process may win the race: its copy is as good as ours
         build(tmp)
         (tmp / MARKER).write_text(json.dumps({"name": name}) + "\n")
-        try:
-            os.rename(tmp, out)
-        except OSError:  # another process won the race; its copy is as good as ours
-            if not (out / MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("converted %s", out)
     return out
 

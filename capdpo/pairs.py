@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from capdpo.config import PairsConfig
 from capdpo.records import Candidate, Judgment, PreferencePair, QAItem, RecordFile, Video
+
+if TYPE_CHECKING:
+    from capdpo.judge.judge import CaptionJudge
 
 
 @dataclass
@@ -78,15 +82,16 @@ def build_pairs(videos: dict[str, Video], qa: dict[str, QAItem], candidates: lis
     return pairs, stats
 
 
-def confirm_pairwise(pairs: list[PreferencePair], videos: dict[str, Video], judge, stats: PairStats) -> list[PreferencePair]:
+def confirm_pairwise(pairs: list[PreferencePair], videos: dict[str, Video], qa: dict[str, QAItem], judge: CaptionJudge,
+                     stats: PairStats) -> list[PreferencePair]:
     """Keep the pairs whose chosen answer the judge prefers in both presentation orders."""
-    from capdpo.judge.judge import JudgeItem, pairwise_preference
+    from capdpo.judge.judge import JudgeItem  # the judge and its LLM backends load only for the pairwise check
 
     kept = []
     for p in tqdm(pairs, desc="pairs: pairwise check", unit="pair"):
-        caption = videos[p.video_id].caption
-        result = pairwise_preference(judge, JudgeItem(p.chosen_id, p.qa_id, caption, p.prompt, p.answer, p.chosen),
-                                     JudgeItem(p.rejected_id, p.qa_id, caption, p.prompt, p.answer, p.rejected))
+        video, q = videos[p.video_id], qa[p.qa_id]
+        result = judge.pairwise_preference(JudgeItem.for_answer(video, q, p.chosen, p.chosen_id),
+                                           JudgeItem.for_answer(video, q, p.rejected, p.rejected_id))
         if result.preference == 1:
             kept.append(p)
         elif result.preference is None:
@@ -99,13 +104,13 @@ def confirm_pairwise(pairs: list[PreferencePair], videos: dict[str, Video], judg
 
 def run_pairs(videos_file: RecordFile[Video], qa_file: RecordFile[QAItem], candidates_file: RecordFile[Candidate],
               judgments_file: RecordFile[Judgment], out: RecordFile[PreferencePair], cfg: PairsConfig,
-              judge=None) -> PairStats:
+              judge: CaptionJudge | None = None) -> PairStats:
     """The ``pairs`` stage. Pairs are a function of the judgments, so the file is rewritten
     whole (atomically) rather than appended. With ``cfg.pairwise_check``, ``judge`` confirms each."""
-    videos = videos_file.by_id()
+    videos, qa = videos_file.by_id(), qa_file.by_id()
     scores = {j.id: j.score for j in judgments_file.read()}
-    pairs, stats = build_pairs(videos, qa_file.by_id(), candidates_file.all(), scores, cfg)
+    pairs, stats = build_pairs(videos, qa, candidates_file.all(), scores, cfg)
     if cfg.pairwise_check:
-        pairs = confirm_pairwise(pairs, videos, judge, stats)
+        pairs = confirm_pairwise(pairs, videos, qa, judge, stats)
     out.write(pairs)
     return stats

@@ -19,9 +19,8 @@ from functools import cached_property
 from pathlib import Path
 
 from capdpo.config import RunConfig, SuiteConfig, save_config
-from capdpo.records import EvalSummary, write_jsonl
-from capdpo.rundir import RunPaths
-from capdpo.suites import HELD_OUT
+from capdpo.records import EvalSummary
+from capdpo.rundir import HELD_OUT, RunPaths
 
 log = logging.getLogger("capdpo")
 
@@ -34,7 +33,6 @@ class Run:
         self.paths = RunPaths(Path(cfg.run_dir))  # round 1's; enter_round moves the round stages elsewhere
         self.paths.root.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.paths.config)
-        self._eval_judges: dict[str, object] = {}
 
     def enter_round(self, k: int) -> None:
         """Point the round stages (sample .. evaluate) at round ``k``'s folder."""
@@ -70,32 +68,9 @@ class Run:
         cache = self.paths.llm_cache if self.cfg.judge.cache else None
         return CaptionJudge(self.cfg.judge, self.cfg.cache_dir, reply_cache=cache)
 
-    @property
-    def judge_batch(self) -> int:
-        """Items per judge call: a remote backend needs at least ``concurrency`` to keep that
-        many requests in flight."""
-        llm = self.cfg.judge.llm
-        return max(llm.batch_size, llm.concurrency) if llm.backend == "openai" else llm.batch_size
-
     def eval_judge(self, protocol: str):
-        """The evaluation judge for ``protocol``: the configured judge, with the protocol's own
-        template when the suite's protocol differs from ``judge.protocol``. It shares the stage
-        judge's LLM - loaded once, behind the run's reply cache when ``judge.cache`` is on - so
-        judging the same predictions again sends nothing."""
-        from capdpo.judge.judge import CaptionJudge
-
-        if protocol not in self._eval_judges:
-            cfg = self.cfg.judge
-            if protocol != cfg.protocol:
-                if protocol != "caption_reward" and cfg.mode != "generate":
-                    raise ValueError(f"protocol {protocol} is judged from a free reply, but judge.mode={cfg.mode}; "
-                                     "evaluate this suite with --set judge.mode=generate")
-                cfg = cfg.model_copy(update={"protocol": protocol, "template": None})
-            members = [jl.llm for jl in self.judge.judges[1:]]
-            judge = CaptionJudge(cfg, self.cfg.cache_dir, llm=self.judge.llm, members=members)
-            judge.budget = self.judge.budget  # one spend, one set of ceilings for everything judged in this process
-            self._eval_judges[protocol] = judge
-        return self._eval_judges[protocol]
+        """The evaluation judge for ``protocol``: the run's judge, sharing its LLMs and budget."""
+        return self.judge.for_protocol(protocol)
 
     # -- stages -----------------------------------------------------------------------------
     def data(self) -> None:
@@ -135,26 +110,23 @@ class Run:
 
     def judge_candidates(self, retry_failed: bool = False, dry_run: bool = False) -> dict | None:
         """The judge stage; ``dry_run`` returns the request/token/cost estimate and sends nothing."""
-        from capdpo.judge.judge import candidate_items, estimate, judge_items
+        from capdpo.judge.stage import dry_run_judge, run_judge
 
-        items = list(candidate_items(self.paths.videos.by_id(), self.paths.qa.by_id(), self.paths.candidates.read()))
+        files = (self.paths.videos, self.paths.qa, self.paths.candidates, self.paths.judgments)
         if dry_run:
-            done = self.paths.judgments.ids()
-            return estimate(self.judge, [it for it in items if it.target_id not in done])
-        done = judge_items(self.judge, items, self.paths.judgments, batch_size=self.judge_batch, retry_failed=retry_failed)
+            return dry_run_judge(*files, self.judge)
+        done = run_judge(*files, self.judge, retry_failed=retry_failed)
         failed = sum(j.failure is not None for j in done)
         log.info("judge: %d judged, %d failed (kept with their reason)", len(done) - failed, failed)
         return None
 
     def pairs(self) -> None:
-        from capdpo.formats import paper_dpo_rows, trl_rows
+        from capdpo.formats import write_pair_exports
         from capdpo.pairs import run_pairs
 
         stats = run_pairs(self.paths.videos, self.paths.qa, self.paths.candidates, self.paths.judgments,
                           self.paths.pairs, self.cfg.pairs, judge=self.judge if self.cfg.pairs.pairwise_check else None)
-        pairs = self.paths.pairs.all()
-        write_jsonl(self.paths.root / "pairs_trl.jsonl", trl_rows(pairs))
-        write_jsonl(self.paths.root / "pairs_paper.jsonl", paper_dpo_rows(pairs))
+        write_pair_exports(self.paths.pairs.all(), self.paths.root)
         log.info("pairs: %s", stats)
 
     def reference(self, shard: tuple[int, int] | None = None, recompute: bool = False) -> None:
@@ -179,49 +151,34 @@ class Run:
         """Evaluate the current policy on the run's held-out questions, or on a benchmark suite
         (judged with the suite's protocol); the summary replaces any earlier one of the same id."""
         from capdpo.evaluate import format_summary, run_evaluate
+        from capdpo.suites import load_configured_suite
 
         if suite is None:
-            videos = self.paths.videos.by_id()
-            questions = [q for q in self.paths.qa.read() if q.split == "test"]
-            dataset, protocol, skipped = HELD_OUT, self.cfg.judge.protocol, 0
+            videos, questions, skipped = self.paths.videos.by_id(), [q for q in self.paths.qa.read() if q.split == "test"], 0
+            dataset, protocol = HELD_OUT, self.cfg.judge.protocol
         else:
-            bench = self._load_suite(suite)
+            bench = load_configured_suite(suite, self.paths.suite_videos(suite.name), self.paths.suite_questions(suite.name))
             videos, questions, skipped = bench.videos, bench.questions, bench.skipped
             dataset, protocol = suite.name, bench.suite.protocol
         summary = run_evaluate(tag, videos, questions, self.policy, self.eval_judge(protocol),
                                self.paths.predictions(tag, dataset), self.paths.eval_judgments(tag, dataset),
                                self.cfg.evaluate, self.cfg.frames, dataset=dataset, round_=self.paths.round_number,
                                skipped=skipped, embed_cache=self.embedding_cache, fail_fast=self.cfg.fail_fast)
-        others = [s for s in self.paths.eval_summary.read() if s.id != summary.id]
-        self.paths.eval_summary.write(others + [summary])
+        self.paths.eval_summary.upsert(summary)
         log.info("evaluate: %s", format_summary(summary))
         return summary
-
-    def _load_suite(self, suite: SuiteConfig):
-        """A suite's found videos and questions, also saved in the round's eval/<suite>/ for the report."""
-        from capdpo.suites import load_suite
-
-        bench = load_suite(suite.name, suite.data, video_root=suite.video_root, captions=suite.captions,
-                           skip_missing=suite.skip_missing, max_questions=suite.max_questions)
-        if bench.skipped:
-            log.warning("evaluate %s: %d question(s) skipped, their video or caption is missing", suite.name, bench.skipped)
-        self.paths.suite_videos(suite.name).write(bench.videos.values())
-        self.paths.suite_questions(suite.name).write(bench.questions)
-        return bench
 
     def evaluate_all(self, tag: str) -> list[EvalSummary]:
         """The held-out questions, then every suite of ``evaluate.suites``."""
         return [self.evaluate(tag)] + [self.evaluate(tag, suite) for suite in self.cfg.evaluate.suites]
 
     def train(self) -> Path:
-        from capdpo.models.load import policy_from_config
         from capdpo.train import run_train
 
         out = run_train(self.paths.pairs, self.paths.videos, self.policy, self.cfg.train, self.cfg.frames,
                         self.paths.train, embed_cache=self.embedding_cache, reference_file=self.paths.reference,
                         fail_fast=self.cfg.fail_fast)
-        # the next stages use the trained checkpoint, loaded as any user checkpoint would be
-        self.__dict__["policy"] = policy_from_config(self.cfg.policy.model_copy(update={"model": str(out)}), self.cfg.cache_dir)
+        self.use_policy(str(out))  # the next stages use the trained checkpoint, loaded as any user checkpoint would be
         return out
 
     def report(self) -> Path:
@@ -230,13 +187,7 @@ class Run:
         return write_report(self.paths, self.cfg)
 
     def run_all(self) -> None:
-        """Every stage in order, the round stages ``rounds`` times; each skips what is already done.
-        A config with a ``repro`` section runs the miniature reproduction instead (capdpo.repro)."""
-        if self.cfg.repro is not None:
-            from capdpo.repro import run_repro
-
-            log.info("mini reproduction: %s", run_repro(self))
-            return
+        """Every stage in order, the round stages ``rounds`` times; each skips what is already done."""
         self.data()
         self.frames()
         self.qa()

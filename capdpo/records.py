@@ -12,7 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Generic, Literal, TypeVar
 
@@ -217,15 +219,14 @@ class RecordFile(Generic[R]):
             os.fsync(f.fileno())
 
     def write(self, records: Iterable[R]) -> None:
-        """Replace the file's content atomically (write to a temp file, then rename)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
+        """Replace the file's content atomically (:func:`atomic_path`)."""
+        with atomic_path(self.path) as tmp, tmp.open("w", encoding="utf-8") as f:
             for r in records:
                 f.write(r.model_dump_json() + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.path)
+
+    def upsert(self, record: R) -> None:
+        """Replace the record of the same id, or add it (atomically, as :meth:`write`)."""
+        self.write([r for r in self.read() if r.id != record.id] + [record])
 
     def _drop_partial_tail(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -264,13 +265,65 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     """Write plain dict rows (export formats) atomically; returns the row count."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     n = 0
-    with tmp.open("w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
-    tmp.replace(path)
     return n
+
+
+# -- atomic writes -------------------------------------------------------------------------------
+# A reader (a resumed stage, a browser on the report, another process) sees either the old
+# content or the new, never half of it: everything is written beside the target, then renamed.
+
+def _temp_sibling(path: Path) -> Path:
+    """A hidden name beside ``path``, private to this process (concurrent writers never share it)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path`` to write the file to; on success it is fsynced and
+    renamed over ``path``, on failure removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path)
+    try:
+        yield tmp
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, *, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``path`` to build the folder in; on success it replaces
+    ``path`` (any earlier folder there is removed), on failure it is removed.
+
+    ``keep_existing``: when another process put ``path`` in place while this one was building,
+    keep theirs (it is as good as ours) and drop this copy."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_sibling(path)
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process of the same pid
+    tmp.mkdir()
+    try:
+        yield tmp
+        if not keep_existing:
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not (keep_existing and path.exists()):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

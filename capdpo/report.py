@@ -5,8 +5,9 @@
 No server and no external URL: charts are matplotlib PNGs and frame thumbnails JPEGs, both
 base64-embedded, and the pair browser's filter box and sortable columns are a few lines of inline
 JavaScript, so the page opens offline and can be mailed as one file. The report can be made at any
-stage: a section whose input is missing or empty says "not run yet". Every piece of text taken
-from records is HTML-escaped.
+stage: a section whose input is missing or empty says "not run yet". The page is the jinja2
+template ``templates/report.html.j2``, rendered with autoescape: this module gathers plain values
+(every piece of text taken from records is escaped by the template) and draws the charts.
 
 Sections: records per stage, judge score distributions, chosen vs rejected scores and margins,
 DPO curves, evaluation per dataset and round, judge agreement (``agreement.json``, written by
@@ -19,7 +20,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import datetime
-import html
 import io
 import json
 import statistics
@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from capdpo.config import RunConfig
-from capdpo.media.frames import FrameError, sample_frames
-from capdpo.records import Judgment, RecordFile
-from capdpo.suites import HELD_OUT, SUITES, suite_title
+from capdpo.errors import FrameError
+from capdpo.media.frames import sample_frames
+from capdpo.records import Judgment, RecordFile, atomic_write_text
+from capdpo.rundir import HELD_OUT
+from capdpo.suites import SUITES, suite_title
 
 if TYPE_CHECKING:
     from capdpo.agreement import AgreementReport
@@ -39,75 +41,37 @@ if TYPE_CHECKING:
 
 MAX_PAIRS, MAX_EVAL_EXAMPLES, THUMBS, THUMB_WIDTH = 200, 8, 4, 112
 SCORES = (1, 2, 3, 4, 5)
-NOT_RUN = '<p class="empty">not run yet</p>'
-CSS = """
-body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222;padding:0 1em}
-h1{font-size:1.5em} h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:2em} h3{font-size:1.05em}
-table{border-collapse:collapse;margin:.6em 0;font-size:.9em} td,th{border:1px solid #ddd;padding:4px 8px;
-vertical-align:top;text-align:left} th{background:#f4f4f4} .empty{color:#999;font-style:italic}
-.chart{max-width:100%;display:block;margin:.5em 0} .thumb{width:56px;margin:1px}
-.answer{max-width:300px;white-space:pre-wrap} pre{white-space:pre-wrap;font-size:.85em;max-width:300px;margin:0}
-.score{font-weight:bold} .failed{color:#b00} .note{color:#555;font-size:.9em}
-table.browse th{cursor:pointer;user-select:none} table.browse th[data-dir=asc]::after{content:" \\25B2"}
-table.browse th[data-dir=desc]::after{content:" \\25BC"} #pair-filter{padding:4px 8px;width:24em}
-"""
-# The pair browser: a filter box (rows whose text contains every word typed) and click-to-sort
-# headers (numbers by their data-sort value, text otherwise). No library, no network.
-BROWSER_JS = """
-(function () {
-  var table = document.getElementById("pairs"); if (!table) return;
-  var body = table.tBodies[0], heads = table.tHead.rows[0].cells, rows = Array.prototype.slice.call(body.rows);
-  var box = document.getElementById("pair-filter"), count = document.getElementById("pair-count");
-  function filter() {
-    var words = box.value.toLowerCase().split(/\\s+/).filter(Boolean), shown = 0;
-    rows.forEach(function (r) {
-      var text = r.textContent.toLowerCase();
-      r.hidden = !words.every(function (w) { return text.indexOf(w) >= 0; });
-      if (!r.hidden) shown++;
-    });
-    count.textContent = shown + " of " + rows.length + " pairs shown";
-  }
-  function key(row, i) {
-    var cell = row.cells[i], v = cell.getAttribute("data-sort");
-    return v !== null ? parseFloat(v) : cell.textContent.trim().toLowerCase();
-  }
-  Array.prototype.forEach.call(heads, function (th, i) {
-    th.addEventListener("click", function () {
-      var dir = th.getAttribute("data-dir") === "asc" ? "desc" : "asc", sign = dir === "asc" ? 1 : -1;
-      Array.prototype.forEach.call(heads, function (h) { h.removeAttribute("data-dir"); });
-      th.setAttribute("data-dir", dir);
-      rows.sort(function (a, b) { var x = key(a, i), y = key(b, i); return (x < y ? -1 : x > y ? 1 : 0) * sign; });
-      rows.forEach(function (r) { body.appendChild(r); });
-    });
-  });
-  box.addEventListener("input", filter);
-  filter();
-})();
-"""
-
-
-class Html(str):
-    """A string already rendered as HTML, so :func:`table` does not escape it again."""
-
-
-def esc(value: object) -> str:
-    return html.escape("" if value is None else str(value))
-
-
 def fmt(value: float | None, spec: str = ".3g") -> str:
     return "–" if value is None else format(value, spec)
 
 
-def table(header: list[str] | None, rows: list[tuple]) -> Html:
-    """An HTML table; plain cells are escaped, :class:`Html` cells kept as they are."""
-    cell = lambda c: c if isinstance(c, Html) else esc(c)  # noqa: E731
-    head = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in header) + "</tr>" if header else ""
-    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return Html(f"<table>{head}{body}</table>")
+@dataclass(frozen=True)
+class Number:
+    """A numeric cell the pair browser sorts by value."""
+
+    sort: str
+    text: str
+
+    @classmethod
+    def of(cls, value: float) -> Number:
+        return cls(f"{value:g}", fmt(value))
 
 
-def section(title: str, body: str | None) -> str:
-    return f"<h2>{esc(title)}</h2>\n{body or NOT_RUN}\n"
+@dataclass(frozen=True)
+class Question:
+    question: str
+    reference: str
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An answer, its score (or why the judge failed) and the judge's verbatim reply (None: not judged)."""
+
+    text: str
+    score: str
+    said: str = ""  # " · yes" / " · no": video_chatgpt's verdict
+    failure: str | None = None
+    reply: str | None = None
 
 
 def read_records(rf: RecordFile) -> list:
@@ -161,12 +125,13 @@ def figure(ncols: int = 1, width: float = 4.0, height: float = 2.7):
     return fig, list(fig.subplots(1, ncols, squeeze=False)[0])
 
 
-def png(fig) -> Html:
-    # PNG rather than SVG: matplotlib's SVG carries xmlns/metadata URLs, the page must have none.
+def png(fig) -> str:
+    """The figure as base64 PNG text. PNG rather than SVG: matplotlib's SVG carries xmlns/metadata
+    URLs, the page must have none."""
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return Html(f'<img class="chart" alt="chart" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}">')
+    return base64.b64encode(buf.getvalue()).decode()
 
 
 def bars(ax, labels: list[str], series: dict[str, list[float | None]], title: str, colors: list[str] | None = None) -> None:
@@ -191,18 +156,17 @@ def score_bins(scores: list[float | None]) -> list[int]:
 
 
 # -- sections ---------------------------------------------------------------------------------
-def header(paths: RunPaths, cfg: RunConfig, judgments: list, summaries: list) -> str:
+def header(paths: RunPaths, cfg: RunConfig, judgments: list, summaries: list) -> list[tuple]:
     """Run facts; the judge is taken from the records (what really ran), the config only as fallback."""
     judges = dict.fromkeys((r.judge_backend, r.judge_model, r.template, r.template_hash) for r in judgments + summaries)
     if not judges:
         judges = {(cfg.judge.llm.backend, cfg.judge.llm.model, cfg.judge.template, "(not judged yet)"): None}
     rows = [("run dir", str(paths.root)), ("policy model", cfg.policy.model), ("DPO rounds", cfg.rounds),
             ("date", datetime.datetime.now().isoformat(timespec="seconds"))]
-    rows += [("judge", f"{b} / {m} / template {t} (hash {h})") for b, m, t, h in judges]
-    return f"<h1>capdpo run report</h1>\n{table(None, rows)}\n"
+    return rows + [("judge", f"{b} / {m} / template {t} (hash {h})") for b, m, t, h in judges]
 
 
-def counts_section(videos, qa, rounds: list[RoundData]) -> str:
+def counts_section(videos, qa, rounds: list[RoundData]) -> dict:
     """Records per stage: the shared data stages, then each round's candidates, judgments, pairs."""
     shared = [("videos (train)", sum(v.split == "train" for v in videos)), ("videos (test)", sum(v.split == "test" for v in videos)),
               ("QA items (train)", sum(q.split == "train" for q in qa)), ("QA items (test)", sum(q.split == "test" for q in qa))]
@@ -222,10 +186,10 @@ def counts_section(videos, qa, rounds: list[RoundData]) -> str:
     if len(rounds) > 1:
         ax.legend(fontsize=7)
     head = ["stage", "records"] if len(rounds) == 1 else ["stage", *(r.label for r in rounds)]
-    return table(head, rows) + png(fig)
+    return {"head": head, "rows": rows, "chart": png(fig)}
 
 
-def scores_section(rounds: list[RoundData]) -> str | None:
+def scores_section(rounds: list[RoundData]) -> dict | None:
     judged = [r for r in rounds if r.judgments]
     if not judged:
         return None
@@ -233,10 +197,10 @@ def scores_section(rounds: list[RoundData]) -> str | None:
     series = {r.label: score_bins([j.score for j in r.judgments]) for r in judged}
     bars(ax, [*map(str, SCORES), "failed"], series, "judge scores of candidates",
          colors=["C0"] * len(SCORES) + ["grey"])
-    return png(fig)
+    return {"chart": png(fig)}
 
 
-def pairs_section(rounds: list[RoundData]) -> str | None:
+def pairs_section(rounds: list[RoundData]) -> dict | None:
     with_pairs = [r for r in rounds if r.pairs]
     if not with_pairs:
         return None
@@ -253,15 +217,15 @@ def pairs_section(rounds: list[RoundData]) -> str | None:
         charts.append(png(fig))
     head = ["pairs", "mean chosen", "mean rejected", "mean margin"]
     if len(rounds) == 1:
-        return table(head, [row[1:] for row in stats_rows]) + "".join(charts)
-    return table(["round", *head], stats_rows) + "".join(charts)
+        return {"head": head, "rows": [row[1:] for row in stats_rows], "charts": charts}
+    return {"head": ["round", *head], "rows": stats_rows, "charts": charts}
 
 
 TRAIN_PANELS = {"loss": ["loss"], "rewards/accuracies": ["rewards/accuracies"], "rewards/margins": ["rewards/margins"],
                 "rewards/chosen & rejected": ["rewards/chosen", "rewards/rejected"]}
 
 
-def training_section(rounds: list[RoundData]) -> str | None:
+def training_section(rounds: list[RoundData]) -> dict | None:
     trained = [r for r in rounds if r.metrics]
     if not trained:
         return None
@@ -282,8 +246,9 @@ def training_section(rounds: list[RoundData]) -> str | None:
         rows.append((r.label, len(r.metrics), fmt(last.get("epoch")), fmt(last.get("loss")),
                      fmt(last.get("rewards/accuracies")), fmt(last.get("rewards/margins"))))
     head = ["steps logged", "last epoch", "last loss", "last accuracy", "last margin"]
-    summary = table(head, [row[1:] for row in rows]) if len(rounds) == 1 else table(["round", *head], rows)
-    return summary + png(fig)
+    if len(rounds) == 1:
+        return {"head": head, "rows": [row[1:] for row in rows], "chart": png(fig)}
+    return {"head": ["round", *head], "rows": rows, "chart": png(fig)}
 
 
 def _plot_metric(ax, rows: list[dict], key: str, label: str) -> None:
@@ -308,7 +273,7 @@ def _eval_order(summaries) -> list:
     return sorted(summaries, key=lambda s: (_dataset_rank(s.dataset), s.round, rank.get(s.tag or s.id.rsplit("/", 1)[-1], 1)))
 
 
-def eval_section(summaries) -> str | None:
+def eval_section(summaries) -> dict | None:
     if not summaries:
         return None
     summaries = _eval_order(summaries)
@@ -331,13 +296,9 @@ def eval_section(summaries) -> str | None:
     b.set_ylim(0, 7)
     bars(c, titles, pick("failed"), "failed judgments")
     c.set_ylim(0, 1.4 * max([1, *(s.failed for s in summaries)]))
-    note = ('<p class="note">Accuracy and mean score are over judged answers only; failed judgments are counted apart, '
-            "never as wrong answers. caption_reward: accuracy = share of scores &gt;= pass score (1-5 scale); "
-            "video_chatgpt: accuracy = yes / (yes + no), score 0-5. Skipped: questions whose video or caption "
-            "was missing.</p>")
     head = ["dataset", "round", "evaluation", "model", "protocol", "questions", "judged", "failed", "skipped", "accuracy",
             "mean score", "judge model", "template hash"]
-    return note + table(head, rows) + png(fig)
+    return {"head": head, "rows": rows, "chart": png(fig)}
 
 
 # -- judge agreement --------------------------------------------------------------------------
@@ -347,8 +308,7 @@ def save_agreement(path: Path, report: AgreementReport, name_a: str, name_b: str
     study of the same two judges."""
     studies = [s for s in _read_agreement(path) if (s.get("name_a"), s.get("name_b")) != (name_a, name_b)]
     studies.append({"name_a": name_a, "name_b": name_b, "report": dataclasses.asdict(report)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(studies, indent=1), encoding="utf-8")
+    atomic_write_text(path, json.dumps(studies, indent=1))
 
 
 def _read_agreement(path: Path) -> list[dict]:
@@ -367,13 +327,10 @@ def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
-def agreement_section(path: Path) -> str:
-    studies = _read_agreement(path)
-    if not studies:
-        return (f'<p class="empty">no judge-agreement study in this run ({esc(path.name)}, written by '
-                "capdpo.report.save_agreement; see docs/evaluation.md)</p>")
-    parts = []
-    for s in studies:
+def agreement_section(path: Path) -> dict:
+    """Every study of ``agreement.json``; with none, the page says where one would come from."""
+    studies = []
+    for s in _read_agreement(path):
         a, b, r = s.get("name_a", "A"), s.get("name_b", "B"), s["report"]
         rows = [("answers compared", r.get("n_common")), (f"failed under {a} / {b}", f"{r.get('n_failed_a')} / {r.get('n_failed_b')}"),
                 (f"mean score {a} / {b}", f"{fmt(r.get('mean_a'))} / {fmt(r.get('mean_b'))}"),
@@ -384,14 +341,14 @@ def agreement_section(path: Path) -> str:
                 ("pairwise agreement, ties included", _pct(r.get("pairwise_agreement_with_ties")))]
         if r.get("b_is_binary"):
             rows.append((f"AUROC of {a} for {b}'s 0/1", fmt(r.get("auroc"))))
-        parts.append(f"<h3>{esc(a)} vs {esc(b)}</h3>" + table(["statistic", "value"], rows) + _confusion_chart(a, b, r))
-    return "".join(parts)
+        studies.append({"name_a": a, "name_b": b, "rows": rows, "chart": _confusion_chart(a, b, r)})
+    return {"file": path.name, "studies": studies}
 
 
-def _confusion_chart(name_a: str, name_b: str, report: dict) -> str:
+def _confusion_chart(name_a: str, name_b: str, report: dict) -> str | None:
     labels, matrix = report.get("confusion_labels") or [], report.get("confusion") or []
     if not labels or len(matrix) != len(labels):
-        return ""
+        return None
     fig, [ax] = figure(width=3.4, height=3.0)
     ax.imshow(matrix, cmap="Blues")
     top = max(max(row) for row in matrix) or 1
@@ -408,83 +365,60 @@ def _confusion_chart(name_a: str, name_b: str, report: dict) -> str:
 
 # -- the pair browser -------------------------------------------------------------------------
 def jpeg(img) -> str:
+    """A frame thumbnail as base64 JPEG text."""
     img = img.copy()
     img.thumbnail((THUMB_WIDTH, THUMB_WIDTH))
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=70)
-    return f'<img class="thumb" alt="frame" src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}">'
+    return base64.b64encode(buf.getvalue()).decode()
 
 
-def thumbnails(paths: RunPaths, video_id: str, video: str | None) -> Html:
+def thumbnails(paths: RunPaths, video_id: str, video: str | None) -> list[str]:
     """THUMBS small frames of a video: from its frame folder when `capdpo frames` made one (cheap),
-    else decoded from the video itself."""
+    else decoded from the video itself; none when neither can be read."""
     for source in (paths.frames / video_id, video):
         if not source:
             continue
         try:
-            return Html("".join(jpeg(f) for f in sample_frames(source, THUMBS)))
+            return [jpeg(f) for f in sample_frames(source, THUMBS)]
         except (FrameError, OSError):
             continue
-    return Html('<span class="empty">no frames</span>')
+    return []
 
 
-def answer_cell(text: str, score: float | None, judgment: Judgment | None) -> Html:
+def answer_cell(text: str, score: float | None, judgment: Judgment | None) -> Answer:
     """An answer, its score and the judge's verbatim reply (the explanation) folded under it."""
+    reply = judgment.raw_reply if judgment is not None else None
     if judgment is not None and judgment.score is None:
-        verdict = f'<span class="failed">judge failed: {esc(judgment.failure)}</span>'
-    else:
-        said = f" · {judgment.verdict}" if judgment is not None and judgment.verdict else ""  # video_chatgpt's yes/no
-        verdict = f'<span class="score">score {fmt(score)}{esc(said)}</span>'
-    reply = (f"<details><summary>judge reply</summary><pre>{esc(judgment.raw_reply)}</pre></details>"
-             if judgment is not None else "")
-    return Html(f'{verdict}<div class="answer">{esc(text)}</div>{reply}')
+        return Answer(text, fmt(score), failure=judgment.failure or "", reply=reply)
+    said = f" · {judgment.verdict}" if judgment is not None and judgment.verdict else ""  # video_chatgpt's yes/no
+    return Answer(text, fmt(score), said, reply=reply)
 
 
-def question_cell(question: str, reference: str) -> Html:
-    return Html(f'<div class="answer"><b>Q:</b> {esc(question)}<br><b>Reference:</b> {esc(reference)}</div>')
-
-
-def _number(value: float) -> Html:
-    """A numeric cell the browser sorts by value."""
-    return Html(f'<td data-sort="{value:g}">{esc(fmt(value))}</td>')
-
-
-def _text(value: object) -> Html:
-    return Html(f"<td>{value if isinstance(value, Html) else esc(value)}</td>")
-
-
-def pair_browser(paths: RunPaths, rounds: list[RoundData], videos: dict) -> str | None:
+def pair_browser(paths: RunPaths, rounds: list[RoundData], videos: dict) -> dict | None:
     """Every preference pair (up to MAX_PAIRS) with frames, question, both answers, scores, the
     judge's replies and the margin; filter box and sortable columns."""
     pairs = [(r, p) for r in rounds for p in r.pairs]
     if not pairs:
         return None
-    thumbs: dict[str, Html] = {}  # one decode per video, however many of its questions are shown
+    thumbs: dict[str, list[str]] = {}  # one decode per video, however many of its questions are shown
     judgments = {r.number: {j.target_id: j for j in r.judgments} for r in rounds}
-    many = len(rounds) > 1
-    body = []
+    rows = []
     for r, p in pairs[:MAX_PAIRS]:
         if p.video_id not in thumbs:
-            video = videos[p.video_id].video if p.video_id in videos else p.video
-            thumbs[p.video_id] = thumbnails(paths, p.video_id, video)
+            thumbs[p.video_id] = thumbnails(paths, p.video_id, videos[p.video_id].video if p.video_id in videos else p.video)
         judged = judgments[r.number]
-        cells = ([_number(r.number)] if many else []) + [
-            _text(Html(f"{thumbs[p.video_id]}<br>{esc(p.video_id)}")), _text(question_cell(p.prompt, p.answer)),
-            _text(answer_cell(p.chosen, p.chosen_score, judged.get(p.chosen_id))), _number(p.chosen_score),
-            _text(answer_cell(p.rejected, p.rejected_score, judged.get(p.rejected_id))), _number(p.rejected_score),
-            _number(p.chosen_score - p.rejected_score)]
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    head = (["round"] if many else []) + ["video", "question", "chosen", "chosen score", "rejected", "rejected score", "margin"]
-    more = f'<p class="note">First {MAX_PAIRS} of {len(pairs)} pairs.</p>' if len(pairs) > MAX_PAIRS else ""
-    controls = ('<p><input id="pair-filter" type="search" placeholder="filter: words in video id, question, answers, '
-                'judge replies" aria-label="filter pairs"> <span id="pair-count" class="note"></span></p>'
-                '<p class="note">Click a column header to sort.</p>')
-    thead = "<thead><tr>" + "".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead>"
-    return f'{controls}<table id="pairs" class="browse">{thead}<tbody>{"".join(body)}</tbody></table>{more}'
+        rows.append({"round": Number.of(r.number), "thumbs": thumbs[p.video_id], "video_id": p.video_id,
+                     "question": Question(p.prompt, p.answer),
+                     "chosen": answer_cell(p.chosen, p.chosen_score, judged.get(p.chosen_id)),
+                     "chosen_score": Number.of(p.chosen_score),
+                     "rejected": answer_cell(p.rejected, p.rejected_score, judged.get(p.rejected_id)),
+                     "rejected_score": Number.of(p.rejected_score), "margin": Number.of(p.chosen_score - p.rejected_score)})
+    return {"many_rounds": len(rounds) > 1, "rows": rows, "total": len(pairs)}
 
 
 # -- evaluation examples ----------------------------------------------------------------------
-def eval_examples(rounds: list[RoundData], summaries, qa: dict) -> str | None:
+def eval_examples(rounds: list[RoundData], summaries, qa: dict) -> list[dict] | None:
     """Per dataset, the first questions answered in every evaluation, each evaluation's answer
     side by side (before, after, later rounds)."""
     many = len({s.round for s in summaries}) > 1
@@ -500,12 +434,12 @@ def eval_examples(rounds: list[RoundData], summaries, qa: dict) -> str | None:
         rows = []
         for q in common:
             item = questions.get(q)
-            rows.append((question_cell(item.question if item else q, item.answer if item else "?"),
-                         *(answer_cell(preds[q].answer, judged[q].score if q in judged else None, judged.get(q))
-                           for _, preds, judged in runs)))
+            rows.append({"question": Question(item.question if item else q, item.answer if item else "?"),
+                         "answers": [answer_cell(preds[q].answer, judged[q].score if q in judged else None, judged.get(q))
+                                     for _, preds, judged in runs]})
         if rows:
-            parts.append(f"<h3>{esc(suite_title(dataset))}</h3>" + table(["question", *(label for label, _, _ in runs)], rows))
-    return "".join(parts) or None
+            parts.append({"title": suite_title(dataset), "labels": [label for label, _, _ in runs], "rows": rows})
+    return parts or None
 
 
 def _eval_records(rounds: list[RoundData], s) -> tuple[dict, dict]:
@@ -537,21 +471,26 @@ def write_report(paths: RunPaths, cfg: RunConfig) -> Path:
     videos, qa = read_records(paths.videos), read_records(paths.qa)
     rounds = [RoundData.load(r) for r in paths.rounds()]
     summaries = [s for r in rounds for s in read_records(r.paths.eval_summary)]
-    body = [
-        header(paths, cfg, [j for r in rounds for j in r.judgments], summaries),
-        section("Records per stage", counts_section(videos, qa, rounds)),
-        section("Judge scores", scores_section(rounds)),
-        section("Preference pairs: chosen vs rejected", pairs_section(rounds)),
-        section("DPO training", training_section(rounds)),
-        section("Evaluation before vs after DPO, per dataset and round", eval_section(summaries)),
-        section("Judge agreement", agreement_section(paths.agreement)),
-        section("Preference pairs browser", pair_browser(paths, rounds, {v.id: v for v in videos})),
-        section("Example evaluation answers", eval_examples(rounds, summaries, {q.id: q for q in qa})),
-    ]
-    page = (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>capdpo report: {esc(paths.root.name)}</title>'
-            f"<style>{CSS}</style></head><body>\n{''.join(body)}<script>{BROWSER_JS}</script></body></html>\n")
-    paths.report.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.report.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(paths.report)  # atomic: a browser open on the old report never sees half a page
+    page = _template().render(
+        name=paths.root.name,
+        header=header(paths, cfg, [j for r in rounds for j in r.judgments], summaries),
+        counts=counts_section(videos, qa, rounds),
+        scores=scores_section(rounds),
+        pairs=pairs_section(rounds),
+        training=training_section(rounds),
+        evaluation=eval_section(summaries),
+        agreement=agreement_section(paths.agreement),
+        browser=pair_browser(paths, rounds, {v.id: v for v in videos}),
+        examples=eval_examples(rounds, summaries, {q.id: q for q in qa}),
+    )
+    atomic_write_text(paths.report, page)  # a browser open on the old report never sees half a page
     return paths.report
+
+
+def _template():
+    import jinja2  # lazy: only a report needs jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("capdpo", "templates"), autoescape=True,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             undefined=jinja2.StrictUndefined)
+    return env.get_template("report.html.j2")

@@ -1,6 +1,6 @@
 """The paper's two claims in miniature, on synthetic clips whose truth is known (docs/mini-repro.md).
 
-    capdpo run configs/mini-repro.yaml        # a run config with a ``repro`` section
+    capdpo repro configs/mini-repro.yaml      # a run config with a ``repro`` section
 
 Claim 1: a text-only judge that reads the caption scores answers in line with the truth. Claim 2:
 DPO on pairs from that judge improves open-ended video QA. Synthetic clips make both checkable: the
@@ -27,16 +27,29 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from capdpo.agreement import agreement, load_scores
-from capdpo.config import PairsConfig
-from capdpo.records import Judgment, Prediction, PreferencePair, QAItem, RecordFile
+from capdpo.config import PairsConfig, RunConfig
+from capdpo.pipeline import Run
+from capdpo.records import (
+    Candidate,
+    Judgment,
+    Prediction,
+    PreferencePair,
+    QAItem,
+    RecordFile,
+    Video,
+    atomic_dir,
+    atomic_write_text,
+)
+from capdpo.rundir import RunPaths
+from capdpo.stats import bootstrap_mean
 
 log = logging.getLogger("capdpo")
 DONE = ".complete"
@@ -45,8 +58,14 @@ SCORERS = {"caption judge": "judgments.jsonl", "judge without caption": "claim1/
            "MiniLM similarity": "claim1/similarity.jsonl"}
 
 
-def run_repro(run) -> Path:
+T = TypeVar("T")
+
+
+def run_repro(cfg: RunConfig) -> Path:
     """Both claims, then the report; returns ``mini-repro.md``."""
+    if cfg.repro is None:
+        raise ValueError("the miniature reproduction needs a `repro` section in the config (see configs/mini-repro.yaml)")
+    run = Run(cfg)
     times = StageTimes(run.paths.top / TIMES_FILE)
     timed = times.timed
     timed("data", run.data)
@@ -57,7 +76,7 @@ def run_repro(run) -> Path:
     timed("judge (caption)", run.judge_candidates)
     claim1 = timed("claim 1 scorers", claim1_agreement, run)
     claim2 = timed("claim 2 (pairs, DPO, evaluation)", claim2_dpo, run, sft)
-    results = {"claim1": claim1, "claim2": claim2, "data": data_summary(run), "timings_s": times.seconds,
+    results = {"claim1": claim1, "claim2": claim2, "data": data_summary(run.paths, cfg.repro.sft_videos), "timings_s": times.seconds,
                "run_time_s": sum(times.seconds.values()), "invocations": times.invocations}
     return write_report(run.paths.top, results)
 
@@ -76,7 +95,7 @@ class StageTimes:
         self.invocations: int = saved.get("invocations", 0) + 1
         self._save()
 
-    def timed(self, name: str, fn, *args):
+    def timed(self, name: str, fn: Callable[..., T], *args) -> T:
         started = time.perf_counter()
         out = fn(*args)
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
@@ -84,11 +103,11 @@ class StageTimes:
         return out
 
     def _save(self) -> None:
-        self.path.write_text(json.dumps({"seconds": self.seconds, "invocations": self.invocations}, indent=1))
+        atomic_write_text(self.path, json.dumps({"seconds": self.seconds, "invocations": self.invocations}, indent=1))
 
 
 # -- the starting policy ---------------------------------------------------------------------------------
-def sft_start(run) -> Path:
+def sft_start(run: Run) -> Path:
     """``policy.model`` after a short SFT on the QA of ``repro.sft_videos`` synthetic clips drawn with
     their own seed (never the run's train or test clips): the policy DPO starts from and is compared to."""
     from capdpo.media.synthetic import make_synthetic_dataset
@@ -109,19 +128,18 @@ def sft_start(run) -> Path:
     losses = supervised_finetune(policy, pixels, examples, epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size,
                                  lr=cfg.sft_lr, seed=cfg.sft_seed)
     log.info("sft: %d examples, loss %.3f -> %.3f", len(examples), losses[0], np.mean(losses[-10:]))
-    tmp = out.with_name("policy.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save(tmp)
-    (tmp / DONE).write_text("")
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        policy.save(tmp)
+        (tmp / DONE).write_text("")
     return out
 
 
 # -- claim 1 ------------------------------------------------------------------------------------------------
-def claim1_agreement(run) -> dict:
+def claim1_agreement(run: Run) -> dict:
     """Score the sampled answers with the oracle, the judge without the caption and MiniLM similarity;
     compare each scorer (and the caption judge) with the oracle."""
-    from capdpo.judge.judge import CaptionJudge, candidate_items, judge_items
+    from capdpo.judge.judge import CaptionJudge, judge_items
+    from capdpo.judge.stage import candidate_items
     from capdpo.oracle import load_answers, oracle_scores
     from capdpo.similarity import MiniLM, similarity_scores
 
@@ -129,7 +147,7 @@ def claim1_agreement(run) -> dict:
     (top / "claim1").mkdir(exist_ok=True)
     questions, answers = run.paths.qa.by_id(), load_answers(run.paths.candidates.path)
     oracle_path = top / "claim1" / "oracle.jsonl"
-    oracle = oracle_scores(answers, questions, scenes(run))
+    oracle = oracle_scores(answers, questions, scenes(run.paths))
     oracle.write(oracle_path)
     log.info("claim 1: oracle %s", oracle.summary())
 
@@ -137,7 +155,7 @@ def claim1_agreement(run) -> dict:
                               llm=run.judge.llm)
     items = list(candidate_items(run.paths.videos.by_id(), questions, run.paths.candidates.read()))
     judge_items(no_caption, items, RecordFile(top / SCORERS["judge without caption"], Judgment),
-                batch_size=run.judge_batch, desc="claim 1: judge without caption")
+                desc="claim 1: judge without caption")
     similarity_path = top / SCORERS["MiniLM similarity"]
     if not similarity_path.exists():
         similarity_scores(answers, questions, MiniLM(device="cpu")).write(similarity_path)
@@ -154,15 +172,16 @@ def claim1_agreement(run) -> dict:
             "answers": len(answers)}
 
 
-def scenes(run):
+def scenes(paths: RunPaths) -> dict:
+    """The run's synthetic scenes by video id: the truth the oracle reads."""
     from capdpo.media.synthetic import load_scenes
     from capdpo.oracle import run_scenes_path
 
-    return load_scenes(run_scenes_path(run.paths.top))
+    return load_scenes(run_scenes_path(paths.top))
 
 
 # -- claim 2 ------------------------------------------------------------------------------------------------
-def claim2_dpo(run, sft: Path) -> dict:
+def claim2_dpo(run: Run, sft: Path) -> dict:
     """Pairs from each source, DPO on each (per seed), evaluation of SFT and every DPO policy."""
     from capdpo.models.load import policy_from_config
     from capdpo.train import run_train
@@ -171,7 +190,7 @@ def claim2_dpo(run, sft: Path) -> dict:
     out = run.paths.top / "claim2"
     out.mkdir(exist_ok=True)
     oracle = load_scores(run.paths.top / "claim1" / "oracle.jsonl")
-    available = make_pairs(run, cfg.pair_sources, oracle)
+    available = make_pairs(run.paths, run.cfg, cfg.pair_sources, oracle)
     pairs = {s: p for s, p in available.items() if p}
     for source in available.keys() - pairs.keys():
         log.warning("claim 2: no %s pairs (no question had two answers that source tells apart): not trained", source)
@@ -199,7 +218,7 @@ def claim2_dpo(run, sft: Path) -> dict:
         row["pairs"] = len(pairs[source]) if source else None
     return {"policies": rows, "pairs_available": {s: len(p) for s, p in available.items()},
             "pair_orientation": {s: pair_orientation(p, oracle) for s, p in pairs.items()},
-            "test_questions": len(held_out_questions(run))}
+            "test_questions": len(held_out_questions(run.paths))}
 
 
 def pair_orientation(pairs: Sequence[PreferencePair], oracle: Mapping[str, float | None]) -> dict[str, int]:
@@ -212,7 +231,8 @@ def pair_orientation(pairs: Sequence[PreferencePair], oracle: Mapping[str, float
     return counts
 
 
-def make_pairs(run, sources: Sequence[str], oracle: Mapping[str, float | None]) -> dict[str, list[PreferencePair]]:
+def make_pairs(paths: RunPaths, cfg: RunConfig, sources: Sequence[str],
+               oracle: Mapping[str, float | None]) -> dict[str, list[PreferencePair]]:
     """Per source, at most one pair per train question:
 
     * ``judge``: best vs worst caption-judge score, with the run's ``pairs`` thresholds;
@@ -220,22 +240,23 @@ def make_pairs(run, sources: Sequence[str], oracle: Mapping[str, float | None]) 
     * ``random``: two different answers drawn at random, in random order (the control)."""
     from capdpo.pairs import build_pairs
 
-    videos, qa, candidates = run.paths.videos.by_id(), run.paths.qa.by_id(), run.paths.candidates.all()
+    videos, qa, candidates = paths.videos.by_id(), paths.qa.by_id(), paths.candidates.all()
     out = {}
     for source in sources:
         if source == "judge":
-            scores = {j.id: j.score for j in run.paths.judgments.read()}
-            out[source], _ = build_pairs(videos, qa, candidates, scores, run.cfg.pairs)
+            scores = {j.id: j.score for j in paths.judgments.read()}
+            out[source], _ = build_pairs(videos, qa, candidates, scores, cfg.pairs)
         elif source == "oracle":
             out[source], _ = build_pairs(videos, qa, candidates, oracle, PairsConfig(min_gap=1, min_chosen=1, max_rejected=0))
         elif source == "random":
-            out[source] = random_pairs(videos, qa, candidates, run.cfg.repro.seeds[0])
+            out[source] = random_pairs(videos, qa, candidates, cfg.repro.seeds[0])
         else:
             raise ValueError(f"repro.pair_sources: unknown source {source!r} (judge, oracle, random)")
     return out
 
 
-def random_pairs(videos, qa: Mapping[str, QAItem], candidates, seed: int) -> list[PreferencePair]:
+def random_pairs(videos: Mapping[str, Video], qa: Mapping[str, QAItem], candidates: Sequence[Candidate],
+                 seed: int) -> list[PreferencePair]:
     """Two different answers per train question, chosen and rejected at random (scores 0: unscored)."""
     by_question: dict[str, list] = {}
     for c in candidates:
@@ -254,23 +275,23 @@ def random_pairs(videos, qa: Mapping[str, QAItem], candidates, seed: int) -> lis
     return pairs
 
 
-def held_out_questions(run) -> list[QAItem]:
-    return [q for q in run.paths.qa.read() if q.split == "test"]
+def held_out_questions(paths: RunPaths) -> list[QAItem]:
+    return [q for q in paths.qa.read() if q.split == "test"]
 
 
-def evaluate_policy(run, name: str, model_dir: Path) -> dict[str, dict]:
+def evaluate_policy(run: Run, name: str, model_dir: Path) -> dict[str, dict]:
     """Greedy answers of one policy to the test questions: ``{qa id: {"oracle": 0/1, "judge": score}}``."""
     from capdpo.evaluate import run_evaluate
     from capdpo.oracle import load_answers, oracle_scores
 
     d = run.paths.top / "claim2" / "eval" / slug(name)
     d.mkdir(parents=True, exist_ok=True)
-    questions = held_out_questions(run)
+    questions = held_out_questions(run.paths)
     run.use_policy(str(model_dir))
     run_evaluate(slug(name), run.paths.videos.by_id(), questions, run.policy, run.eval_judge(run.cfg.judge.protocol),
                  RecordFile(d / "predictions.jsonl", Prediction), RecordFile(d / "judgments.jsonl", Judgment),
                  run.cfg.evaluate, run.cfg.frames, embed_cache=run.embedding_cache, fail_fast=run.cfg.fail_fast)
-    oracle = oracle_scores(load_answers(d / "predictions.jsonl"), {q.id: q for q in questions}, scenes(run))
+    oracle = oracle_scores(load_answers(d / "predictions.jsonl"), {q.id: q for q in questions}, scenes(run.paths))
     oracle.write(d / "oracle.jsonl")
     judged = {j.id: j.score for j in RecordFile(d / "judgments.jsonl", Judgment).read()}
     return {r["qa_id"]: {"oracle": r["score"], "judge": judged.get(r["id"]), "kind": r.get("kind")} for r in oracle.rows}
@@ -281,14 +302,6 @@ def slug(name: str) -> str:
 
 
 # -- statistics ---------------------------------------------------------------------------------------------
-def bootstrap_mean(values: Sequence[float], rounds: int, seed: int) -> tuple[float, float, float]:
-    """Mean and 95% percentile-bootstrap interval over the items (questions)."""
-    x = np.asarray(values, dtype=float)
-    idx = np.random.default_rng(seed).integers(0, len(x), size=(rounds, len(x)))
-    means = x[idx].mean(axis=1)
-    return float(x.mean()), float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def compare_to(evals: Mapping[str, Mapping[str, dict]], base: str, rounds: int, seed: int) -> dict[str, dict]:
     """Per policy: oracle accuracy and mean judge score with bootstrap CIs, and the paired difference
     of oracle accuracy to ``base`` on the same questions (resampled together)."""
@@ -304,11 +317,11 @@ def compare_to(evals: Mapping[str, Mapping[str, dict]], base: str, rounds: int, 
     return rows
 
 
-def data_summary(run) -> dict:
-    videos, qa = run.paths.videos.all(), run.paths.qa.all()
+def data_summary(paths: RunPaths, sft_videos: int) -> dict:
+    videos, qa = paths.videos.all(), paths.qa.all()
     return {"train_videos": sum(v.split == "train" for v in videos), "test_videos": sum(v.split == "test" for v in videos),
             "train_questions": sum(q.split == "train" for q in qa), "test_questions": sum(q.split == "test" for q in qa),
-            "candidates": len(run.paths.candidates.all()), "sft_videos": run.cfg.repro.sft_videos}
+            "candidates": len(paths.candidates.all()), "sft_videos": sft_videos}
 
 
 # -- report -------------------------------------------------------------------------------------------------
@@ -326,7 +339,7 @@ def _ci(t, fmt=".3f", signed=False) -> str:
 
 def write_report(top: Path, results: dict) -> Path:
     """``mini-repro.json`` (every figure) and ``mini-repro.md`` (the two tables)."""
-    (top / "mini-repro.json").write_text(json.dumps(results, indent=1))
+    atomic_write_text(top / "mini-repro.json", json.dumps(results, indent=1))
     d, c1, c2 = results["data"], results["claim1"], results["claim2"]
     lines = [
         "# Miniature reproduction",
@@ -362,5 +375,5 @@ def write_report(top: Path, results: dict) -> Path:
               ", ".join(f"{s} {n}" for s, n in c2["pairs_available"].items()) + ".",
               "", "Stage times (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in results["timings_s"].items()) + "."]
     path = top / "mini-repro.md"
-    path.write_text("\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
     return path

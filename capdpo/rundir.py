@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from capdpo.records import Candidate, EvalSummary, Judgment, Prediction, PreferencePair, QAItem, RecordFile, ReferenceLogps, Video
-from capdpo.suites import HELD_OUT
+
+HELD_OUT = "held-out"  # the dataset name of a run's own test split (not a suite)
 
 
 @dataclass(frozen=True)

@@ -19,16 +19,19 @@ cannot be found stop the load with a list of them, or are skipped and counted (`
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from capdpo.records import QAItem, RecordError, Video, read_jsonl
+from capdpo.config import SuiteConfig
+from capdpo.records import QAItem, RecordError, RecordFile, Video, read_jsonl
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
 VIDEO_TAG = "<video>"
+log = logging.getLogger("capdpo")
+
 SHOW_MISSING = 5  # names listed in a missing-media error; the rest are counted
-HELD_OUT = "held-out"  # the dataset name of a run's own test split (not a suite)
 
 
 @dataclass(frozen=True)
@@ -333,3 +336,15 @@ def _check_unique(rows: list[QARow]) -> None:
         if row.id in seen:
             raise RecordError(f"{row.where}: question id {row.id!r} already used at {seen[row.id]}")
         seen[row.id] = row.where
+
+
+def load_configured_suite(suite: SuiteConfig, videos_out: RecordFile[Video], questions_out: RecordFile[QAItem]) -> Benchmark:
+    """A configured suite's found videos and questions, also written to ``videos_out`` and
+    ``questions_out`` (a round's eval/<suite>/, where the report reads them)."""
+    bench = load_suite(suite.name, suite.data, video_root=suite.video_root, captions=suite.captions,
+                       skip_missing=suite.skip_missing, max_questions=suite.max_questions)
+    if bench.skipped:
+        log.warning("evaluate %s: %d question(s) skipped, their video or caption is missing", suite.name, bench.skipped)
+    videos_out.write(bench.videos.values())
+    questions_out.write(bench.questions)
+    return bench

@@ -13,7 +13,6 @@ from capdpo.compare import (
     MEAN,
     DatasetResult,
     System,
-    bootstrap_diff,
     compare,
     format_markdown,
     load_system,
@@ -21,6 +20,7 @@ from capdpo.compare import (
 )
 from capdpo.records import EvalSummary, Judgment
 from capdpo.rundir import RunPaths
+from capdpo.stats import bootstrap_diff
 
 OFFICIAL = ["msvd_qa", "msrvtt_qa", "tgif_qa"]
 

@@ -134,3 +134,50 @@ def test_describe_covers_every_leaf_with_a_description():
             node = node[part]
     defaults = dict((k, d) for k, d, _ in rows)
     assert defaults["sample.n"] == "4" and defaults["data.videos"] == "None"
+
+
+# -- cross-field checks: a bad config fails when loaded, naming the field, before any stage runs --
+
+@pytest.mark.parametrize(("overrides", "field", "says"), [
+    (["train.freeze_llm=true"], "train.freeze_llm", "nothing to train"),
+    (["train.loss=dpo"], "train.loss", "unknown loss"),
+    (["train.loss=[[sigmoid, 1.0], [nope, 0.5]]"], "train.loss", "nope"),
+    (["judge.mode=expected", "judge.protocol=video_chatgpt"], "judge.mode", "needs protocol caption_reward, samples=1"),
+    (["judge.mode=constrained", "judge.samples=3"], "judge.mode", "needs protocol caption_reward, samples=1"),
+    (["judge.mode=expected", "judge.llm.backend=openai"], "judge.mode", "needs judge.llm.backend=hf"),
+    (["judge.evidence=frames", "judge.protocol=video_chatgpt", "judge.llm.backend=openai"], "judge.evidence", "has no caption"),
+    (["judge.evidence=frames"], "judge.evidence", "only the openai backend"),
+    (["judge.ensemble=[{model: builtin:smollm2}]"], "judge.ensemble", "repeats a judge"),
+    (["judge.max_cost_usd=1", "judge.price_per_million={other: [1, 2]}"], "judge.max_cost_usd", "price_per_million for ['builtin:smollm2']"),
+    (["evaluate.suites=[{name: msvd_qa, data: a}, {name: msvd_qa, data: b}]"], "evaluate.suites", "more than once"),
+    (["repro={}"], "data.synthetic_videos", "needs synthetic clips"),
+    (["repro={}", "data.synthetic_videos=4", "rounds=2"], "rounds", "rounds must be 1"),
+])
+def test_cross_field_checks_name_the_field(overrides, field, says):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=overrides)
+    assert f"defaults: {field}: " in str(e.value) and says in str(e.value)
+
+
+@pytest.mark.parametrize("override", ["sample.n=0", "sample.top_p=0", "sample.top_p=1.5", "sample.temperature=-1",
+                                      "sample.batch_size=0", "evaluate.batch_size=0", "frames.num_frames=0", "frames.fps=0",
+                                      "data.test_fraction=1.5", "train.epochs=0", "train.lr=0", "train.grad_accum=0",
+                                      "pairs.min_gap=-1", "repro.seeds=[]", "repro.pair_sources=[]"])
+def test_out_of_range_settings_fail_at_load(override):
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.")):
+        load_config(overrides=[override, "data.synthetic_videos=4"])
+
+
+def test_valid_combinations_pass():
+    cfg = load_config(overrides=["judge.mode=expected", "train.lora=false", "train.freeze_llm=true", "train.freeze_projector=false",
+                                 "judge.evidence=frames", "judge.mode=generate", "judge.llm.backend=openai",
+                                 "judge.max_cost_usd=1", "judge.price_per_million={builtin:smollm2: [1, 2]}",
+                                 "train.loss=[[sigmoid, 1.0], [sft, 0.5]]"])
+    assert cfg.judge.evidence == "frames" and cfg.train.freeze_llm
+
+
+def test_the_loss_names_are_those_of_capdpo_losses():
+    from capdpo.config import PREFERENCE_LOSSES
+    from capdpo.losses import LOSSES
+
+    assert set(PREFERENCE_LOSSES) == set(LOSSES)

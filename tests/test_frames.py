@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from capdpo.errors import FrameError
 from capdpo.frames import extract_frame_folder
 from capdpo.media.frames import (
-    FrameError,
     count_frames,
     list_frame_files,
     resize_center_crop,

@@ -7,7 +7,7 @@ import pytest
 from capdpo.config import JudgeConfig, LLMConfig
 from capdpo.judge.judge import CaptionJudge, JudgeItem, judge_items
 from capdpo.llm import Reply
-from capdpo.records import Judgment, RecordFile
+from capdpo.records import Judgment, QAItem, RecordFile, Video
 
 
 class ScriptedLLM:
@@ -77,3 +77,27 @@ def test_resuming_with_another_judge_is_refused(tmp_path):
     other = make_judge({"x": [Reply("Score: 4", 0.0)]}, max_answer_words=10)
     with pytest.raises(ValueError, match="another judge"):
         judge_items(other, [item("q#1", "x")], out)
+
+
+def test_for_protocol_shares_llms_and_budget():
+    judge = make_judge({"x": [Reply("Score: 4", 0.0), Reply("{'pred': 'yes', 'score': 5}", 0.0)]})
+    assert judge.for_protocol("caption_reward") is judge
+    other = judge.for_protocol("video_chatgpt")
+    assert other is judge.for_protocol("video_chatgpt")  # made once
+    assert other.llm is judge.llm and other.budget is judge.budget and other.template.name == "video_chatgpt"
+    judge.judge([item("q#0", "x")])
+    [verdict] = other.judge([item("q#1", "x")])
+    assert (verdict.score, verdict.verdict) == (5, "yes") and judge.budget.used.requests == 2
+
+
+def test_batch_size_keeps_a_remote_backend_busy():
+    remote = LLMConfig(backend="openai", model="scripted-judge", batch_size=4, concurrency=32)
+    local = LLMConfig(backend="hf", model="scripted-judge", batch_size=4, concurrency=32)
+    assert [CaptionJudge(JudgeConfig(llm=cfg), ".", llm=ScriptedLLM({})).batch_size for cfg in (remote, local)] == [32, 4]
+
+
+def test_judge_item_for_answer():
+    video = Video(id="v", video="v.mp4", caption="A red circle moves left.")
+    qa = QAItem(id="v_0", video_id="v", question="What moves?", answer="A red circle.")
+    assert JudgeItem.for_answer(video, qa, "a circle", "v_0#3") == JudgeItem(
+        "v_0#3", "v_0", "A red circle moves left.", "What moves?", "A red circle.", "a circle", "v.mp4")

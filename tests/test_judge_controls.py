@@ -8,7 +8,10 @@ import pytest
 from test_judge import ScriptedLLM, item
 
 from capdpo.config import JudgeConfig, LLMConfig
-from capdpo.judge.judge import BudgetExceeded, CaptionJudge, check_same_judge, count_tokens, estimate, judge_items
+from capdpo.errors import BudgetExceeded
+from capdpo.judge.budget import count_tokens
+from capdpo.judge.judge import CaptionJudge, check_same_judge, judge_items
+from capdpo.judge.stage import estimate
 from capdpo.llm import Reply
 from capdpo.records import Judgment, RecordFile
 

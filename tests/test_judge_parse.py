@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from capdpo.judge.judge import parse_reward, truncate_words
+from capdpo.judge.judge import truncate_words
+from capdpo.judge.parse import parse_reward
 
 CASES = [
     # --- accepted ---

@@ -10,17 +10,10 @@ from PIL import Image
 from test_judge import ScriptedLLM, item
 
 from capdpo.config import JudgeConfig, LLMConfig
-from capdpo.judge.judge import (
-    BudgetExceeded,
-    CaptionJudge,
-    JudgeItem,
-    caption_messages,
-    chat_messages,
-    estimate,
-    pairwise_preference,
-    parse_pairwise,
-    parse_video_chatgpt,
-)
+from capdpo.errors import BudgetExceeded
+from capdpo.judge.judge import CaptionJudge, JudgeItem, caption_messages, chat_messages
+from capdpo.judge.parse import parse_pairwise, parse_video_chatgpt
+from capdpo.judge.stage import estimate
 from capdpo.llm import Reply
 
 MAIN = LLMConfig(backend="openai", model="scripted-judge")
@@ -136,7 +129,7 @@ def pair(a_reply: str, b_reply: str):
     """(result, prompts) when the judge answers ``a_reply`` with A first and ``b_reply`` with B first."""
     llm = OrderLLM({"answer A": [Reply(a_reply, 0.1)], "answer B": [Reply(b_reply, 0.1)]})
     judge = make_judge({}, llm=llm)
-    result = pairwise_preference(judge, item("q#0", "answer A"), item("q#1", "answer B"))
+    result = judge.pairwise_preference(item("q#0", "answer A"), item("q#1", "answer B"))
     return result, llm.prompts
 
 
@@ -163,7 +156,7 @@ def test_pairwise_failure_is_not_a_preference():
     result, _ = pair("I cannot decide", "Better: 2")
     assert result.preference is None and "no 'Better: 1|2|tie' in the (A, B) reply" in result.failure
     llm = OrderLLM({"answer A": [Reply("", 0.1, error="HTTP 500")], "answer B": [Reply("Better: 1", 0.1)]})
-    result = pairwise_preference(make_judge({}, llm=llm), item("q#0", "answer A"), item("q#1", "answer B"))
+    result = make_judge({}, llm=llm).pairwise_preference(item("q#0", "answer A"), item("q#1", "answer B"))
     assert result.preference is None and "judge backend failed on the (A, B) order: HTTP 500" in result.failure
 
 
@@ -171,10 +164,10 @@ def test_pairwise_checks_question_and_budget():
     judge = make_judge({})
     other = JudgeItem("z#0", "z", "cap", "q", "r", "a")
     with pytest.raises(ValueError, match="one question"):
-        pairwise_preference(judge, item("q#0", "a"), other)
+        judge.pairwise_preference(item("q#0", "a"), other)
     judge = make_judge({}, max_requests=1)
     with pytest.raises(BudgetExceeded):
-        pairwise_preference(judge, item("q#0", "a"), item("q#1", "b"))
+        judge.pairwise_preference(item("q#0", "a"), item("q#1", "b"))
     assert judge.llm.prompts == []
 
 

@@ -160,6 +160,7 @@ def test_pairwise_check_keeps_pairs_confirmed_in_both_orders(biased, kept):
     pair = PreferencePair(id="v_0", qa_id="v_0", video_id="v", video="v.mp4", prompt="Q?", answer="A.", chosen="right answer",
                           rejected="wrong answer", chosen_score=5, rejected_score=1, chosen_id="v_0#0", rejected_id="v_0#1")
     stats = PairStats(pairs=1)
-    out = confirm_pairwise([pair], {"v": Video(id="v", video="v.mp4", caption="c")}, judge, stats)
+    qa = {"v_0": QAItem(id="v_0", video_id="v", question="Q?", answer="A.")}
+    out = confirm_pairwise([pair], {"v": Video(id="v", video="v.mp4", caption="c")}, qa, judge, stats)
     assert len(out) == kept == stats.pairs
     assert stats.pairwise_rejected == 1 - kept  # a position-biased judge confirms nothing

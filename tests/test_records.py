@@ -8,7 +8,18 @@ import re
 import pytest
 from pydantic import ValidationError
 
-from capdpo.records import Candidate, QAItem, RecordError, RecordFile, Video, read_jsonl, write_jsonl
+from capdpo.records import (
+    Candidate,
+    QAItem,
+    RecordError,
+    RecordFile,
+    Video,
+    atomic_dir,
+    atomic_path,
+    atomic_write_text,
+    read_jsonl,
+    write_jsonl,
+)
 
 
 def _video(i: int) -> Video:
@@ -155,3 +166,33 @@ def test_write_jsonl_round_trip(tmp_path):
     assert write_jsonl(path, rows) == 2
     assert [row for _, row in read_jsonl(path)] == rows
     assert "caf\u00e9" in path.read_text(encoding="utf-8")
+
+
+# -- atomic writes ---------------------------------------------------------------------------------
+
+def test_atomic_path_replaces_on_success_and_leaves_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "sub" / "out.txt"
+    atomic_write_text(target, "old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert target.read_text() == "old" and sorted(p.name for p in target.parent.iterdir()) == ["out.txt"]
+    with atomic_path(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and sorted(p.name for p in target.parent.iterdir()) == ["out.txt"]
+
+
+def test_atomic_dir_replaces_the_folder_or_keeps_an_existing_one(tmp_path):
+    target = tmp_path / "model"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("1")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "b").write_text("2")
+        raise RuntimeError("killed")
+    assert [p.name for p in target.iterdir()] == ["a"] and [p.name for p in tmp_path.iterdir()] == ["model"]
+    with atomic_dir(target) as tmp:
+        (tmp / "c").write_text("3")
+    assert [p.name for p in target.iterdir()] == ["c"]
+    with atomic_dir(target, keep_existing=True) as tmp:  # another process finished first: theirs stays
+        (tmp / "d").write_text("4")
+    assert [p.name for p in target.iterdir()] == ["c"] and [p.name for p in tmp_path.iterdir()] == ["model"]

@@ -8,9 +8,9 @@ import json
 import pytest
 
 from capdpo.config import load_config
-from capdpo.pipeline import Run
 from capdpo.records import PreferencePair
-from capdpo.repro import bootstrap_mean, compare_to, pair_orientation
+from capdpo.repro import compare_to, pair_orientation, run_repro
+from capdpo.stats import bootstrap_mean
 from tests.run_configs import write_config
 
 
@@ -50,8 +50,7 @@ def test_tiny_reproduction_writes_both_claims(tmp_path, tiny_policy_dir, cache_d
                           sample={"n": 3, "max_new_tokens": 5, "temperature": 1.5},
                           evaluate={"max_new_tokens": 5},
                           repro={"sft_videos": 2, "sft_batch_size": 2, "bootstrap": 200})
-    run = Run(load_config(config))
-    run.run_all()
+    run_repro(load_config(config))
 
     results = json.loads((run_dir / "mini-repro.json").read_text())
     assert set(results["claim1"]["scorers"]) == {"caption judge", "judge without caption", "MiniLM similarity"}
@@ -70,7 +69,7 @@ def test_tiny_reproduction_writes_both_claims(tmp_path, tiny_policy_dir, cache_d
 
     # everything is on disk: a second run redoes no sampling, judging or training
     before = {p: p.stat().st_mtime_ns for p in [run_dir / "candidates.jsonl", *(run_dir / "claim2").glob("*-s0/policy/model.safetensors")]}
-    Run(load_config(config)).run_all()
+    run_repro(load_config(config))
     assert {p: p.stat().st_mtime_ns for p in before} == before
     resumed = json.loads((run_dir / "mini-repro.json").read_text())
     assert resumed["invocations"] == 2, "the run time covers both invocations"

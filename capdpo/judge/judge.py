@@ -1,4 +1,4 @@
-"""Stages 6 and 9: the LLM judge.
+"""The LLM judge (stages 6 and 9): it scores answers, or compares two.
 
 The paper's reward (``protocol=caption_reward``): a text-only LLM reads the video's detailed
 caption (its stand-in for the video), the question, the reference answer and a candidate answer,
@@ -9,22 +9,17 @@ not parse is re-asked, then recorded as a failure with its reason - never turned
 
 Controls, all in :class:`~capdpo.config.JudgeConfig`: several sampled replies per answer
 (self-consistency), several judge LLMs (ensemble), sampled frames instead of the caption
-(``evidence=frames``, a vision judge), and request/token/cost ceilings (:class:`JudgeBudget`).
-:func:`pairwise_preference` compares two answers in both orders; :func:`estimate` sizes a run
-before anything is sent.
+(``evidence=frames``, a vision judge), and request/token/cost ceilings
+(:class:`~capdpo.judge.budget.JudgeBudget`). :meth:`CaptionJudge.pairwise_preference` compares
+two answers in both orders; :func:`judge_items` judges a list resumably into a record file.
 """
 
 from __future__ import annotations
 
-import ast
 import base64
 import io
-import json
-import math
-import re
 import statistics
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -32,149 +27,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from capdpo.config import JudgeConfig
-from capdpo.errors import BudgetExceeded
+from capdpo.errors import BudgetExceeded, FrameError
+from capdpo.judge.budget import JudgeBudget, Usage
+from capdpo.judge.parse import PROTOCOLS, Vote, parse_pairwise
 from capdpo.llm import HFChatLLM, Reply, load_llm
-from capdpo.media.frames import FrameError, sample_frames
+from capdpo.media.frames import sample_frames
 from capdpo.prompts import Template, load_template, short_hash
-from capdpo.records import Candidate, Judgment, QAItem, RecordFile, Video
-
-SCORE_RANGE = (1, 5)
-REASK = ("\n\nYour previous reply was:\n{reply}\n\nIt did not end with a valid score. "
-         "Reply with exactly one line: Score: <one integer from 1 to 5>")
-VIDEO_CHATGPT_REASK = ("\n\nYour previous reply was:\n{reply}\n\nIt was not a valid Python dictionary. "
-                       "Reply with only the dictionary: {{'pred': 'yes' or 'no', 'score': <one integer from 0 to 5>}}")
-
-# "Score: 4", "**Score:** 4", "score = 4/5", "Rating: 4 out of 5", "Score (1-5): 4". The number is
-# captured with any decimal part or sign so that "4.5", "6" or "-1" are seen - and then rejected,
-# not rounded; a range such as "4-5" is no single score (and "(1-5)" is the scale, not a score).
-_SCORE_LINE = re.compile(r"(?:score|rating)(?:\s*\(\s*(?:\d+\s*(?:-|–|to)\s*(\d+)|out of\s*(\d+))\s*\))?"
-                         r"\W{0,6}?(?:is\s*)?[:=]?\s*\**\s*(-?\d+(?:\.\d+)?)(?!\.?\d|\s*(?:-|–|to)\s*\d)"
-                         r"\s*(?:/\s*(\d+)|out of\s*(\d+))?",
-                         re.IGNORECASE)
-_MAPPING = re.compile(r"\{[^{}]*\}", re.DOTALL)
-# "Better: 1", "**Better:** Answer 2", "better = tie"; a hedge such as "1 or 2" is no verdict.
-_BETTER = re.compile(r"better\W{0,6}?(?:is\s*)?[:=]?\s*\**\s*(?:answer\s*)?(1|2|tie)\b"
-                     r"(?!\s*(?:or|/|,|and)\s*(?:answer\s*)?(?:1|2|tie)\b)", re.IGNORECASE)
-
-
-# -- reading replies -------------------------------------------------------------------------
-
-def parse_reward(text: str, low: int = SCORE_RANGE[0], high: int = SCORE_RANGE[1]) -> int | None:
-    """The integer score a judge reply states, or None when it states no single valid one.
-
-    Accepts a JSON or Python-dict object with a ``score`` key, or a ``Score: N`` line (markdown
-    emphasis, ``N/5`` and ``N out of 5`` allowed). Rejects out-of-range, fractional and
-    conflicting scores: None means "ask again or record a failure", never "guess".
-    """
-    if not text or not text.strip():
-        return None
-    found = set()  # every score stated, in a mapping or a line; more than one value is a conflict
-    for blob in _MAPPING.findall(text):
-        obj = _load_mapping(blob)
-        if obj is not None:
-            for key, value in obj.items():
-                if str(key).lower() in ("score", "rating"):
-                    found.add(_valid(value, low, high))
-    for m in _SCORE_LINE.finditer(text):
-        number, scales = m.group(3), [s for s in m.group(1, 2, 4, 5) if s is not None]
-        if any(int(s) != high for s in scales):
-            return None  # "3/10" is on another scale; rescaling would invent precision
-        found.add(_valid(number, low, high))
-    if len(found) == 1:
-        return found.pop()
-    return None
-
-
-def parse_video_chatgpt(text: str) -> tuple[str, int] | None:
-    """``(pred, score)`` of a Video-ChatGPT judge reply - ``pred`` 'yes' or 'no', ``score`` an
-    integer 0-5 - or None when the reply holds no single valid ``{'pred': .., 'score': ..}``.
-
-    The dict may be JSON or a Python literal, alone or inside prose/fences; keys and the yes/no
-    are case-insensitive. A missing key, another word than yes/no, a fractional or out-of-range
-    score, or two dicts that disagree all give None.
-    """
-    found = set()
-    for blob in _MAPPING.findall(text or ""):
-        obj = _load_mapping(blob)
-        if obj is None:
-            continue
-        fields = {str(k).strip().lower(): v for k, v in obj.items()}
-        if "pred" not in fields and "score" not in fields:
-            continue  # some other mapping, not an attempt at the verdict
-        pred = fields.get("pred")
-        pred = pred.strip().lower() if isinstance(pred, str) else None
-        score = _valid(fields.get("score"), 0, 5) if not isinstance(fields.get("score"), bool) else None
-        found.add((pred, score) if pred in ("yes", "no") and score is not None else None)
-    if len(found) == 1:
-        return found.pop()
-    return None
-
-
-def parse_pairwise(text: str) -> str | None:
-    """The verdict of a pairwise reply: ``'1'``, ``'2'`` or ``'tie'`` from its ``Better: ...``
-    line, or None when it states none or several different ones."""
-    found = {m.group(1).lower() for m in _BETTER.finditer(text or "")}
-    return found.pop() if len(found) == 1 else None
-
-
-def _load_mapping(blob: str) -> dict | None:
-    for loader in (json.loads, ast.literal_eval):
-        try:
-            obj = loader(blob)
-        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
-            continue
-        if isinstance(obj, dict):
-            return obj
-    return None
-
-
-def _valid(value: object, low: int, high: int) -> int | None:
-    try:
-        number = float(str(value).strip())
-    except ValueError:
-        return None
-    if not number.is_integer() or not low <= number <= high:
-        return None
-    return int(number)
-
-
-# -- protocols -------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Vote:
-    """What one valid reply said: its score and, for video_chatgpt, its yes/no."""
-
-    score: int
-    verdict: str | None = None
-
-
-def _caption_reward_vote(text: str) -> Vote | None:
-    score = parse_reward(text)
-    return None if score is None else Vote(score)
-
-
-def _video_chatgpt_vote(text: str) -> Vote | None:
-    parsed = parse_video_chatgpt(text)
-    return None if parsed is None else Vote(parsed[1], parsed[0])
-
-
-@dataclass(frozen=True)
-class Protocol:
-    """How one judging protocol reads replies and asks again."""
-
-    template: str  # default template (caption evidence)
-    parse: Callable[[str], Vote | None]
-    reask: str
-    reask_tokens: int  # room for the corrected reply alone
-    expects: str  # what a valid reply states, for failure messages
-
-
-PROTOCOLS = {
-    "caption_reward": Protocol("caption_reward", _caption_reward_vote, REASK, 16, "valid score 1-5"),
-    "video_chatgpt": Protocol("video_chatgpt", _video_chatgpt_vote, VIDEO_CHATGPT_REASK, 32,
-                              "valid {'pred': yes/no, 'score': 0-5} dict"),
-}
-
+from capdpo.records import Judgment, QAItem, RecordFile, Video
 
 # -- items and evidence ----------------------------------------------------------------------
 
@@ -190,8 +49,14 @@ class JudgeItem:
     answer: str
     video: str | None = None
 
+    @classmethod
+    def for_answer(cls, video: Video, qa: QAItem, answer: str, target_id: str) -> JudgeItem:
+        """``answer`` (a candidate, a prediction...) to question ``qa`` about ``video``."""
+        return cls(target_id, qa.id, video.caption, qa.question, qa.answer, answer, video.video)
+
 
 def truncate_words(text: str, max_words: int) -> str:
+    """``text`` cut to its first ``max_words`` words (untouched, whitespace and all, when shorter)."""
     words = text.split()
     return text if len(words) <= max_words else " ".join(words[:max_words])
 
@@ -221,71 +86,6 @@ def caption_messages(video: str | Path, num_frames: int = 8, size: int | None = 
     """The request asking a vision chat model for a detailed caption of ``video`` (template
     ``detailed_caption``), for videos that come without one."""
     return chat_messages(load_template("detailed_caption").text, load_frames(video, num_frames, size))
-
-
-# -- budget ----------------------------------------------------------------------------------
-
-@dataclass
-class Usage:
-    """Requests, tokens and USD of some judge calls (spent or planned); ``cost_usd`` None when
-    a model involved has no price."""
-
-    requests: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cost_usd: float | None = 0.0
-
-    def __add__(self, other: Usage) -> Usage:
-        cost = None if self.cost_usd is None or other.cost_usd is None else self.cost_usd + other.cost_usd
-        return Usage(self.requests + other.requests, self.prompt_tokens + other.prompt_tokens,
-                     self.completion_tokens + other.completion_tokens, cost)
-
-    def as_dict(self) -> dict:
-        cost = None if self.cost_usd is None else round(self.cost_usd, 6)
-        return {"requests": self.requests, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "cost_usd": cost}
-
-
-class JudgeBudget:
-    """What the judge spent in this run (from the replies' reported usage) and its ceilings.
-
-    Ceilings are checked before sending, against the spend so far plus an estimate of the
-    requests about to be sent (prompt tokens estimated, completion at ``max_new_tokens``), so a
-    run stops *before* passing one. Image tokens are not estimated, only counted afterwards.
-    Cached replies count as spent: the count never underestimates.
-    """
-
-    def __init__(self, cfg: JudgeConfig):
-        self.max_requests, self.max_tokens, self.max_cost_usd = cfg.max_requests, cfg.max_tokens, cfg.max_cost_usd
-        self.prices = cfg.price_per_million
-        self.used = Usage()
-        self.exhausted: str | None = None  # why the last refused request was refused
-        self.reasks_refused = 0  # answers recorded as failed because their re-ask did not fit
-
-    @property
-    def limited(self) -> bool:
-        return any(x is not None for x in (self.max_requests, self.max_tokens, self.max_cost_usd))
-
-    def usage(self, model: str, requests: int, prompt_tokens: int, completion_tokens: int) -> Usage:
-        price = self.prices.get(model)
-        cost = None if price is None else (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
-        return Usage(requests, prompt_tokens, completion_tokens, cost)
-
-    def over(self, planned: Usage) -> str | None:
-        """Why sending ``planned`` on top of what was spent would pass a ceiling; None if it fits."""
-        total = self.used + planned
-        if self.max_requests is not None and total.requests > self.max_requests:
-            return f"judge.max_requests={self.max_requests}: this run would need {total.requests} requests"
-        tokens = total.prompt_tokens + total.completion_tokens
-        if self.max_tokens is not None and tokens > self.max_tokens:
-            return f"judge.max_tokens={self.max_tokens}: this run would need about {tokens} tokens"
-        if self.max_cost_usd is not None and (total.cost_usd or 0.0) > self.max_cost_usd:
-            return f"judge.max_cost_usd={self.max_cost_usd}: this run would need about ${total.cost_usd:.4f}"
-        return None
-
-    def spend(self, model: str, replies: list[Reply]) -> None:
-        self.used += self.usage(model, len(replies), sum(r.prompt_tokens for r in replies),
-                                sum(r.completion_tokens for r in replies))
 
 
 # -- the judge -------------------------------------------------------------------------------
@@ -326,17 +126,20 @@ class _Request:
         self.completion_tokens += reply.completion_tokens
 
 
+
 class CaptionJudge:
     """Scores answers through one or more chat LLMs; :meth:`judge` is the single entry point.
 
     ``llm`` replaces the configured main judge and ``members`` the loaded ``cfg.ensemble``
     (one LLM per entry, same order) - both for tests or callers holding loaded models.
+    ``budget`` is shared with other judges (see :meth:`for_protocol`); by default its own.
     """
 
     def __init__(self, cfg: JudgeConfig, cache_dir: str | Path, llm=None, *, members: list | None = None,
-                 reply_cache: Path | None = None):
+                 reply_cache: Path | None = None, budget: JudgeBudget | None = None):
         _check_config(cfg)  # before loading any model
         self.cfg = cfg
+        self.cache_dir = cache_dir
         self.protocol = PROTOCOLS[cfg.protocol]
         self.template: Template = load_template(cfg.template or self._default_template())
         self.llm = llm if llm is not None else load_llm(cfg.llm, cache_dir, reply_cache)
@@ -346,8 +149,23 @@ class CaptionJudge:
             raise ValueError(f"got {len(members)} ensemble LLMs for {len(cfg.ensemble)} judge.ensemble entries")
         self.judges = [JudgeLLM(self.llm, cfg.llm.max_new_tokens)] + [
             JudgeLLM(m, c.max_new_tokens) for m, c in zip(members, cfg.ensemble)]
-        self.budget = JudgeBudget(cfg)
+        self.budget = budget if budget is not None else JudgeBudget(cfg)
+        self._by_protocol: dict[str, CaptionJudge] = {cfg.protocol: self}
         self._check_llms()
+
+    def for_protocol(self, protocol: str) -> CaptionJudge:
+        """This judge for ``protocol`` (with that protocol's own template when it is not
+        ``judge.protocol``), made once per protocol. It shares this judge's LLMs - loaded once,
+        behind the same reply cache, so judging the same answers again sends nothing - and its
+        budget: one spend, one set of ceilings for everything judged in a process."""
+        if protocol not in self._by_protocol:
+            if protocol != "caption_reward" and self.cfg.mode != "generate":
+                raise ValueError(f"protocol {protocol} is judged from a free reply, but judge.mode={self.cfg.mode}; "
+                                 "evaluate this suite with --set judge.mode=generate")
+            cfg = self.cfg.model_copy(update={"protocol": protocol, "template": None})
+            self._by_protocol[protocol] = CaptionJudge(cfg, self.cache_dir, llm=self.llm, budget=self.budget,
+                                                       members=[jl.llm for jl in self.judges[1:]])
+        return self._by_protocol[protocol]
 
     def _default_template(self) -> str:
         return "caption_reward_frames" if self.cfg.evidence == "frames" else self.protocol.template
@@ -391,6 +209,13 @@ class CaptionJudge:
         if cfg.evidence != "caption":
             params.update(evidence=cfg.evidence, frames_num=cfg.frames_num, frames_size=cfg.frames_size)
         return params
+
+    @property
+    def batch_size(self) -> int:
+        """Items per :meth:`judge` call when judging many: a remote backend needs at least
+        ``concurrency`` of them to keep that many requests in flight."""
+        llm = self.cfg.llm
+        return max(llm.batch_size, llm.concurrency) if llm.backend == "openai" else llm.batch_size
 
     def render(self, item: JudgeItem) -> str:
         return self.template.render(caption=item.caption, question=item.question, answer=item.reference,
@@ -464,9 +289,8 @@ class CaptionJudge:
                 if not group:
                     continue
                 prompts = [r.prompt + self.protocol.reask.format(reply=r.reply.text) for r in group]
-                refused = self.budget.over(self._plan(jl, prompts, self.protocol.reask_tokens))
+                refused = self.budget.refuse(self.budget.plan(jl.llm, prompts, self.protocol.reask_tokens))
                 if refused:
-                    self.budget.exhausted = refused
                     self.budget.reasks_refused += len({r.item for r in group})
                     for r in group:
                         r.refused = refused
@@ -570,79 +394,49 @@ class CaptionJudge:
         planned = Usage()
         for n, item in enumerate(items):
             planned += sum(self.plan_item(item).values(), Usage())
-            reason = self.budget.over(planned)
-            if reason:
-                self.budget.exhausted = reason
+            if self.budget.refuse(planned):
                 return n
         return len(items)
 
     def plan_item(self, item: JudgeItem) -> dict[str, Usage]:
         """Estimated usage of an item's first requests by judge key (every sample; no re-asks)."""
         prompt = self.render(item)
-        return {jl.key: self._plan(jl, [prompt] * self.cfg.samples, jl.max_new_tokens) for jl in self.judges}
+        return {jl.key: self.budget.plan(jl.llm, [prompt] * self.cfg.samples, jl.max_new_tokens) for jl in self.judges}
 
-    def _plan(self, jl: JudgeLLM, prompts: list[str], max_new_tokens: int) -> Usage:
-        tokens = {p: count_tokens(jl.llm, p) for p in set(prompts)}
-        return self.budget.usage(jl.llm.model_id, len(prompts), sum(tokens[p] for p in prompts),
-                                 max_new_tokens * len(prompts))
+    # -- pairwise --------------------------------------------------------------------------
+    def pairwise_preference(self, item_a: JudgeItem, item_b: JudgeItem) -> PairwiseResult:
+        """Ask the main judge LLM (template ``pairwise``, greedy) which of two answers to the same
+        question is better, once as (A, B) and once as (B, A); only a verdict both orders agree on
+        counts. Two requests, counted by the budget (:class:`BudgetExceeded` before sending when
+        they do not fit). The caption is the evidence: evidence=frames is not supported."""
+        if item_a.qa_id != item_b.qa_id:
+            raise ValueError(f"pairwise_preference compares answers to one question, got {item_a.qa_id} and {item_b.qa_id}")
+        if self.cfg.evidence != "caption":
+            raise ValueError("pairwise_preference judges from the caption; judge.evidence=frames is not supported")
+        main = self.judges[0]
+        prompts = [self._render_pair(item_a, item_b), self._render_pair(item_b, item_a)]
+        refused = self.budget.refuse(self.budget.plan(main.llm, prompts, main.max_new_tokens))
+        if refused:
+            raise BudgetExceeded(refused)
+        ab, ba = self._send(main, prompts, None, temperature=0.0, max_new_tokens=main.max_new_tokens, seed=None)
+        verdict_ab, why_ab = _pairwise_verdict(ab, "A", "B", "(A, B)")
+        verdict_ba, why_ba = _pairwise_verdict(ba, "B", "A", "(B, A)")
+        failures = [w for w in (why_ab, why_ba) if w]
+        if failures:
+            preference = None
+        elif verdict_ab != verdict_ba or verdict_ab == "tie":
+            preference = 0
+        else:
+            preference = 1 if verdict_ab == "A" else -1
+        return PairwiseResult(preference, verdict_ab, verdict_ba, ab.text, ba.text, "; ".join(failures) or None,
+                              self.llm.model_id, _pairwise_template().hash)
 
+    def _render_pair(self, first: JudgeItem, second: JudgeItem) -> str:
+        words = self.cfg.max_answer_words
+        return _pairwise_template().render(caption=first.caption, question=first.question, answer=first.reference,
+                                           answer_1=truncate_words(first.answer, words),
+                                           answer_2=truncate_words(second.answer, words))
 
-def _check_config(cfg: JudgeConfig) -> None:
-    """Refuse setting combinations that cannot work together."""
-    if cfg.mode != "generate" and (cfg.protocol != "caption_reward" or cfg.samples > 1 or cfg.ensemble
-                                   or cfg.evidence != "caption"):
-        raise ValueError(f"judge.mode={cfg.mode} reads one model's 'Score: ' digits: it needs protocol "
-                         "caption_reward, samples=1, no ensemble and evidence=caption")
-    if cfg.evidence == "frames" and cfg.protocol != "caption_reward":
-        raise ValueError("judge.evidence=frames replaces the caption of protocol caption_reward; "
-                         f"protocol {cfg.protocol} has no caption")
-
-
-def _majority(verdicts: list[str]) -> str | None:
-    """The most frequent verdict; None when there is none or the top two tie (not a coin flip)."""
-    ranked = Counter(verdicts).most_common(2)
-    if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
-        return None
-    return ranked[0][0]
-
-
-def _reply_text(reply: Reply) -> str:
-    return f"(backend failed: {reply.error})" if reply.error is not None else reply.text
-
-
-def count_tokens(llm, text: str) -> int:
-    """Prompt tokens of ``text`` as ``llm`` will see it: its tokenizer with its chat template for
-    the hf backend, else ``len(text) / 4`` rounded up (a common rule of thumb for English)."""
-    tokenizer = None
-    if llm.backend == "hf":
-        backend = getattr(llm, "llm", llm)  # a CachedLLM keeps the backend in .llm
-        tokenizer = getattr(backend, "tokenizer", None)
-    if tokenizer is None:
-        return math.ceil(len(text) / 4)
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    return len(tokenizer(chat, add_special_tokens=False)["input_ids"])
-
-
-def estimate(judge: CaptionJudge, items: list[JudgeItem]) -> dict:
-    """What judging ``items`` would send, without sending anything (``judge --dry-run``).
-
-    Requests = items x samples x judges; prompt tokens by :func:`count_tokens`; completion tokens
-    at each judge's ``max_new_tokens`` (an upper bound); cost from ``price_per_million`` (None
-    when a judge model has no price). Re-asks depend on the replies and are not included, nor
-    are image tokens (``images`` counts the frames that would be sent). ``over_budget`` says
-    which ceiling the whole run would pass, if any.
-    """
-    per_judge: dict[str, Usage] = {jl.key: Usage() for jl in judge.judges}
-    for item in items:
-        for key, usage in judge.plan_item(item).items():
-            per_judge[key] += usage
-    total = sum(per_judge.values(), Usage())
-    images = len(items) * judge.cfg.samples * len(judge.judges) * judge.cfg.frames_num if judge.cfg.evidence == "frames" else 0
-    return {"items": len(items), **total.as_dict(), "images": images,
-            "judges": {key: u.as_dict() for key, u in per_judge.items()}, "over_budget": judge.budget.over(total)}
-
-
-# -- pairwise --------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class PairwiseResult:
@@ -673,42 +467,6 @@ def _pairwise_template() -> Template:
     return load_template("pairwise")
 
 
-def pairwise_preference(judge: CaptionJudge, item_a: JudgeItem, item_b: JudgeItem) -> PairwiseResult:
-    """Ask the main judge LLM (template ``pairwise``, greedy) which of two answers to the same
-    question is better, once as (A, B) and once as (B, A); only a verdict both orders agree on
-    counts. Two requests, counted by the judge's budget (:class:`BudgetExceeded` before sending
-    when they do not fit). The caption is the evidence: evidence=frames is not supported."""
-    if item_a.qa_id != item_b.qa_id:
-        raise ValueError(f"pairwise_preference compares answers to one question, got {item_a.qa_id} and {item_b.qa_id}")
-    if judge.cfg.evidence != "caption":
-        raise ValueError("pairwise_preference judges from the caption; judge.evidence=frames is not supported")
-    template = _pairwise_template()
-    words = judge.cfg.max_answer_words
-
-    def render(first: JudgeItem, second: JudgeItem) -> str:
-        return template.render(caption=first.caption, question=first.question, answer=first.reference,
-                               answer_1=truncate_words(first.answer, words), answer_2=truncate_words(second.answer, words))
-
-    main = judge.judges[0]
-    prompts = [render(item_a, item_b), render(item_b, item_a)]
-    refused = judge.budget.over(judge._plan(main, prompts, main.max_new_tokens))
-    if refused:
-        judge.budget.exhausted = refused
-        raise BudgetExceeded(refused)
-    ab, ba = judge._send(main, prompts, None, temperature=0.0, max_new_tokens=main.max_new_tokens, seed=None)
-    verdict_ab, why_ab = _pairwise_verdict(ab, "A", "B", "(A, B)")
-    verdict_ba, why_ba = _pairwise_verdict(ba, "B", "A", "(B, A)")
-    failures = [w for w in (why_ab, why_ba) if w]
-    if failures:
-        preference = None
-    elif verdict_ab != verdict_ba or verdict_ab == "tie":
-        preference = 0
-    else:
-        preference = 1 if verdict_ab == "A" else -1
-    return PairwiseResult(preference, verdict_ab, verdict_ba, ab.text, ba.text, "; ".join(failures) or None,
-                          judge.llm.model_id, template.hash)
-
-
 def _pairwise_verdict(reply: Reply, first: str, second: str, order: str) -> tuple[str | None, str | None]:
     """('A' | 'B' | 'tie', None) from a reply that showed ``first`` as answer 1, or (None, why)."""
     if reply.error is not None:
@@ -719,14 +477,30 @@ def _pairwise_verdict(reply: Reply, first: str, second: str, order: str) -> tupl
     return {"1": first, "2": second, "tie": "tie"}[choice], None
 
 
-# -- stages ----------------------------------------------------------------------------------
+def _check_config(cfg: JudgeConfig) -> None:
+    """Refuse setting combinations that cannot work together."""
+    if cfg.mode != "generate" and (cfg.protocol != "caption_reward" or cfg.samples > 1 or cfg.ensemble
+                                   or cfg.evidence != "caption"):
+        raise ValueError(f"judge.mode={cfg.mode} reads one model's 'Score: ' digits: it needs protocol "
+                         "caption_reward, samples=1, no ensemble and evidence=caption")
+    if cfg.evidence == "frames" and cfg.protocol != "caption_reward":
+        raise ValueError("judge.evidence=frames replaces the caption of protocol caption_reward; "
+                         f"protocol {cfg.protocol} has no caption")
 
-def candidate_items(videos: dict[str, Video], qa: dict[str, QAItem], candidates: Iterable[Candidate]) -> Iterator[JudgeItem]:
-    for c in candidates:
-        q = qa[c.qa_id]
-        v = videos[q.video_id]
-        yield JudgeItem(c.id, c.qa_id, v.caption, q.question, q.answer, c.answer, v.video)
 
+def _majority(verdicts: list[str]) -> str | None:
+    """The most frequent verdict; None when there is none or the top two tie (not a coin flip)."""
+    ranked = Counter(verdicts).most_common(2)
+    if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
+        return None
+    return ranked[0][0]
+
+
+def _reply_text(reply: Reply) -> str:
+    return f"(backend failed: {reply.error})" if reply.error is not None else reply.text
+
+
+# -- judging many, resumably -----------------------------------------------------------------
 
 def check_same_judge(judge: CaptionJudge, out: RecordFile[Judgment]) -> None:
     """Resuming must not mix two judges' scores in one file: refuse when the recorded judge,
@@ -743,13 +517,15 @@ def check_same_judge(judge: CaptionJudge, out: RecordFile[Judgment]) -> None:
 
 
 def judge_items(judge: CaptionJudge, items: list[JudgeItem], out: RecordFile[Judgment], *,
-                batch_size: int = 8, retry_failed: bool = False, desc: str = "judge") -> list[Judgment]:
-    """Judge every item not already judged in ``out``; appends batch by batch so a crash loses at
-    most one batch. ``retry_failed`` first drops recorded failures so they are judged again.
+                batch_size: int | None = None, retry_failed: bool = False, desc: str = "judge") -> list[Judgment]:
+    """Judge every item not already judged in ``out``; appends batch by batch (of
+    ``judge.batch_size`` items unless ``batch_size`` says otherwise) so a crash loses at most one
+    batch. ``retry_failed`` first drops recorded failures so they are judged again.
 
     When the judge's budget would be passed, the affordable part of the batch is judged and
     saved, then :class:`BudgetExceeded` is raised: nothing judged is lost, and running again
     (with a fresh or larger budget) goes on from there."""
+    batch_size = batch_size or judge.batch_size
     if retry_failed and out.exists():
         out.write([j for j in out.read() if j.failure is None])
     check_same_judge(judge, out)

@@ -45,6 +45,16 @@ class Reply:
     error: str | None = None
 
 
+def _weights(model: str, cache_dir: str | Path) -> str | Path:
+    """Where a local backend loads ``model`` from: the embedded default's converted folder
+    (built once in ``cache_dir``), else the hub id or path as given."""
+    if model == BUILTIN_LLM:
+        from capdpo.packaged import smollm2_dir
+
+        return smollm2_dir(Path(cache_dir))
+    return model
+
+
 class HFChatLLM:
     """A local chat model; ``chat`` is batched greedy or sampled generation."""
 
@@ -53,12 +63,7 @@ class HFChatLLM:
     def __init__(self, model: str, cache_dir: str | Path, device: str = "auto", batch_size: int = 8):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if model == BUILTIN_LLM:
-            from capdpo.packaged import smollm2_dir
-
-            path = smollm2_dir(Path(cache_dir))
-        else:
-            path = model
+        path = _weights(model, cache_dir)
         self.model_id = model
         self.device = resolve_device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -350,12 +355,7 @@ class VLLMChatLLM:
                               f"(or use backend hf or openai) - {e}") from e
         self._vllm = vllm
         self.model_id = model
-        if model == BUILTIN_LLM:
-            from capdpo.packaged import smollm2_dir
-
-            path = smollm2_dir(Path(cache_dir))
-        else:
-            path = model
+        path = _weights(model, cache_dir)
         self.engine = vllm.LLM(model=str(path), tokenizer=str(path), seed=seed)
 
     def chat(self, prompts: list[str], *, temperature: float = 0.0, top_p: float = 1.0,

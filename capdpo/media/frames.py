@@ -17,12 +17,10 @@ import av
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from capdpo.errors import FrameError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 DONE_MARKER = ".done"  # written last into a finished frame folder; its JSON holds the settings
-
-
-class FrameError(ValueError):
-    """A video or frame folder that cannot be read; the message starts with its path."""
 
 
 def _natural_key(name: str) -> list[int | str]:

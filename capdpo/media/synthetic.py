@@ -12,7 +12,6 @@ check answers against ``scenes.jsonl`` later.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import asdict, dataclass, field
@@ -22,7 +21,7 @@ import av
 from PIL import Image, ImageDraw
 
 from capdpo.media.frames import sample_indices
-from capdpo.records import Video, write_jsonl
+from capdpo.records import RecordError, Video, atomic_path, read_jsonl, write_jsonl
 
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -230,12 +229,10 @@ def video_codec() -> str:
 
 
 def render_scene(scene: Scene, path: str | os.PathLike) -> Path:
-    """Render the scene to an mp4 (yuv420p) at ``path``; written to a temp file, then renamed."""
+    """Render the scene to an mp4 (yuv420p) at ``path``, atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     codec = video_codec()
-    with av.open(str(tmp), "w", format="mp4") as container:
+    with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
         stream = container.add_stream(codec, rate=scene.fps)
         stream.width, stream.height, stream.pix_fmt = scene.width, scene.height, "yuv420p"
         if codec == "libx264":
@@ -246,7 +243,6 @@ def render_scene(scene: Scene, path: str | os.PathLike) -> Path:
             frame = av.VideoFrame.from_image(draw_frame(scene, f))
             container.mux(stream.encode(frame))
         container.mux(stream.encode())  # flush the encoder's delayed frames
-    tmp.replace(path)
     return path
 
 
@@ -467,17 +463,12 @@ def scene_qa(scene: Scene) -> list[tuple[str, str, str]]:
 
 def load_scenes(path: str | os.PathLike) -> dict[str, Scene]:
     """Scenes by video id from a ``scenes.jsonl`` written by :func:`make_synthetic_dataset`."""
-    path = Path(path)
     out = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                out[row["id"]] = Scene.from_dict(row["scene"])
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{lineno}: not a scene row ({e!r})") from None
+    for lineno, row in read_jsonl(path):
+        try:
+            out[row["id"]] = Scene.from_dict(row["scene"])
+        except (KeyError, TypeError) as e:
+            raise RecordError(f"{path}:{lineno}: not a scene row ({e!r})") from None
     return out
 
 

@@ -46,7 +46,7 @@ from safetensors.torch import save
 from capdpo.hashing import file_hash, sha256_json
 from capdpo.media.frames import list_frame_files
 from capdpo.policy.base import EncodedVideo, VideoLayout, VideoPolicy, read_processor_config, spec_from_dict
-from capdpo.records import Video
+from capdpo.records import Video, atomic_path
 
 log = logging.getLogger("capdpo")
 
@@ -152,15 +152,10 @@ class EmbeddingCache:
 
     @staticmethod
     def _write(path: Path, encoded: EncodedVideo, video: Video) -> None:
-        """Write an entry atomically: temp file, fsync, rename."""
+        """Write an entry atomically."""
         tensors = {"embeds": encoded.embeds.detach().cpu().contiguous()}
         tensors |= {f"deepstack.{i}": d.detach().cpu().contiguous() for i, d in enumerate(encoded.deepstack)}
         metadata = {"format": ENTRY_FORMAT, "layout": json.dumps(asdict(encoded.layout)),
                     "deepstack": str(len(encoded.deepstack)), "video": video.video}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as f:
-            f.write(save(tensors, metadata))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(save(tensors, metadata))
