@@ -20,13 +20,16 @@ from capdpo.config import EvaluateConfig, FramesConfig
 from capdpo.errors import ITEM_ERRORS, ItemErrors
 from capdpo.judge.judge import CaptionJudge, JudgeItem, judge_items
 from capdpo.policy.base import VideoPolicy
-from capdpo.policy.video import encode_video
+from capdpo.policy.embed_cache import EmbeddingCache
+from capdpo.policy.video import VideoEncoder
 from capdpo.records import EvalSummary, Judgment, Prediction, QAItem, RecordFile, Video
 from capdpo.rundir import HELD_OUT
 
 
-def predict(videos: dict[str, Video], questions: list[QAItem], policy: VideoPolicy, out: RecordFile[Prediction],
-            cfg: EvaluateConfig, frames: FramesConfig, errors: ItemErrors) -> None:
+def predict(videos: dict[str, Video], questions: list[QAItem], encoder: VideoEncoder, out: RecordFile[Prediction],
+            cfg: EvaluateConfig, errors: ItemErrors) -> None:
+    """Greedy answers of ``encoder.policy`` to the ``questions`` ``out`` lacks, each video encoded once."""
+    policy = encoder.policy
     done = out.ids()
     todo = [q for q in questions if q.id not in done]
     if not todo:
@@ -37,7 +40,7 @@ def predict(videos: dict[str, Video], questions: list[QAItem], policy: VideoPoli
     with tqdm(total=len(todo), desc=f"evaluate: answer ({policy.name})", unit="question") as bar:
         for video_id, qs in by_video.items():
             try:
-                video = encode_video(policy, videos[video_id], frames, [q.question for q in qs], cfg.max_new_tokens)
+                video = encoder.encode(videos[video_id], [q.question for q in qs], cfg.max_new_tokens)
             except ITEM_ERRORS as e:
                 errors.record(video_id, e)
                 bar.update(len(qs))
@@ -93,10 +96,12 @@ def format_summary(s: EvalSummary) -> str:
 def run_evaluate(tag: str, videos: dict[str, Video], questions: list[QAItem], policy: VideoPolicy, judge: CaptionJudge,
                  predictions: RecordFile[Prediction], judgments: RecordFile[Judgment], cfg: EvaluateConfig,
                  frames: FramesConfig, *, dataset: str = HELD_OUT, round_: int = 1, skipped: int = 0,
-                 fail_fast: bool = False) -> EvalSummary:
-    """Answer ``questions`` with ``policy`` (greedy) and judge the answers with ``judge``'s protocol."""
+                 embed_cache: EmbeddingCache | None = None, fail_fast: bool = False) -> EvalSummary:
+    """Answer ``questions`` with ``policy`` (greedy) and judge the answers with ``judge``'s protocol.
+    ``embed_cache``: the videos' embeddings come from (and go to) it, so evaluating before and
+    after training (a frozen encoder) encodes each video once."""
     errors = ItemErrors(f"evaluate {dataset}", fail_fast)
-    predict(videos, questions, policy, predictions, cfg, frames, errors)
+    predict(videos, questions, VideoEncoder(policy, frames, embed_cache), predictions, cfg, errors)
     qa = {q.id: q for q in questions}
     items = [JudgeItem.for_answer(videos[p.video_id], qa[p.qa_id], p.answer, p.id) for p in predictions.read() if p.qa_id in qa]
     graded = judge_items(judge, items, judgments, desc=f"evaluate: judge ({summary_id(tag, dataset)})")

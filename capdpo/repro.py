@@ -112,7 +112,7 @@ def sft_start(run: Run) -> Path:
     their own seed (never the run's train or test clips): the policy DPO starts from and is compared to."""
     from capdpo.media.synthetic import make_synthetic_dataset
     from capdpo.models.sft import SFTExample, supervised_finetune
-    from capdpo.policy.video import plan_video
+    from capdpo.policy.video import VideoEncoder
 
     cfg = run.cfg.repro
     out = run.paths.top / "sft" / "policy"
@@ -122,10 +122,8 @@ def sft_start(run: Run) -> Path:
         return Path(run.policy.path)
     clips = make_synthetic_dataset(run.paths.media / "sft", cfg.sft_videos, cfg.sft_seed)
     policy = run.policy
-    pixels = {}
-    for clip in clips:
-        images, layout = plan_video(policy, clip.video, run.cfg.frames)
-        pixels[clip.video.id] = policy.preprocess(images, layout)
+    encoder = VideoEncoder(policy, run.cfg.frames)
+    pixels = {clip.video.id: encoder.pixels(clip.video) for clip in clips}
     examples = [SFTExample(clip.video.id, q, a) for clip in clips for q, a, _ in clip.qa]
     losses = supervised_finetune(policy, pixels, examples, epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size,
                                  lr=cfg.sft_lr, seed=cfg.sft_seed)
@@ -292,7 +290,7 @@ def evaluate_policy(run: Run, name: str, model_dir: Path) -> dict[str, dict]:
     run.use_policy(str(model_dir))
     run_evaluate(slug(name), run.paths.videos.by_id(), questions, run.policy, run.eval_judge(run.cfg.judge.protocol),
                  RecordFile(d / "predictions.jsonl", Prediction), RecordFile(d / "judgments.jsonl", Judgment),
-                 run.cfg.evaluate, run.cfg.frames, fail_fast=run.cfg.fail_fast)
+                 run.cfg.evaluate, run.cfg.frames, embed_cache=run.embedding_cache, fail_fast=run.cfg.fail_fast)
     oracle = oracle_scores(load_answers(d / "predictions.jsonl"), {q.id: q for q in questions}, scenes(run.paths))
     oracle.write(d / "oracle.jsonl")
     judged = {j.id: j.score for j in RecordFile(d / "judgments.jsonl", Judgment).read()}

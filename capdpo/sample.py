@@ -1,6 +1,6 @@
 """Stage 5: N candidate answers per training question, sampled from the policy.
 
-Every video is decoded once and its frames fitted to the policy's token budget (``policy.video.plan_video``).
+Every video is decoded once and its frames fitted to the policy's token budget (``policy.video.VideoEncoder``).
 Two backends sample from them:
 
 * ``hf``: the video is encoded once; a question's N samples come from one generate call of N rows
@@ -21,14 +21,13 @@ from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm import tqdm
 
 from capdpo.config import FramesConfig, SampleConfig
 from capdpo.errors import ITEM_ERRORS, ItemErrors
-from capdpo.policy.base import VideoLayout, VideoPolicy
-from capdpo.policy.video import plan_video
+from capdpo.policy.base import EncodedVideo, VideoLayout, VideoPolicy
+from capdpo.policy.video import PlannedVideo, VideoEncoder
 from capdpo.records import Candidate, QAItem, RecordFile, Video
 from capdpo.shards import read_shards, shard_file, shard_of
 
@@ -52,9 +51,10 @@ class HFBackend:
     def __init__(self, policy: VideoPolicy, cfg: SampleConfig):
         self.policy, self.cfg = policy, cfg
 
-    def submit(self, images, layout, questions: list[QAItem]) -> Iterator[tuple[QAItem, int, list[str]]]:
-        with torch.inference_mode():
-            video = self.policy.encode(self.policy.preprocess(images, layout))
+    def prepare(self, encoder: VideoEncoder, video: Video, questions: list[str]) -> EncodedVideo:
+        return encoder.encode(video, questions, self.cfg.max_new_tokens)
+
+    def submit(self, video: EncodedVideo, questions: list[QAItem]) -> Iterator[tuple[QAItem, int, list[str]]]:
         for q in questions:
             seed = question_seed(self.cfg.seed, q.id)
             yield q, seed, self.policy.generate(video, q.question, n=self.cfg.n, temperature=self.cfg.temperature,
@@ -84,9 +84,13 @@ class VllmBackend:
                                limit_mm_per_prompt={"video": 1})
         self.pending: list[tuple[QAItem, int, dict]] = []
 
-    def submit(self, images, layout, questions: list[QAItem]) -> Iterator[tuple[QAItem, int, list[str]]]:
+    def prepare(self, encoder: VideoEncoder, video: Video, questions: list[str]) -> PlannedVideo:
+        return encoder.plan(video, questions, self.cfg.max_new_tokens)
+
+    def submit(self, video: PlannedVideo, questions: list[QAItem]) -> Iterator[tuple[QAItem, int, list[str]]]:
         for q in questions:
-            self.pending.append((q, question_seed(self.cfg.seed, q.id), vllm_request(self.policy, q.question, images, layout)))
+            request = vllm_request(self.policy, q.question, video.images, video.layout)
+            self.pending.append((q, question_seed(self.cfg.seed, q.id), request))
         if len(self.pending) >= self.cfg.batch_size:
             yield from self.flush()
 
@@ -118,6 +122,7 @@ def run_sample(videos_file: RecordFile[Video], qa_file: RecordFile[QAItem], out:
     if not todo:
         return errors
     backend = VllmBackend(policy, cfg, dtype) if cfg.backend == "vllm" else HFBackend(policy, cfg)
+    encoder = VideoEncoder(policy, frames)
     layouts: dict[str, VideoLayout] = {}
     with tqdm(total=sum(map(len, todo.values())), desc=f"sample ({cfg.backend})", unit="question") as bar:
 
@@ -132,13 +137,13 @@ def run_sample(videos_file: RecordFile[Video], qa_file: RecordFile[QAItem], out:
 
         for video_id, questions in todo.items():
             try:
-                images, layouts[video_id] = plan_video(policy, videos[video_id], frames, [q.question for q in questions],
-                                                       cfg.max_new_tokens)
+                video = backend.prepare(encoder, videos[video_id], [q.question for q in questions])
             except ITEM_ERRORS as e:
                 errors.record(video_id, e)
                 bar.update(len(questions))
                 continue
-            write(backend.submit(images, layouts[video_id], questions))
+            layouts[video_id] = video.layout
+            write(backend.submit(video, questions))
         write(backend.flush())
     return errors
 

@@ -16,7 +16,7 @@ from capdpo.media.synthetic import random_scene, render_scene
 from capdpo.models.load import load_policy
 from capdpo.policy.base import EncodedVideo, VideoLayout, VideoPolicy
 from capdpo.policy.embed_cache import EmbeddingCache, content_hash, entry_key
-from capdpo.policy.video import encode_video, plan_video
+from capdpo.policy.video import VideoEncoder, plan_video
 from capdpo.records import Video
 
 FRAMES = FramesConfig(num_frames=4)
@@ -57,18 +57,18 @@ def assert_same(a: EncodedVideo, b: EncodedVideo) -> None:
 
 
 def test_hit_skips_the_vision_tower_and_equals_a_fresh_encode(policy, clip, tmp_path, vision_calls):
-    fresh = encode_video(policy, clip, FRAMES, ["What moves?"], 8)
+    fresh = VideoEncoder(policy, FRAMES).encode(clip, ["What moves?"], 8)
     calls = vision_calls
     calls.clear()
     first = EmbeddingCache(tmp_path / "emb")
-    miss = first.get_or_encode(policy, clip, FRAMES, ["What moves?"], 8)
+    miss = VideoEncoder(policy, FRAMES, first).encode(clip, ["What moves?"], 8)
     assert_same(miss, fresh)
     assert not miss.embeds.is_inference() and not miss.embeds.requires_grad  # a training forward may use it
     assert (first.hits, first.misses) == (0, 1) and calls
     calls.clear()
     again = EmbeddingCache(tmp_path / "emb")  # a later run: the entry comes from disk
     for _ in range(2):
-        hit = again.get_or_encode(policy, clip, FRAMES, ["What moves?"], 8)
+        hit = VideoEncoder(policy, FRAMES, again).encode(clip, ["What moves?"], 8)
         assert_same(hit, fresh)
         assert not hit.embeds.is_inference() and not hit.embeds.requires_grad
     assert (again.hits, again.misses) == (2, 0) and not calls
@@ -107,13 +107,13 @@ def test_key_follows_video_bytes_frame_count_and_vision_weights(policy, clip, ti
 def test_damaged_entry_is_logged_and_encoded_again(policy, tmp_path, caplog):
     video = frame_folder(tmp_path / "v", seed=1)
     cache = EmbeddingCache(tmp_path / "emb")
-    fresh = cache.get_or_encode(policy, video, FRAMES)
+    fresh = VideoEncoder(policy, FRAMES, cache).encode(video)
     (entry,) = (tmp_path / "emb").rglob("*.safetensors")
     entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # e.g. a disk that filled up
     with caplog.at_level(logging.WARNING, logger="capdpo"):
-        assert_same(cache.get_or_encode(policy, video, FRAMES), fresh)
+        assert_same(VideoEncoder(policy, FRAMES, cache).encode(video), fresh)
     assert str(entry) in caplog.text and (cache.hits, cache.misses) == (0, 2)
-    assert_same(cache.get_or_encode(policy, video, FRAMES), fresh)  # rewritten whole
+    assert_same(VideoEncoder(policy, FRAMES, cache).encode(video), fresh)  # rewritten whole
     assert cache.hits == 1
 
 

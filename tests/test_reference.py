@@ -11,22 +11,16 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from capdpo import reference
 from capdpo.cli import app
 from capdpo.config import FramesConfig, TrainConfig
 from capdpo.models.load import load_policy
+from capdpo.policy import reference_logps
 from capdpo.policy.base import VideoPolicy
 from capdpo.policy.embed_cache import EmbeddingCache
-from capdpo.policy.video import encode_video
+from capdpo.policy.reference_logps import ReferenceMismatch, load_reference, pair_hash, reference_fingerprint
+from capdpo.policy.video import VideoEncoder
 from capdpo.records import PreferencePair, RecordFile, ReferenceLogps, Video
-from capdpo.reference import (
-    ReferenceMismatch,
-    load_reference,
-    merge_reference_shards,
-    pair_hash,
-    precompute_reference,
-    reference_fingerprint,
-)
+from capdpo.reference import merge_reference_shards, precompute_reference
 from capdpo.rundir import RunPaths
 from capdpo.shards import shard_file, shard_of
 
@@ -75,7 +69,7 @@ def test_precomputed_values_equal_the_trainer_reference(policy, tmp_path):
 
     prompts = {v: [p.prompt for p in pairs if p.video_id == v] for v in videos}
     for p in pairs:  # the reference as the trainer computes it on the fly: two rows per pair, a fresh encode
-        video = encode_video(policy, videos[p.video_id], FRAMES, prompts[p.video_id], CFG.max_response_tokens)
+        video = VideoEncoder(policy, FRAMES).encode(videos[p.video_id], prompts[p.video_id], CFG.max_response_tokens)
         prompt = policy.prompt_ids(p.prompt, video.layout)
         answers = [policy.response_ids(a, CFG.max_response_tokens) for a in (p.chosen, p.rejected)]
         with torch.inference_mode():
@@ -94,15 +88,15 @@ def test_interrupted_pass_resumes_without_recomputing_done_pairs(policy, tmp_pat
     precompute_reference(pairs, videos, policy, CFG, FRAMES, whole, batch_size=1)
 
     scored: list[str] = []
-    forward = reference.reference_logps
+    forward = reference_logps.pair_logps
 
-    def counting(policy, videos, prompts, chosen, rejected, shared_prefix):
+    def counting(policy, videos, batch, shared_prefix):
         if len(scored) == limit:
             raise KeyboardInterrupt
-        scored.append(policy.tokenizer.decode(chosen[0]))
-        return forward(policy, videos, prompts, chosen, rejected, shared_prefix)
+        scored.append(policy.tokenizer.decode(batch[0].chosen))
+        return forward(policy, videos, batch, shared_prefix)
 
-    monkeypatch.setattr(reference, "reference_logps", counting)
+    monkeypatch.setattr(reference_logps, "pair_logps", counting)
     limit = 2
     with pytest.raises(KeyboardInterrupt):
         precompute_reference(pairs, videos, policy, CFG, FRAMES, out, batch_size=1)

@@ -34,6 +34,7 @@ from jinja2 import TemplateError
 from PIL import Image
 
 from capdpo.errors import OverBudgetError
+from capdpo.policy.packing import TREE_MASK_ATTENTION, pack_pairs, tree_mask
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,6 @@ SPEC_FILE = "capdpo_video.json"
 DEFAULT_FPS = 2.0  # frame rate assumed for frames without timing (the paper's frame folders are 2 fps)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's, the paper's setting
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# Attention implementations that apply a custom 4D mask as given (transformers' create_causal_mask
-# returns a 4D mask untouched), and the form each expects: sdpa a boolean "may attend" mask, eager
-# an additive one. Others (flash attention) take no such mask: pair_logps then runs two rows a pair.
-TREE_MASK_ATTENTION = ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
@@ -398,78 +395,27 @@ class VideoPolicy:
                    rejected: list[list[int]]) -> PairLogprobs:
         """Summed log-probs and token counts of ``chosen[i]`` and ``rejected[i]`` given ``prompts[i]``
         and ``videos[i]``: the numbers of ``sequence_logps(videos + videos, prompts + prompts,
-        chosen + rejected)``, with the prompt (video tokens included) run once for both answers.
-
-        Each pair is one row, right-padded, whose rejected branch restarts where the chosen one
-        started (P prompt, C chosen, R rejected tokens; Qwen's multimodal positions likewise reuse
-        those of the linear row at offset P + j):
-
-            tokens     p0 .. pP-1 | c0 .. cC-1  | r0 .. rR-1  | pad
-            positions  0  .. P-1  | P  .. P+C-1 | P  .. P+R-1 | (any)
-
-        and a tree-shaped mask (query rows, key columns): the prompt is causal, an answer sees the
-        prompt and its own earlier tokens, never the other answer; padding sees itself only.
-
-                 p p p c c r r r
-            p    x
-            p    x x
-            p    x x x
-            c    x x x x
-            c    x x x x x
-            r    x x x     x
-            r    x x x     x x
-            r    x x x     x x x
-
-        c0 and r0 are both predicted from the hidden state of pP-1, cj from cj-1 and rj from rj-1.
-        Without a 4D-mask attention (``shares_prompt_prefix`` false) it runs two rows per pair."""
+        chosen + rejected)``, with the prompt (video tokens included) run once for both answers:
+        each pair is one row behind a tree-shaped mask (``capdpo.policy.packing``). Without a
+        4D-mask attention (``shares_prompt_prefix`` false) it runs two rows per pair."""
         n = len(prompts)
+        text = self.model.config.get_text_config()
         if not self.shares_prompt_prefix:
             log_once(f"{self.name}: pair log-probs run chosen and rejected as two rows (attention "
-                     f"{self.model.config.get_text_config()._attn_implementation!r} takes no custom 4D mask, or sliding-window layers)")
+                     f"{text._attn_implementation!r} takes no custom 4D mask, or sliding-window layers)")
             logps, counts = self.sequence_logps([*videos, *videos], prompts + prompts, chosen + rejected)
             return PairLogprobs(logps[:n], logps[n:], counts[:n], counts[n:])
-        rows = [p + c + r for p, c, r in zip(prompts, chosen, rejected)]
-        width = max(map(len, rows))
-        pad = self.tokenizer.pad_token_id
-        ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=self.device)
-        real = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=self.device)
-        # prompt 0, chosen 1, rejected 2, padding -1
-        segment = torch.tensor([[0] * len(p) + [1] * len(c) + [2] * len(r) + [-1] * (width - len(row))
-                                for p, c, r, row in zip(prompts, chosen, rejected, rows)], device=self.device)
-        # the linear-row offset whose position each token takes: rejected token j that of chosen token j
-        source = torch.tensor([[*range(len(p) + len(c)), *range(len(p), len(p) + len(r)), *range(len(row), width)]
-                               for p, c, r, row in zip(prompts, chosen, rejected, rows)], device=self.device)
-        natural = self._position_ids(ids, real, videos)
-        hidden = self.model.model(input_ids=ids, attention_mask=self._tree_mask(segment), use_cache=False,
-                                  position_ids=natural.gather(-1, source.expand_as(natural)),
+        packed = pack_pairs(prompts, chosen, rejected, self.tokenizer.pad_token_id, self.device)
+        natural = self._position_ids(packed.ids, packed.real, videos)
+        hidden = self.model.model(input_ids=packed.ids, use_cache=False,
+                                  attention_mask=tree_mask(packed.segment, text._attn_implementation, self.model.dtype),
+                                  position_ids=natural.gather(-1, packed.source.expand_as(natural)),
                                   mm_encoder_outputs={"video": self._video_outputs(videos)},
-                                  **self._forward_kwargs(ids, videos)).last_hidden_state
-        # (row, predicting position, target, output slot): chosen answers fill slots 0..n-1, rejected n..2n-1
-        picks = []
-        for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
-            last_prompt, rejected_start = len(p) - 1, len(p) + len(c)
-            picks += [(i, last_prompt + j, t, i) for j, t in enumerate(c)]
-            picks += [(i, last_prompt if j == 0 else rejected_start + j - 1, t, n + i) for j, t in enumerate(r)]
-        row, position, target, slot = torch.tensor(picks, dtype=torch.long, device=self.device).reshape(-1, 4).unbind(1)
-        flat = self._logps_at(hidden, row, position, target)
-        sums = torch.zeros(2 * n, device=flat.device, dtype=flat.dtype).index_add(0, slot, flat)
-        counts = torch.bincount(slot, minlength=2 * n)
+                                  **self._forward_kwargs(packed.ids, videos)).last_hidden_state
+        flat = self._logps_at(hidden, packed.row, packed.position, packed.target)
+        sums = torch.zeros(2 * n, device=flat.device, dtype=flat.dtype).index_add(0, packed.slot, flat)
+        counts = torch.bincount(packed.slot, minlength=2 * n)
         return PairLogprobs(sums[:n], sums[n:], counts[:n], counts[n:])
-
-    def _tree_mask(self, segment: torch.Tensor) -> torch.Tensor:
-        """``(rows, 1, length, length)`` attention mask of packed pairs from each position's segment
-        (prompt 0, chosen 1, rejected 2, padding -1), in the form the attention implementation takes."""
-        query, key = segment[:, :, None], segment[:, None, :]
-        offsets = torch.arange(segment.shape[1], device=segment.device)
-        causal = offsets[:, None] >= offsets[None, :]
-        allowed = causal & (query >= 0) & ((key == 0) | (key == query))
-        # a padding query attends to itself alone: no empty softmax row, so no NaN
-        allowed |= (query < 0) & (offsets[:, None] == offsets[None, :])
-        allowed = allowed.unsqueeze(1)
-        if self.model.config.get_text_config()._attn_implementation == "sdpa":
-            return allowed
-        dtype = self.model.dtype
-        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
     def _logps_at(self, hidden: torch.Tensor, row: torch.Tensor, position: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Log-prob of each ``target`` under the hidden state at (``row``, ``position``). Only these

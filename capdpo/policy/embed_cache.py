@@ -2,10 +2,12 @@
 
 With the vision tower and projector frozen (the paper's DPO), a video's embeddings are the same
 for its chosen and rejected rows, for the reference pass, for every epoch and for every later run
-on the same checkpoint. ``EmbeddingCache`` stores each ``EncodedVideo`` as one safetensors file:
+on the same checkpoint. ``EmbeddingCache`` stores each ``EncodedVideo`` as one safetensors file;
+the stages reach it through ``capdpo.policy.video.VideoEncoder``, which plans the layout first:
 
     cache = EmbeddingCache(Path(cache_dir) / "embeddings")
-    video = cache.get_or_encode(policy, video_record, frames_cfg, prompts, new_tokens)
+    encoded = cache.get(policy, video_record, layout)        # None on a miss
+    cache.put(policy, video_record, encoded)
 
 An entry's key is the sha256 of everything that decides the embeddings:
 
@@ -18,8 +20,8 @@ An entry's key is the sha256 of everything that decides the embeddings:
   (so weights changed in place after the first call are not seen: frozen parts never change).
 
 The LLM's weights are not part of the key: a DPO-trained checkpoint reuses its base's entries.
-The layout is planned (frames decoded) on every call, hit or miss, so the key is exact for the
-prompts and budget at hand; a hit skips preprocessing, vision tower and projector.
+The layout is planned (frames decoded) before every lookup, hit or miss, so the key is exact for
+the prompts and budget at hand; a hit skips preprocessing, vision tower and projector.
 
 Entries are written to a temp file and renamed, so a killed process never leaves half an entry; an
 entry that still fails to load (disk trouble, a foreign file) is logged with its path and encoded
@@ -34,7 +36,6 @@ import json
 import logging
 import os
 import weakref
-from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -42,11 +43,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from capdpo.config import FramesConfig
 from capdpo.hashing import file_hash, sha256_json
 from capdpo.media.frames import list_frame_files
 from capdpo.policy.base import EncodedVideo, VideoLayout, VideoPolicy, read_processor_config, spec_from_dict
-from capdpo.policy.video import plan_video
 from capdpo.records import Video, atomic_path
 
 log = logging.getLogger("capdpo")
@@ -119,13 +118,9 @@ class EmbeddingCache:
     def path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
 
-    def get_or_encode(self, policy: VideoPolicy, video: Video, frames: FramesConfig, prompts: Sequence[str] = (),
-                      new_tokens: int = 0) -> EncodedVideo:
-        """``video`` encoded by ``policy`` as ``sample.encode_video`` would (the layout planned for
-        the longest of ``prompts`` plus ``new_tokens``), from the cache when there, on the policy's
-        device and dtype, without autograd history. Raises FrameError / OverBudgetError naming the
-        video, as planning does."""
-        images, layout = plan_video(policy, video, frames, prompts, new_tokens)
+    def get(self, policy: VideoPolicy, video: Video, layout: VideoLayout) -> EncodedVideo | None:
+        """``video`` as ``policy``'s encoder encodes it with ``layout``, on the policy's device and
+        dtype, or None when the cache lacks it (an unreadable entry is logged and counts as missing)."""
         path = self.path(entry_key(policy, video.video, layout))
         if path.exists():
             try:
@@ -137,10 +132,11 @@ class EmbeddingCache:
                 return EncodedVideo(layout, encoded.embeds.to(policy.device, policy.model.dtype),
                                     tuple(d.to(policy.device, policy.model.dtype) for d in encoded.deepstack))
         self.misses += 1
-        with torch.no_grad():  # plain tensors, unlike inference mode's: a training forward may save them
-            encoded = policy.encode(policy.preprocess(images, layout))
-        self._write(path, encoded, video)
-        return encoded
+        return None
+
+    def put(self, policy: VideoPolicy, video: Video, encoded: EncodedVideo) -> None:
+        """Store ``video`` as ``policy``'s encoder encoded it (with ``encoded.layout``)."""
+        self._write(self.path(entry_key(policy, video.video, encoded.layout)), encoded, video)
 
     @staticmethod
     def _read(path: Path, layout: VideoLayout) -> EncodedVideo:

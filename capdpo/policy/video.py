@@ -1,15 +1,20 @@
-"""One video path for every stage: frames planned within the token budget -> cache -> encoded.
+"""The one video path of every stage: frames planned within the token budget -> embedding cache -> encoded.
 
-    images, layout = plan_video(policy, video, frames_cfg, prompts, new_tokens)
-    encoded = encode_video(policy, video, frames_cfg, prompts, new_tokens)
+    encoder = VideoEncoder(policy, frames_cfg, embed_cache)   # embed_cache: None, or an EmbeddingCache
+    images, layout = encoder.plan(video, prompts, new_tokens)  # frames and the layout that fits
+    encoded = encoder.encode(video, prompts, new_tokens)      # vision tower + projector (or a cache hit)
+    inputs = encoder.pixels(video, prompts, new_tokens)       # pixels, for an encoder that trains
 
 ``plan_video`` decodes the frames and picks the layout (frame count, frame size) that fits the
-policy's context for the longest prompt plus the tokens to generate.
+policy's context for the longest prompt plus the tokens to generate. sample, reference, train,
+evaluate and the reproduction's SFT all take their videos from here, so a video is planned the
+same way wherever it is used, and its embeddings come from the cache wherever one is on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from PIL import Image
@@ -17,12 +22,20 @@ from PIL import Image
 from capdpo.config import FramesConfig
 from capdpo.errors import OverBudgetError
 from capdpo.media.frames import count_frames, frame_rate, sample_frames, sample_indices
-from capdpo.policy.base import EncodedVideo, VideoLayout, VideoPolicy
+from capdpo.policy.base import EncodedVideo, VideoInputs, VideoLayout, VideoPolicy
+from capdpo.policy.embed_cache import EmbeddingCache
 from capdpo.records import Video
 
 
+class PlannedVideo(NamedTuple):
+    """A video's sampled frames and the layout they take in the policy's context."""
+
+    images: list[Image.Image]
+    layout: VideoLayout
+
+
 def plan_video(policy: VideoPolicy, video: Video, frames: FramesConfig, prompts: Sequence[str] = (),
-               new_tokens: int = 0) -> tuple[list[Image.Image], VideoLayout]:
+               new_tokens: int = 0) -> PlannedVideo:
     """Frames of ``video`` and the layout they take, within ``policy.max_tokens`` for the longest of
     ``prompts`` plus ``new_tokens``. Over budget: OverBudgetError naming the video, or with
     ``frames.on_over_budget == "reduce"`` the first cheaper setting that fits (lower resolution for
@@ -46,13 +59,35 @@ def plan_video(policy: VideoPolicy, video: Video, frames: FramesConfig, prompts:
                 raise
             first_error = first_error or e
             continue
-        return (images if k == len(images) else sample_frames(video.video, k)), layout
+        return PlannedVideo(images if k == len(images) else sample_frames(video.video, k), layout)
     raise OverBudgetError(f"{first_error} (still over budget at the fewest frames and lowest resolution)")
 
 
-def encode_video(policy: VideoPolicy, video: Video, frames: FramesConfig, prompts: Sequence[str] = (),
-                 new_tokens: int = 0) -> EncodedVideo:
-    """One video encoded within the token budget (raises FrameError / OverBudgetError naming it)."""
-    images, layout = plan_video(policy, video, frames, prompts, new_tokens)
-    with torch.inference_mode():
-        return policy.encode(policy.preprocess(images, layout))
+class VideoEncoder:
+    """``policy``'s view of a video under the frame settings ``frames``, through ``cache`` when given.
+
+    Every method raises FrameError / OverBudgetError naming the video, as planning does."""
+
+    def __init__(self, policy: VideoPolicy, frames: FramesConfig, cache: EmbeddingCache | None = None):
+        self.policy = policy
+        self.frames = frames
+        self.cache = cache
+
+    def plan(self, video: Video, prompts: Sequence[str] = (), new_tokens: int = 0) -> PlannedVideo:
+        return plan_video(self.policy, video, self.frames, prompts, new_tokens)
+
+    def pixels(self, video: Video, prompts: Sequence[str] = (), new_tokens: int = 0) -> VideoInputs:
+        """The video's pixels in the family's input format: what a trained encoder encodes each step."""
+        return self.policy.preprocess(*self.plan(video, prompts, new_tokens))
+
+    def encode(self, video: Video, prompts: Sequence[str] = (), new_tokens: int = 0) -> EncodedVideo:
+        """The video's embeddings on the policy's device, without autograd history (plain tensors,
+        not inference-mode ones: a training forward may save them), from the cache when it holds them."""
+        images, layout = self.plan(video, prompts, new_tokens)
+        if self.cache is not None and (hit := self.cache.get(self.policy, video, layout)) is not None:
+            return hit
+        with torch.no_grad():
+            encoded = self.policy.encode(self.policy.preprocess(images, layout))
+        if self.cache is not None:
+            self.cache.put(self.policy, video, encoded)
+        return encoded
