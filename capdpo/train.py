@@ -36,7 +36,8 @@ import logging
 import resource
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,20 +152,28 @@ def dpo_step(scorer: PairScorer, batch: list[TokenizedPair], videos: dict[str, P
              cfg: TrainConfig, accelerator: Accelerator, trainable: list[torch.nn.Parameter]) -> dict[str, float]:
     """One forward/backward on a batch of pairs; returns the logged metrics (this process's)."""
     policy: VideoPolicy = accelerator.unwrap_model(scorer).policy
+    loss, metrics = dpo_loss(scorer, policy, batch, videos, reference, cfg, accelerator.autocast)
+    accelerator.backward(loss)
+    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm) if accelerator.sync_gradients else None
+    return {"loss": loss.item(), **metrics, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+
+def dpo_loss(scorer: torch.nn.Module, policy: VideoPolicy, batch: Sequence[TokenizedPair], videos: dict[str, PreparedVideo],
+             reference: Reference, cfg: TrainConfig, autocast: Callable[[], AbstractContextManager] = nullcontext
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The batch's mean preference loss (with its graph) and metrics. ``scorer`` is the engine-wrapped
+    ``PairScorer`` (accelerate's, or DeepSpeed's / FSDP2's directly), ``policy`` the unwrapped one."""
     # 1. the batch's videos
     batch_videos = [videos[t.pair.video_id] for t in batch]
     # 2. policy log-probs of chosen and rejected
     pc, pr, nc, nr = scorer(batch_videos, batch)
     # 3. reference log-probs: the cache, or a forward without gradients
-    rc, rr = reference.logps(policy, batch_videos, batch, cfg, accelerator, like=pc)
-    # 4. loss and update
+    rc, rr = reference.logps(policy, batch_videos, batch, cfg, autocast, like=pc)
+    # 4. the configured loss
     per_pair, metrics = preference_loss(cfg.loss, policy_chosen=pc, policy_rejected=pr, ref_chosen=rc, ref_rejected=rr,
                                         chosen_tokens=nc.to(pc.dtype), rejected_tokens=nr.to(pc.dtype), beta=cfg.beta,
                                         label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma, rpo_alpha=cfg.rpo_alpha)
-    loss = per_pair.mean()
-    accelerator.backward(loss)
-    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm) if accelerator.sync_gradients else None
-    return {"loss": loss.item(), **metrics, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+    return per_pair.mean(), metrics
 
 
 # -- what the engines wrap ---------------------------------------------------------------------------
@@ -199,14 +208,16 @@ class Reference:
     lora: PeftModel | None = None
 
     def logps(self, policy: VideoPolicy, videos: Sequence[PreparedVideo], batch: Sequence[TokenizedPair],
-              cfg: TrainConfig, accelerator: Accelerator, like: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Reference log-probs of the batch's chosen and rejected answers, on ``like``'s device and dtype."""
+              cfg: TrainConfig, autocast: Callable[[], AbstractContextManager], like: torch.Tensor
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Reference log-probs of the batch's chosen and rejected answers, on ``like``'s device and dtype;
+        a live forward runs under ``autocast`` (the engine's mixed precision)."""
         if self.rows is not None:
             return (torch.tensor([self.rows[t.pair.id].chosen_logp for t in batch], device=like.device, dtype=like.dtype),
                     torch.tensor([self.rows[t.pair.id].rejected_logp for t in batch], device=like.device, dtype=like.dtype))
         if not self.needed:
             return None, None
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), autocast():
             encoded = [v if isinstance(v, EncodedVideo) else policy.encode(v) for v in videos]
             if self.lora is not None:
                 with self.lora.disable_adapter():
@@ -459,14 +470,20 @@ def save_policy(accelerator: Accelerator, scorer: torch.nn.Module, peft_model: P
         state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(scorer).items()}
     elif peft_model is not None:
         model = peft_model.merge_and_unload()
-    final, tmp = out_dir / "policy", out_dir / "policy.tmp"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.eval().save_pretrained(tmp, state_dict=state)
-        policy.tokenizer.save_pretrained(tmp)
-        policy.spec.save(tmp)
-        (tmp / DONE).write_text("")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        write_policy(model, state, policy, out_dir / "policy")
     accelerator.wait_for_everyone()
     return model
+
+
+def write_policy(model: torch.nn.Module, state: dict[str, torch.Tensor] | None, policy: VideoPolicy, final: Path) -> None:
+    """A plain checkpoint in ``final``, atomically: ``model``'s config with the full weights ``state``
+    (gathered by a sharding engine; None: the model's own), the tokenizer and the vision spec."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.eval().save_pretrained(tmp, state_dict=state)
+    policy.tokenizer.save_pretrained(tmp)
+    policy.spec.save(tmp)
+    (tmp / DONE).write_text("")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)

@@ -70,3 +70,25 @@ def tiny_policy_dir(tmp_path_factory, smollm2) -> Path:
     tok.save_pretrained(out)
     VisionSpec(image_size=56, num_frames=4).save(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def pair_files(tmp_path_factory):
+    """The trainer tests' data: three synthetic clips and six pairs whose answers differ in length and content."""
+    from capdpo.media.synthetic import make_synthetic_dataset
+    from capdpo.records import PreferencePair, RecordFile, Video
+
+    root = tmp_path_factory.mktemp("train-data")
+    clips = make_synthetic_dataset(root / "clips", 3, seed=3)
+    videos = RecordFile(root / "videos.jsonl", Video)
+    videos.write(c.video for c in clips)
+    pairs = []
+    for c in clips:
+        for i, (question, answer, _) in enumerate(c.qa[:2]):
+            pairs.append(PreferencePair(id=f"{c.video.id}_{i}", qa_id=f"{c.video.id}_{i}", video_id=c.video.id,
+                                        video=c.video.video, prompt=question, answer=answer, chosen=answer,
+                                        rejected="I do not know." if i else "It is purple and it spins around slowly.",
+                                        chosen_score=5, rejected_score=1, chosen_id="a", rejected_id="b"))
+    pair_file = RecordFile(root / "pairs.jsonl", PreferencePair)
+    pair_file.write(pairs)
+    return pair_file, videos

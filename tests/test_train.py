@@ -14,32 +14,11 @@ from safetensors.torch import load_file
 
 import capdpo.train as train
 from capdpo.config import FramesConfig, TrainConfig
-from capdpo.media.synthetic import make_synthetic_dataset
 from capdpo.models.load import load_policy
 from capdpo.policy.base import VideoPolicy
 from capdpo.policy.embed_cache import EmbeddingCache
-from capdpo.records import PreferencePair, RecordFile, Video
 
 FRAMES = FramesConfig(num_frames=4)
-
-
-@pytest.fixture(scope="module")
-def pair_files(tmp_path_factory):
-    """Three synthetic clips and six pairs whose answers differ in length and content."""
-    root = tmp_path_factory.mktemp("train-data")
-    clips = make_synthetic_dataset(root / "clips", 3, seed=3)
-    videos = RecordFile(root / "videos.jsonl", Video)
-    videos.write(c.video for c in clips)
-    pairs = []
-    for c in clips:
-        for i, (question, answer, _) in enumerate(c.qa[:2]):
-            pairs.append(PreferencePair(id=f"{c.video.id}_{i}", qa_id=f"{c.video.id}_{i}", video_id=c.video.id,
-                                        video=c.video.video, prompt=question, answer=answer, chosen=answer,
-                                        rejected="I do not know." if i else "It is purple and it spins around slowly.",
-                                        chosen_score=5, rejected_score=1, chosen_id="a", rejected_id="b"))
-    pair_file = RecordFile(root / "pairs.jsonl", PreferencePair)
-    pair_file.write(pairs)
-    return pair_file, videos
 
 
 def train_once(pair_files, policy_dir, cache_dir, out: Path, **overrides) -> Path:
