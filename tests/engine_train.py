@@ -8,7 +8,10 @@ policy). Every process also runs the same two steps alone on the whole batch (no
 writes ``RESULT`` (JSON): the engine's and the lone run's losses, the largest gradient and weight
 differences, and those of the saved full checkpoint and of a run resumed from the step-1 checkpoint.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/engine_train.py ENGINE PAIRS VIDEOS POLICY OUT CACHE RESULT
+ENCODER ``frozen`` (the paper's setting) trains the LLM on cached video embeddings; ``trained`` trains
+the vision tower and projector too, so every step encodes the pixels through the sharded encoder.
+
+    python -m torch.distributed.run --nproc_per_node 2 tests/engine_train.py ENGINE ENCODER PAIRS VIDEOS POLICY OUT CACHE RESULT
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 FRAMES = FramesConfig(num_frames=4)
 STEPS = 2
 
-engine_name, pairs_path, videos_path, policy_dir, out, cache, result_path = sys.argv[1:]
+engine_name, encoder, pairs_path, videos_path, policy_dir, out, cache, result_path = sys.argv[1:]
 out = Path(out)
 settings = yaml.safe_load((CONFIGS / f"{engine_name}.yaml").read_text())
 
@@ -47,7 +50,9 @@ def fresh_policy() -> VideoPolicy:
 
 
 clipping = settings.get("deepspeed_config", {}).get("gradient_clipping", 1.0)
-cfg = TrainConfig(epochs=1, batch_size=1, lr=1e-3, lora=False, save_every=0, max_grad_norm=clipping)
+frozen = encoder == "frozen"
+cfg = TrainConfig(epochs=1, batch_size=1, lr=1e-3, lora=False, save_every=0, max_grad_norm=clipping,
+                  freeze_vision=frozen, freeze_projector=frozen)
 accelerator = train.make_accelerator(cfg, out)  # MULTI_CPU on gloo: the process group the engines share
 rank, world = accelerator.process_index, accelerator.num_processes
 policy = load_policy(policy_dir, cache, "cpu", "float32")
@@ -74,7 +79,7 @@ def lone_run() -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Te
         loss, _ = train.dpo_loss(scorer, lone, batch, videos, reference, cfg)
         loss.backward()
         if step == 0:
-            grads = {n: p.grad.clone() for n, p in lone.model.named_parameters() if p.requires_grad}
+            grads = {n: p.grad.clone() for n, p in lone.model.named_parameters() if p.grad is not None}
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -107,7 +112,8 @@ class DeepSpeedRun:
 
         loss, _ = train.dpo_loss(self.engine, self.policy, batch, videos, reference, cfg)
         self.engine.backward(loss)
-        grads = {n: safe_get_full_grad(p).clone() for n, p in self.policy.model.named_parameters() if p.requires_grad}
+        grads = {n: safe_get_full_grad(p) for n, p in self.policy.model.named_parameters() if p.requires_grad}
+        grads = {n: g.clone() for n, g in grads.items() if g is not None}
         self.engine.step()
         return loss.item(), grads
 
@@ -155,7 +161,7 @@ class FSDP2Run:
     def step(self, batch: list[TokenizedPair]) -> tuple[float, dict[str, torch.Tensor]]:
         loss, _ = train.dpo_loss(self.scorer, self.policy, batch, videos, reference, cfg)
         loss.backward()
-        grads = {n: p.grad.full_tensor() for n, p in self.policy.model.named_parameters() if p.requires_grad}
+        grads = {n: p.grad.full_tensor() for n, p in self.policy.model.named_parameters() if p.grad is not None}
         torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -181,11 +187,14 @@ class FSDP2Run:
 
     def load(self, path: Path) -> None:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import DefaultLoadPlanner
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         model_state, optim_state = get_state_dict(self.scorer, self.optimizer)
         state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(path))
+        # a trainable weight that never had a gradient (LLaVA-NeXT's image_newline on videos) has no
+        # AdamW state in the checkpoint; get_state_dict gave it a blank one here, which is what it had
+        dcp.load(state, checkpoint_id=str(path), planner=DefaultLoadPlanner(allow_partial_load=True))
         set_state_dict(self.scorer, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
@@ -193,6 +202,13 @@ def mean_over_processes(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
     return t.item() / world
+
+
+def max_grad_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    """A trainable weight the forward does not use (e.g. DINOv2's mask token) has no gradient in one
+    run and may have zeros in another: a missing gradient counts as zeros."""
+    zero = torch.zeros(())
+    return max((a.get(k, zero) - b.get(k, zero)).abs().max().item() for k in a.keys() | b.keys())
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -229,7 +245,7 @@ if rank == 0:
     reloaded = load_policy(str(out / "policy"), cache, "cpu", "float32").model.state_dict()
     plain = AutoModelForImageTextToText.from_pretrained(out / "policy").state_dict()
     result = {"losses": losses, "lone_losses": lone_losses, "resumed_loss": resumed_loss,
-              "trainable": len(trainable_names(run.policy.model)), "sharded": sharded, "grad_diff": max_diff(grads, lone_grads),
+              "trainable": len(trainable_names(run.policy.model)), "sharded": sharded, "grad_diff": max_grad_diff(grads, lone_grads),
               "grad_ratio": sum(g.norm().item() for g in grads.values()) / sum(g.norm().item() for g in lone_grads.values()),
               "weight_diff": max_diff(weights, lone_weights), "changed": max_diff(weights, fresh_policy().model.state_dict()),
               "resumed_diff": max_diff(resumed_weights, weights), "reloaded_diff": max_diff(reloaded, weights),

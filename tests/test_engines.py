@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 and torch FSDP2 with the shipped configs, proven on the CPU: two gloo
 processes run capdpo's DPO step (PairScorer on packed shared-prefix rows, the cached reference, the
-configured loss) and must match one process on the same batch; the gathered full checkpoint must
+configured loss), with the vision tower frozen (cached embeddings) and trained (pixels encoded in
+every step through the sharded encoder), and must match one process on the same batch; the gathered full checkpoint must
 load as a plain HF checkpoint, and a run resumed from the step-1 checkpoint must continue identically.
 
 The engines are built directly in ``engine_train.py`` (accelerate refuses both on the CPU), from the
@@ -37,19 +38,21 @@ def test_shipped_engine_configs_are_the_tested_ones():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp"])
-def test_engine_matches_one_process_saves_and_resumes(engine, pair_files, tiny_policy_dir, cache_dir, tmp_path):
+@pytest.mark.parametrize("engine, encoder", [("zero2", "frozen"), ("zero3", "frozen"), ("fsdp", "frozen"),
+                                             ("zero3", "trained"), ("fsdp", "trained")])
+def test_engine_matches_one_process_saves_and_resumes(engine, encoder, pair_files, tiny_policy_dir, cache_dir, tmp_path):
     if engine != "fsdp":
         pytest.importorskip("deepspeed", reason="pip install capdpo[deepspeed] (make setup installs it)")
     pairs, videos = pair_files
     result = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "DS_ACCELERATOR": "cpu",
            "CAPDPO_CACHE": str(cache_dir)}
-    port = {"zero2": "29581", "zero3": "29582", "fsdp": "29583"}[engine]
+    port = str({"zero2": 29581, "zero3": 29582, "fsdp": 29583}[engine] + 10 * (encoder == "trained"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           str(Path(__file__).with_name("engine_train.py")), engine, str(pairs.path), str(videos.path),
+           str(Path(__file__).with_name("engine_train.py")), engine, encoder, str(pairs.path), str(videos.path),
            str(tiny_policy_dir), str(tmp_path / "out"), str(cache_dir), str(result)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    (tmp_path / "stderr.txt").write_text(done.stderr)
     assert done.returncode == 0, done.stderr[-6000:]
     r = json.loads(result.read_text())
     assert r["sharded"], "each process holds only its shard"
