@@ -19,10 +19,11 @@ rejected answer and the reference model on every step. Here, with the vision tow
       4. the configured preference loss (``capdpo.losses``), backward, clip, step, log metrics
 
 The loop is accelerate's, so the same code runs on one CPU, DDP, DeepSpeed ZeRO-2/3 and FSDP
-(``configs/accelerate/``). The step without accelerate (``dpo_loss`` on the ``PairScorer`` the engines
-wrap) is what ``tests/test_engines.py`` runs under DeepSpeed and FSDP2 directly, on the CPU. Every ``save_every`` optimizer steps a checkpoint holds weights, optimizer,
-scheduler, RNG states and the data position; an interrupted run resumes from the newest one and ends
-with the same weights as an uninterrupted run. The result is a plain checkpoint (LoRA adapters merged)
+(``configs/accelerate/``); the step's loss without accelerate (``dpo_loss`` on the ``PairScorer`` the
+engines wrap) is what ``tests/test_engines.py`` runs under DeepSpeed and FSDP2 directly, on the CPU.
+Every ``save_every`` optimizer steps a checkpoint holds weights, optimizer, scheduler, RNG states and
+the data position; an interrupted run resumes from the newest one and ends with the same weights as an
+uninterrupted run. The result is a plain checkpoint (LoRA adapters merged)
 in ``out_dir/policy`` that the next stage loads like any other model.
 
 ``run_train`` reads as the recipe: set-up functions (checks, accelerator, videos and tokens,
