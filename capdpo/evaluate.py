@@ -8,6 +8,9 @@ Two protocols (method.md, step 9), chosen by the judge's ``protocol``:
 
 Failed judgments are counted and shown apart, never folded in as wrong answers. Predictions and
 judgments are resumable by id, so evaluating again costs nothing for what is already on disk.
+Several processes may evaluate into one run folder at once: each claims a video's questions
+(and the judge its batches) before doing them, and the summary is made from what is on disk, so
+the worker that finishes last writes the complete one.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from capdpo.rundir import HELD_OUT
 
 def predict(videos: dict[str, Video], questions: list[QAItem], encoder: VideoEncoder, out: RecordFile[Prediction],
             cfg: EvaluateConfig, errors: ItemErrors) -> None:
-    """Greedy answers of ``encoder.policy`` to the ``questions`` ``out`` lacks, each video encoded once."""
+    """Greedy answers of ``encoder.policy`` to the ``questions`` ``out`` lacks, each video encoded
+    once; a video's questions are claimed first, so concurrent workers never answer one twice."""
     policy = encoder.policy
     done = out.ids()
     todo = [q for q in questions if q.id not in done]
@@ -37,8 +41,13 @@ def predict(videos: dict[str, Video], questions: list[QAItem], encoder: VideoEnc
     by_video: dict[str, list[QAItem]] = {}
     for q in todo:
         by_video.setdefault(q.video_id, []).append(q)
-    with tqdm(total=len(todo), desc=f"evaluate: answer ({policy.name})", unit="question") as bar:
+    with out.claims() as claims, tqdm(total=len(todo), desc=f"evaluate: answer ({policy.name})", unit="question") as bar:
         for video_id, qs in by_video.items():
+            claimed = set(claims.claim([q.id for q in qs]))
+            bar.update(len(qs) - len(claimed))  # answered, or being answered by another worker
+            qs = [q for q in qs if q.id in claimed]
+            if not qs:
+                continue
             try:
                 video = encoder.encode(videos[video_id], [q.question for q in qs], cfg.max_new_tokens)
             except ITEM_ERRORS as e:
@@ -104,7 +113,10 @@ def run_evaluate(tag: str, videos: dict[str, Video], questions: list[QAItem], po
     predict(videos, questions, VideoEncoder(policy, frames, embed_cache), predictions, cfg, errors)
     qa = {q.id: q for q in questions}
     items = [JudgeItem.for_answer(videos[p.video_id], qa[p.qa_id], p.answer, p.id) for p in predictions.read() if p.qa_id in qa]
-    graded = judge_items(judge, items, judgments, desc=f"evaluate: judge ({summary_id(tag, dataset)})")
+    judge_items(judge, items, judgments, desc=f"evaluate: judge ({summary_id(tag, dataset)})")
+    # from disk, not from this worker's items: a concurrent worker may have answered more since
+    answered = {p.id for p in predictions.read() if p.qa_id in qa}
+    graded = [j for j in judgments.read() if j.target_id in answered]
     model = next((p.model for p in predictions.read()), policy.name)
     return summarize(tag, model, len(questions), graded, judge, cfg.pass_score, dataset=dataset, round_=round_,
                      skipped=skipped)

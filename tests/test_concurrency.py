@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 from test_openai_backend import KEY_ENV, PLANTED_KEY, FakeUpstream
+from test_reference import write_run as write_reference_run
 from test_sample_shards import write_run
 
 from capdpo.records import Candidate, Judgment, QAItem, RecordFile, Video
@@ -60,7 +61,9 @@ def test_concurrent_judge_workers_judge_every_answer_once(tmp_path):
 
         finish([start("judge", "--run-dir", str(paths.root))])  # a re-run has nothing left to send
         assert upstream.requests == len(expected) and len(paths.judgments.all()) == len(expected)
-    assert not list((paths.root / "judgments.jsonl.claims").glob("*.claim"))  # finished workers leave no claims
+    # finished workers leave no claims, and the locks stay out of the run folder's listing
+    assert not (paths.root / ".locks" / "judgments.jsonl.claims").exists()
+    assert not list(paths.root.glob("*.lock")) and not list(paths.root.glob("*.claims"))
 
 
 def test_rerun_drops_duplicates_left_by_an_older_run(tmp_path):
@@ -95,3 +98,10 @@ def test_concurrent_sample_workers_sample_every_question_once(tmp_path, tiny_pol
     ids = [c.id for c in RunPaths(tmp_path / "run").candidates.read()]
     expected = {f"v{v}_{q}#{k}" for v in range(4) for q in range(2) for k in range(2)}
     assert Counter(ids) == Counter(expected)
+
+
+def test_concurrent_reference_workers_score_every_pair_once(tmp_path, tiny_policy_dir):
+    config = write_reference_run(tmp_path / "run", tiny_policy_dir)
+    finish([start("reference", "--config", str(config)) for _ in range(WORKERS)])
+    paths = RunPaths(tmp_path / "run")
+    assert Counter(r.id for r in paths.reference.read()) == Counter(p.id for p in paths.pairs.read())
