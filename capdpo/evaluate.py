@@ -15,6 +15,7 @@ the worker that finishes last writes the complete one.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 
 from tqdm import tqdm
@@ -105,18 +106,25 @@ def format_summary(s: EvalSummary) -> str:
 def run_evaluate(tag: str, videos: dict[str, Video], questions: list[QAItem], policy: VideoPolicy, judge: CaptionJudge,
                  predictions: RecordFile[Prediction], judgments: RecordFile[Judgment], cfg: EvaluateConfig,
                  frames: FramesConfig, *, dataset: str = HELD_OUT, round_: int = 1, skipped: int = 0,
-                 embed_cache: EmbeddingCache | None = None, fail_fast: bool = False) -> EvalSummary:
+                 embed_cache: EmbeddingCache | None = None, fail_fast: bool = False,
+                 summaries: RecordFile[EvalSummary] | None = None) -> EvalSummary:
     """Answer ``questions`` with ``policy`` (greedy) and judge the answers with ``judge``'s protocol.
     ``embed_cache``: the videos' embeddings come from (and go to) it, so evaluating before and
-    after training (a frozen encoder) encodes each video once."""
+    after training (a frozen encoder) encodes each video once. The summary replaces any earlier
+    one of the same id in ``summaries``, when given."""
     errors = ItemErrors(f"evaluate {dataset}", fail_fast)
     predict(videos, questions, VideoEncoder(policy, frames, embed_cache), predictions, cfg, errors)
     qa = {q.id: q for q in questions}
     items = [JudgeItem.for_answer(videos[p.video_id], qa[p.qa_id], p.answer, p.id) for p in predictions.read() if p.qa_id in qa]
     judge_items(judge, items, judgments, desc=f"evaluate: judge ({summary_id(tag, dataset)})")
-    # from disk, not from this worker's items: a concurrent worker may have answered more since
-    answered = {p.id for p in predictions.read() if p.qa_id in qa}
-    graded = [j for j in judgments.read() if j.target_id in answered]
-    model = next((p.model for p in predictions.read()), policy.name)
-    return summarize(tag, model, len(questions), graded, judge, cfg.pass_score, dataset=dataset, round_=round_,
-                     skipped=skipped)
+    # Read from disk, not from this worker's items, and under the summaries' lock: of concurrent
+    # workers, the one that summarizes last sees the most and its summary is the one kept.
+    with summaries.lock() if summaries is not None else contextlib.nullcontext():
+        answered = {p.id for p in predictions.read() if p.qa_id in qa}
+        graded = [j for j in judgments.read() if j.target_id in answered]
+        model = next((p.model for p in predictions.read()), policy.name)
+        summary = summarize(tag, model, len(questions), graded, judge, cfg.pass_score, dataset=dataset, round_=round_,
+                            skipped=skipped)
+        if summaries is not None:
+            summaries.upsert(summary)
+    return summary

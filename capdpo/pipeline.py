@@ -176,8 +176,8 @@ class Run:
         summary = run_evaluate(tag, videos, questions, self.policy, self.eval_judge(protocol),
                                self.paths.predictions(tag, dataset), self.paths.eval_judgments(tag, dataset),
                                self.cfg.evaluate, self.cfg.frames, dataset=dataset, round_=self.paths.round_number,
-                               skipped=skipped, embed_cache=self.embedding_cache, fail_fast=self.cfg.fail_fast)
-        self.paths.eval_summary.upsert(summary)
+                               skipped=skipped, embed_cache=self.embedding_cache, fail_fast=self.cfg.fail_fast,
+                               summaries=self.paths.eval_summary)
         log.info("evaluate: %s", format_summary(summary))
         return summary
 

@@ -30,10 +30,14 @@ def judge_run(root: Path, base_url: str, videos: int = 4, questions: int = 2, an
     paths.candidates.write(Candidate(id=f"v{v}_{q}#{k}", qa_id=f"v{v}_{q}", video_id=f"v{v}", answer=f"Answer {v} {q} {k}.",
                                      model="m", seed=0, temperature=1.0, top_p=1.0)
                            for v in range(videos) for q in range(questions) for k in range(answers))
-    llm = {"backend": "openai", "model": "fake-judge", "base_url": base_url + "/v1", "api_key_env": KEY_ENV,
-           "timeout_s": 5.0, "concurrency": 2, "batch_size": 2, "backoff_base_s": 0.01}
-    paths.config.write_text(yaml.safe_dump({"run_dir": str(root), "judge": {"llm": llm}}))
+    paths.config.write_text(yaml.safe_dump({"run_dir": str(root), "judge": {"llm": judge_llm(base_url)}}))
     return paths
+
+
+def judge_llm(base_url: str) -> dict:
+    """The judge LLM config of a fake OpenAI-compatible server at ``base_url``."""
+    return {"backend": "openai", "model": "fake-judge", "base_url": base_url + "/v1", "api_key_env": KEY_ENV,
+            "timeout_s": 5.0, "concurrency": 2, "batch_size": 2, "backoff_base_s": 0.01}
 
 
 def start(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -105,3 +109,20 @@ def test_concurrent_reference_workers_score_every_pair_once(tmp_path, tiny_polic
     finish([start("reference", "--config", str(config)) for _ in range(WORKERS)])
     paths = RunPaths(tmp_path / "run")
     assert Counter(r.id for r in paths.reference.read()) == Counter(p.id for p in paths.pairs.read())
+
+
+def test_concurrent_evaluate_workers_answer_and_judge_every_question_once(tmp_path, tiny_policy_dir, cache_dir):
+    config = write_run(tmp_path / "run", tiny_policy_dir, cache_dir, videos=4, questions=2)
+    paths = RunPaths(tmp_path / "run")
+    paths.qa.write([q.model_copy(update={"split": "test"}) for q in paths.qa.read()])
+    expected = {q.id for q in paths.qa.read()}
+    with FakeUpstream(delay_s=0.05) as upstream:
+        settings = yaml.safe_load(config.read_text())
+        settings["judge"] = {"llm": judge_llm(upstream.url)}
+        config.write_text(yaml.safe_dump(settings))
+        finish([start("evaluate", "--config", str(config), "--tag", "t") for _ in range(WORKERS)])
+        assert upstream.requests == len(expected)  # each answer judged once, by one worker
+    assert Counter(p.id for p in paths.predictions("t").read()) == Counter(expected)
+    assert Counter(j.id for j in paths.eval_judgments("t").read()) == Counter(expected)
+    [summary] = paths.eval_summary.all()
+    assert summary.judged + summary.failed == len(expected)  # the summary kept is the complete one
