@@ -233,7 +233,8 @@ def render_scene(scene: Scene, path: str | os.PathLike) -> Path:
     path = Path(path)
     codec = video_codec()
     # Same scene, same bytes: one encoder thread (threaded rate control depends on timing) and
-    # bitexact muxing/encoding (no encoder version string in the file).
+    # bitexact muxing/encoding (no encoder version string in the file). A process that has loaded
+    # torch still gets different bytes now and then (README, Reliability: open).
     with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(codec, rate=scene.fps)
         stream.width, stream.height, stream.pix_fmt = scene.width, scene.height, "yuv420p"
