@@ -13,7 +13,9 @@ planned with all of its pairs' prompts, as the trainer plans it, through the one
 (``VideoEncoder``, with the EmbeddingCache when given).
 
 Several processes may fill one reference file at once: each claims a video's pairs before
-scoring them (``RecordFile.claims``), so no pair is computed twice. Sharding mirrors ``sample``: shard ``(i, n)`` takes the pairs whose id hashes to ``i``
+scoring them (``RecordFile.claims``), so no pair is computed twice.
+
+Sharding mirrors ``sample``: shard ``(i, n)`` takes the pairs whose id hashes to ``i``
 (``shards.shard_of``) into ``reference.shard-i-of-n.jsonl``; ``merge_reference_shards`` joins them.
 """
 
