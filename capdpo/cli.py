@@ -24,8 +24,19 @@ from rich.table import Table
 from capdpo.config import ConfigError, RunConfig, describe, load_config
 from capdpo.errors import ITEM_ERRORS, BudgetExceeded
 
+
+def _save_run_config(*_) -> None:
+    """After a command succeeded: write its config into the run folder. A command that failed
+    leaves config.yaml as it was, so a bad ``--set`` is not repeated by the next plain run."""
+    global _unsaved_run
+    if _unsaved_run is not None:
+        _unsaved_run.save_config()
+        _unsaved_run = None
+
+
+_unsaved_run = None  # the Run of the current command, until the command succeeds
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Align video LMMs with DPO from a caption-grounded LLM reward.")
+                  result_callback=_save_run_config, help="Align video LMMs with DPO from a caption-grounded LLM reward.")
 console = Console(stderr=True)
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config (default: the run folder's config.yaml).")]
@@ -55,8 +66,10 @@ def _config(config: Path | None, run_dir: Path | None, overrides: list[str] | No
 def _run(config, run_dir, overrides, fail_fast):
     from capdpo.pipeline import Run
 
+    global _unsaved_run
     _setup_logging()
-    return Run(_config(config, run_dir, overrides, fail_fast))
+    _unsaved_run = Run(_config(config, run_dir, overrides, fail_fast), save=False)
+    return _unsaved_run
 
 
 @app.command()

@@ -99,6 +99,7 @@ class JudgeConfig(Section):
     mode: Literal["generate", "constrained", "expected"] = Field("generate", description="'generate': free reply parsed strictly; 'constrained': reply forced to 'Score: <1-5>', most likely digit (hf only); 'expected': probability-weighted mean of the digits, G-Eval style (hf only).")
     max_answer_words: int = Field(256, description="Answers are cut to this many words before judging (paper: 256).")
     retries: int = Field(1, ge=0, description="Re-asks after a reply that does not parse; then the judgment is recorded as failed.")
+    allow_missing_caption: bool = Field(False, description="Judge answers whose video has an empty caption (protocol caption_reward) instead of stopping with an error naming the video.")
     cache: bool = Field(True, description="Keep judge replies in <run_dir>/llm_cache.sqlite so re-judging the same prompts sends nothing (CLI --no-cache).")
     samples: int = Field(1, ge=1, description="Replies asked per answer (self-consistency); >1 samples at sample_temperature with seeds seed, seed+1, ...")
     sample_temperature: float = Field(0.7, ge=0, description="Sampling temperature of the replies when samples > 1 (a single reply is greedy).")
@@ -283,12 +284,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         videos = raw.get("data", {}).get("videos") if isinstance(raw.get("data"), dict) else None
         if videos and not Path(videos).is_absolute():
             raw["data"]["videos"] = str((Path(path).parent / videos).resolve())
+    overridden: dict[tuple[str, ...], str] = {}  # field path -> the override that set it, to blame it
     for item in overrides or []:
         _apply_override(raw, item)
+        overridden[tuple(item.partition("=")[0].strip().split("."))] = item
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(f"{where}: {'; '.join(map(_problem, e.errors()))}") from None
+        raise ConfigError("; ".join(f"{_source(err, where, overridden)}: {_problem(err)}" for err in e.errors())) from None
+
+
+def _source(err: dict, where: str, overridden: dict[tuple[str, ...], str]) -> str:
+    """Whom to blame: the ``--set`` that wrote the failing field, else the config file (or defaults)."""
+    loc = tuple(map(str, err["loc"]))
+    culprit = next((item for key, item in overridden.items() if loc[: len(key)] == key), None)
+    return f"--set {culprit}" if culprit is not None else where
 
 
 def _problem(err: dict) -> str:

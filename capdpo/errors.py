@@ -19,6 +19,10 @@ class OverBudgetError(ValueError):
     """A video + question that does not fit the policy's token budget; the message names the item."""
 
 
+class MissingInput(FileNotFoundError):
+    """A stage's input file is absent or empty; the message names it and the stage that writes it."""
+
+
 # Errors that concern one item (a corrupt video, a malformed row, an over-budget video) and leave the others fine.
 ITEM_ERRORS = (FrameError, RecordError, FileNotFoundError, OverBudgetError)
 

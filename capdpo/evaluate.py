@@ -8,10 +8,14 @@ Two protocols (method.md, step 9), chosen by the judge's ``protocol``:
 
 Failed judgments are counted and shown apart, never folded in as wrong answers. Predictions and
 judgments are resumable by id, so evaluating again costs nothing for what is already on disk.
+Several processes may evaluate into one run folder at once: each claims a video's questions
+(and the judge its batches) before doing them, and the summary is made from what is on disk, so
+the worker that finishes last writes the complete one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 
 from tqdm import tqdm
@@ -28,7 +32,8 @@ from capdpo.rundir import HELD_OUT
 
 def predict(videos: dict[str, Video], questions: list[QAItem], encoder: VideoEncoder, out: RecordFile[Prediction],
             cfg: EvaluateConfig, errors: ItemErrors) -> None:
-    """Greedy answers of ``encoder.policy`` to the ``questions`` ``out`` lacks, each video encoded once."""
+    """Greedy answers of ``encoder.policy`` to the ``questions`` ``out`` lacks, each video encoded
+    once; a video's questions are claimed first, so concurrent workers never answer one twice."""
     policy = encoder.policy
     done = out.ids()
     todo = [q for q in questions if q.id not in done]
@@ -37,8 +42,13 @@ def predict(videos: dict[str, Video], questions: list[QAItem], encoder: VideoEnc
     by_video: dict[str, list[QAItem]] = {}
     for q in todo:
         by_video.setdefault(q.video_id, []).append(q)
-    with tqdm(total=len(todo), desc=f"evaluate: answer ({policy.name})", unit="question") as bar:
+    with out.claims() as claims, tqdm(total=len(todo), desc=f"evaluate: answer ({policy.name})", unit="question") as bar:
         for video_id, qs in by_video.items():
+            claimed = set(claims.claim([q.id for q in qs]))
+            bar.update(len(qs) - len(claimed))  # answered, or being answered by another worker
+            qs = [q for q in qs if q.id in claimed]
+            if not qs:
+                continue
             try:
                 video = encoder.encode(videos[video_id], [q.question for q in qs], cfg.max_new_tokens)
             except ITEM_ERRORS as e:
@@ -96,15 +106,25 @@ def format_summary(s: EvalSummary) -> str:
 def run_evaluate(tag: str, videos: dict[str, Video], questions: list[QAItem], policy: VideoPolicy, judge: CaptionJudge,
                  predictions: RecordFile[Prediction], judgments: RecordFile[Judgment], cfg: EvaluateConfig,
                  frames: FramesConfig, *, dataset: str = HELD_OUT, round_: int = 1, skipped: int = 0,
-                 embed_cache: EmbeddingCache | None = None, fail_fast: bool = False) -> EvalSummary:
+                 embed_cache: EmbeddingCache | None = None, fail_fast: bool = False,
+                 summaries: RecordFile[EvalSummary] | None = None) -> EvalSummary:
     """Answer ``questions`` with ``policy`` (greedy) and judge the answers with ``judge``'s protocol.
     ``embed_cache``: the videos' embeddings come from (and go to) it, so evaluating before and
-    after training (a frozen encoder) encodes each video once."""
+    after training (a frozen encoder) encodes each video once. The summary replaces any earlier
+    one of the same id in ``summaries``, when given."""
     errors = ItemErrors(f"evaluate {dataset}", fail_fast)
     predict(videos, questions, VideoEncoder(policy, frames, embed_cache), predictions, cfg, errors)
     qa = {q.id: q for q in questions}
     items = [JudgeItem.for_answer(videos[p.video_id], qa[p.qa_id], p.answer, p.id) for p in predictions.read() if p.qa_id in qa]
-    graded = judge_items(judge, items, judgments, desc=f"evaluate: judge ({summary_id(tag, dataset)})")
-    model = next((p.model for p in predictions.read()), policy.name)
-    return summarize(tag, model, len(questions), graded, judge, cfg.pass_score, dataset=dataset, round_=round_,
-                     skipped=skipped)
+    judge_items(judge, items, judgments, desc=f"evaluate: judge ({summary_id(tag, dataset)})")
+    # Read from disk, not from this worker's items, and under the summaries' lock: of concurrent
+    # workers, the one that summarizes last sees the most and its summary is the one kept.
+    with summaries.lock() if summaries is not None else contextlib.nullcontext():
+        answered = {p.id for p in predictions.read() if p.qa_id in qa}
+        graded = [j for j in judgments.read() if j.target_id in answered]
+        model = next((p.model for p in predictions.read()), policy.name)
+        summary = summarize(tag, model, len(questions), graded, judge, cfg.pass_score, dataset=dataset, round_=round_,
+                            skipped=skipped)
+        if summaries is not None:
+            summaries.upsert(summary)
+    return summary

@@ -1,7 +1,8 @@
 """Stage 2: paper-style frame folders (``frames/<video id>/00001.jpg ...``, method.md step 1).
 
 Each video becomes a folder of JPEGs at ``frames.fps`` and ``frames.width``: the layout the paper's
-released data uses, which the report's thumbnails and external tools read. A finished folder
+released data uses, which the report's thumbnails and external tools read. A video given as a
+frame folder has every frame resized and written as JPEG. A finished folder
 carries a ``.done`` marker with its settings and is skipped by a re-run.
 """
 
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from capdpo.config import FramesConfig
 from capdpo.errors import ITEM_ERRORS, FrameError, ItemErrors
-from capdpo.media.frames import DONE_MARKER, check_exists, open_video, read_done_marker
+from capdpo.media.frames import DONE_MARKER, check_exists, list_frame_files, load_frame_image, open_video, read_done_marker
 from capdpo.records import RecordFile, Video, atomic_dir
 
 
@@ -46,7 +47,8 @@ def extract_frame_folder(
     Keeps the first frame at or after each tick ``k / fps`` seconds from the stream start, resized
     to ``width`` keeping the aspect ratio. Frames go to a temporary sibling folder that is renamed
     into place at the end, so ``out_dir`` is either absent or complete; a finished folder (its
-    ``.done`` marker holds the same settings) is left as is.
+    ``.done`` marker holds the same settings) is left as is. A frame folder as ``video_path`` has
+    no timestamps to pick frames by: every frame is kept, resized and written as JPEG.
     """
     video_path, out_dir = Path(video_path), Path(out_dir)
     settings = {"fps": fps, "width": width, "quality": quality}
@@ -58,9 +60,26 @@ def extract_frame_folder(
         raise ValueError(f"fps and width must be positive, got fps={fps}, width={width}")
 
     with atomic_dir(out_dir) as tmp:  # replaces an unfinished or differently-made folder
-        count = _write_frames(video_path, tmp, Fraction(fps).limit_denominator(1000), width, quality)
+        if video_path.is_dir():
+            count = _write_folder_frames(video_path, tmp, width, quality)
+        else:
+            count = _write_frames(video_path, tmp, Fraction(fps).limit_denominator(1000), width, quality)
         (tmp / DONE_MARKER).write_text(json.dumps({"frames": count, "settings": settings}))
     return count
+
+
+def _write_folder_frames(folder: Path, out: Path, width: int, quality: int) -> int:
+    """Every frame of a frame folder, in order, resized to ``width`` as ``out/00001.jpg ...``."""
+    files = list_frame_files(folder)
+    for count, file in enumerate(files, start=1):
+        _save_resized(load_frame_image(file), out / f"{count:05d}.jpg", width, quality)
+    return len(files)
+
+
+def _save_resized(img: Image.Image, path: Path, width: int, quality: int) -> None:
+    """``img`` at ``width`` pixels wide, keeping the aspect ratio, as a JPEG."""
+    height = max(1, round(img.height * width / img.width))
+    img.resize((width, height), Image.Resampling.BICUBIC).save(path, quality=quality)
 
 
 def _write_frames(path: Path, out: Path, fps: Fraction, width: int, quality: int) -> int:
@@ -80,9 +99,7 @@ def _write_frames(path: Path, out: Path, fps: Fraction, width: int, quality: int
                 continue
             while tick / fps <= t - start:  # a source slower than fps skips ticks, never repeats frames
                 tick += 1
-            img = frame.to_image().convert("RGB")
-            height = max(1, round(img.height * width / img.width))
-            img.resize((width, height), Image.Resampling.BICUBIC).save(out / f"{count + 1:05d}.jpg", quality=quality)
+            _save_resized(frame.to_image().convert("RGB"), out / f"{count + 1:05d}.jpg", width, quality)
             count += 1
     except av.FFmpegError as e:
         raise FrameError(f"{path}: cannot decode video ({e})") from None

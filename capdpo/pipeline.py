@@ -20,7 +20,7 @@ from pathlib import Path
 
 from capdpo.config import RunConfig, SuiteConfig, save_config
 from capdpo.records import EvalSummary
-from capdpo.rundir import HELD_OUT, RunPaths
+from capdpo.rundir import HELD_OUT, RunPaths, require
 
 log = logging.getLogger("capdpo")
 
@@ -28,11 +28,17 @@ log = logging.getLogger("capdpo")
 class Run:
     """A run folder plus lazily loaded models, shared by the stages of one process."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, *, save: bool = True):
         self.cfg = cfg
         self.paths = RunPaths(Path(cfg.run_dir))  # round 1's; enter_round moves the round stages elsewhere
         self.paths.root.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.paths.config)
+        if save:
+            self.save_config()
+
+    def save_config(self) -> None:
+        """Write the config into the run folder (the CLI does it once a command succeeded, so a
+        failing ``--set`` is not repeated by the next plain run)."""
+        save_config(self.cfg, self.paths.config)
 
     def enter_round(self, k: int) -> None:
         """Point the round stages (sample .. evaluate) at round ``k``'s folder."""
@@ -82,11 +88,13 @@ class Run:
     def frames(self) -> None:
         from capdpo.frames import run_frames
 
+        require("frames", self.paths.videos)
         run_frames(self.paths.videos, self.paths.frames, self.cfg.frames, fail_fast=self.cfg.fail_fast)
 
     def qa(self) -> None:
         from capdpo.qa import run_qa
 
+        require("qa", self.paths.videos)
         log.info("qa: %s", run_qa(self.paths.videos, self.paths.qa_given, self.paths.qa, self.cfg.qa, self.cfg.cache_dir))
 
     def sample(self, shard: tuple[int, int] | None = None) -> None:
@@ -94,6 +102,7 @@ class Run:
         from capdpo.sample import run_sample
         from capdpo.shards import shard_file
 
+        require("sample", self.paths.videos, self.paths.qa)
         out = shard_file(self.paths.candidates, shard) if shard else self.paths.candidates
         # vLLM runs the weights itself: load only tokenizer, config and preprocessing
         policy = (policy_from_config(self.cfg.policy, self.cfg.cache_dir, weights=False)
@@ -112,6 +121,7 @@ class Run:
         """The judge stage; ``dry_run`` returns the request/token/cost estimate and sends nothing."""
         from capdpo.judge.stage import dry_run_judge, run_judge
 
+        require("judge", self.paths.candidates)
         files = (self.paths.videos, self.paths.qa, self.paths.candidates, self.paths.judgments)
         if dry_run:
             return dry_run_judge(*files, self.judge)
@@ -124,6 +134,7 @@ class Run:
         from capdpo.formats import write_pair_exports
         from capdpo.pairs import run_pairs
 
+        require("pairs", self.paths.judgments)
         stats = run_pairs(self.paths.videos, self.paths.qa, self.paths.candidates, self.paths.judgments,
                           self.paths.pairs, self.cfg.pairs, judge=self.judge if self.cfg.pairs.pairwise_check else None)
         write_pair_exports(self.paths.pairs.all(), self.paths.root)
@@ -134,6 +145,7 @@ class Run:
         from capdpo.reference import precompute_reference
         from capdpo.shards import shard_file
 
+        require("reference", self.paths.pairs)
         out = shard_file(self.paths.reference, shard) if shard else self.paths.reference
         errors = precompute_reference(self.paths.pairs.all(), self.paths.videos.by_id(), self.policy, self.cfg.train,
                                       self.cfg.frames, out, embed_cache=self.embedding_cache, shard=shard,
@@ -154,6 +166,7 @@ class Run:
         from capdpo.suites import load_configured_suite
 
         if suite is None:
+            require("evaluate", self.paths.videos, self.paths.qa)
             videos, questions, skipped = self.paths.videos.by_id(), [q for q in self.paths.qa.read() if q.split == "test"], 0
             dataset, protocol = HELD_OUT, self.cfg.judge.protocol
         else:
@@ -163,8 +176,8 @@ class Run:
         summary = run_evaluate(tag, videos, questions, self.policy, self.eval_judge(protocol),
                                self.paths.predictions(tag, dataset), self.paths.eval_judgments(tag, dataset),
                                self.cfg.evaluate, self.cfg.frames, dataset=dataset, round_=self.paths.round_number,
-                               skipped=skipped, embed_cache=self.embedding_cache, fail_fast=self.cfg.fail_fast)
-        self.paths.eval_summary.upsert(summary)
+                               skipped=skipped, embed_cache=self.embedding_cache, fail_fast=self.cfg.fail_fast,
+                               summaries=self.paths.eval_summary)
         log.info("evaluate: %s", format_summary(summary))
         return summary
 
@@ -175,6 +188,7 @@ class Run:
     def train(self) -> Path:
         from capdpo.train import run_train
 
+        require("train", self.paths.pairs)
         out = run_train(self.paths.pairs, self.paths.videos, self.policy, self.cfg.train, self.cfg.frames,
                         self.paths.train, embed_cache=self.embedding_cache, reference_file=self.paths.reference,
                         fail_fast=self.cfg.fail_fast)
@@ -184,6 +198,7 @@ class Run:
     def report(self) -> Path:
         from capdpo.report import write_report
 
+        require("report", self.paths.videos)
         return write_report(self.paths, self.cfg)
 
     def run_all(self) -> None:

@@ -9,14 +9,18 @@ and never writes a record twice.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -164,6 +168,8 @@ class RecordFile(Generic[R]):
 
     A process killed mid-write can leave a last line without its newline; that partial line is
     dropped (and cut from the file before the next append), so the record is simply redone.
+    Appends and rewrites hold an exclusive lock on ``.locks/<file>.lock`` so that several processes
+    can fill one file; :meth:`claims` lets them split the work so that each id is done once.
     """
 
     def __init__(self, path: str | os.PathLike, kind: type[R]):
@@ -212,21 +218,52 @@ class RecordFile(Generic[R]):
         if not lines:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._drop_partial_tail()
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(lines)
-            f.flush()
-            os.fsync(f.fileno())
+        with self.lock():  # another process's append or rewrite must not interleave with this one
+            self._drop_partial_tail()
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(lines)
+                f.flush()
+                os.fsync(f.fileno())
 
     def write(self, records: Iterable[R]) -> None:
         """Replace the file's content atomically (:func:`atomic_path`)."""
-        with atomic_path(self.path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        with self.lock(), atomic_path(self.path) as tmp, tmp.open("w", encoding="utf-8") as f:
             for r in records:
                 f.write(r.model_dump_json() + "\n")
 
     def upsert(self, record: R) -> None:
         """Replace the record of the same id, or add it (atomically, as :meth:`write`)."""
-        self.write([r for r in self.read() if r.id != record.id] + [record])
+        with self.lock():
+            self.write([r for r in self.read() if r.id != record.id] + [record])
+
+    def lock(self) -> AbstractContextManager[None]:
+        """Exclusive across processes (and threads) for as long as the ``with`` block runs; re-entrant."""
+        self.coordination_dir.mkdir(parents=True, exist_ok=True)
+        return _exclusive(self.coordination_dir / f"{self.path.name}.lock")
+
+    @property
+    def coordination_dir(self) -> Path:
+        """Where the lock file and the workers' claims live: one hidden ``.locks/`` folder beside
+        the record files, so a run folder lists only records."""
+        return self.path.parent / ".locks"
+
+    def drop_duplicates(self) -> int:
+        """Rewrite the file keeping the first record of each id (older runs of concurrent workers
+        could write an id twice); returns how many were dropped."""
+        with self.lock():
+            records = self.all(strict=False)
+            first: dict[str, R] = {}
+            for r in records:
+                first.setdefault(r.id, r)
+            kept = list(first.values())
+            if len(kept) < len(records):
+                self.write(kept)
+                log.warning("%s: dropped %d duplicate record(s), kept the first of each id", self.path, len(records) - len(kept))
+            return len(records) - len(kept)
+
+    def claims(self) -> WorkClaims:
+        """This process's claims on the ids of this file (use as a context manager)."""
+        return WorkClaims(self)
 
     def _drop_partial_tail(self) -> None:
         if not self.path.exists() or self.path.stat().st_size == 0:
@@ -237,6 +274,143 @@ class RecordFile(Generic[R]):
                 return
             f.seek(0)
             f.truncate(f.read().rfind(b"\n") + 1)
+
+
+_lock_guard = threading.Lock()
+_thread_locks: dict[str, threading.RLock] = {}
+_held: dict[str, tuple[int, int]] = {}  # lock file -> (descriptor, depth) of the flock this process holds
+
+
+@contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An flock on ``lock_path``, re-entrant within the process: a second flock from the same
+    process on another descriptor of the same file would wait for itself."""
+    name = os.path.abspath(lock_path)
+    with _lock_guard:
+        thread_lock = _thread_locks.setdefault(name, threading.RLock())
+    with thread_lock:
+        if name in _held:
+            fd, depth = _held[name]
+            _held[name] = (fd, depth + 1)
+        else:
+            fd = os.open(name, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _held[name] = (fd, 1)
+        try:
+            yield
+        finally:
+            fd, depth = _held[name]
+            if depth > 1:
+                _held[name] = (fd, depth - 1)
+            else:
+                del _held[name]
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+
+
+class WorkClaims:
+    """Splits the work on one record file between processes: each takes ids nobody has done or
+    claimed, so N workers started at once do every id exactly once.
+
+    A worker's claims are lines of its own file in ``.locks/<file>.claims/``, on which it holds an flock
+    while it lives: a claim file that can be locked belongs to a process that ended (finished or
+    killed), so its claims lapse and its unfinished ids are taken again. Claiming reads the ids
+    on disk and the live claims under the record file's lock, so no two workers claim one id.
+    """
+
+    def __init__(self, records: RecordFile):
+        self.records = records
+        self.folder = records.coordination_dir / f"{records.path.name}.claims"
+        self._own: Path | None = None
+        self._own_fd: int | None = None
+        self._mine: set[str] = set()
+        self._done: set[str] = set()
+        self._read_state: tuple[int, int] = (-1, 0)  # (inode, bytes read) of the record file
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def claim(self, keys: Sequence[str], limit: int | None = None,
+              is_done: Callable[[str, set[str]], bool] = lambda key, done: key in done) -> list[str]:
+        """Up to ``limit`` of ``keys`` (in order) that are not done - ``is_done(key, ids on
+        disk)`` - and not claimed before, by this worker or another live one; they are claimed
+        for this one."""
+        with self.records.lock():
+            done = self.done_ids()
+            taken = self._claimed_by_others() | self._mine
+            mine = [k for k in dict.fromkeys(keys) if k not in taken and not is_done(k, done)][:limit]
+            if mine:
+                self._write_own(mine)
+                self._mine.update(mine)
+            return mine
+
+    def done_ids(self) -> set[str]:
+        """Ids in the record file, read incrementally (a rewritten file is read again)."""
+        path = self.records.path
+        if not path.exists():
+            self._done, self._read_state = set(), (-1, 0)
+            return self._done
+        stat = path.stat()
+        inode, offset = self._read_state
+        if stat.st_ino != inode or stat.st_size < offset:
+            self._done, offset = set(), 0
+        with path.open("rb") as f:
+            f.seek(offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]  # an unterminated tail is a write in progress
+        for line in complete.splitlines():
+            try:
+                self._done.add(str(json.loads(line)["id"]))
+            except (ValueError, KeyError, TypeError):
+                continue  # a malformed row is reported by the readers, not here
+        self._read_state = (stat.st_ino, offset + len(complete))
+        return self._done
+
+    def release(self) -> None:
+        """Drop this worker's claims (its done ids are on disk by now, or will be redone)."""
+        if self._own_fd is not None:
+            with self.records.lock():  # another worker may be creating its claim file in the folder
+                self._own.unlink(missing_ok=True)
+                os.close(self._own_fd)
+                with contextlib.suppress(OSError):  # others' claims are still in it
+                    self.folder.rmdir()
+            self._own, self._own_fd = None, None
+        self._mine.clear()
+
+    def _claimed_by_others(self) -> set[str]:
+        taken: set[str] = set()
+        if not self.folder.exists():
+            return taken
+        for path in self.folder.glob("*.claim"):
+            if path == self._own:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # its worker is alive: its claims hold
+                    with os.fdopen(os.dup(fd), encoding="utf-8") as f:
+                        taken.update(line.strip() for line in f if line.strip())
+                else:
+                    path.unlink(missing_ok=True)  # its worker ended
+            finally:
+                os.close(fd)
+        return taken
+
+    def _write_own(self, keys: list[str]) -> None:
+        if self._own_fd is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            # created and locked under the record file's lock, so nobody sees it unlocked
+            self._own = self.folder / f"{os.getpid()}-{uuid.uuid4().hex[:8]}.claim"
+            self._own_fd = os.open(self._own, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            fcntl.flock(self._own_fd, fcntl.LOCK_EX)
+        os.write(self._own_fd, "".join(k + "\n" for k in keys).encode("utf-8"))
 
 
 def _first_error(e: ValidationError) -> str:

@@ -12,6 +12,9 @@ with ``train`` (which runs the same pass on the videos and tokens it has prepare
 planned with all of its pairs' prompts, as the trainer plans it, through the one video path
 (``VideoEncoder``, with the EmbeddingCache when given).
 
+Several processes may fill one reference file at once: each claims a video's pairs before
+scoring them (``RecordFile.claims``), so no pair is computed twice.
+
 Sharding mirrors ``sample``: shard ``(i, n)`` takes the pairs whose id hashes to ``i``
 (``shards.shard_of``) into ``reference.shard-i-of-n.jsonl``; ``merge_reference_shards`` joins them.
 """
@@ -45,6 +48,7 @@ def precompute_reference(pairs: Sequence[PreferencePair], videos: Mapping[str, V
     reference: the policy before training. Videos come from ``embed_cache`` when given. A bad
     video is recorded (or raised with ``fail_fast``) and its pairs skipped."""
     fingerprint = reference_fingerprint(policy, cfg, frames)
+    out.drop_duplicates()  # left by older concurrent runs; the first of each id is kept
     mine = [p for p in pairs if shard is None or shard_of(p.id, shard[1]) == shard[0]]
     todo = pairs_to_score(out, fingerprint, mine, cfg.max_response_tokens, recompute)
     errors = ItemErrors("reference", fail_fast)
@@ -53,10 +57,15 @@ def precompute_reference(pairs: Sequence[PreferencePair], videos: Mapping[str, V
     # a video is planned for all its prompts, as the trainer plans it, whichever of them are left
     prompts = {video_id: [p.prompt for p in group] for video_id, group in by_video(pairs).items()}
     encoder = VideoEncoder(policy, frames, embed_cache)
-    with tqdm(total=len(todo), desc="reference", unit="pair") as bar:
+    with out.claims() as claims, tqdm(total=len(todo), desc="reference", unit="pair") as bar:
 
         def encoded_pairs() -> Iterator[tuple[TokenizedPair, EncodedVideo]]:
             for video_id, group in by_video(todo).items():
+                claimed = set(claims.claim([p.id for p in group]))
+                bar.update(len(group) - len(claimed))  # done, or being done by another worker
+                group = [p for p in group if p.id in claimed]
+                if not group:
+                    continue
                 try:
                     if video_id not in videos:
                         raise FileNotFoundError(f"{video_id}: pairs name a video that is not in the run's videos")

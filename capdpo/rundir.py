@@ -9,9 +9,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from capdpo.errors import MissingInput
 from capdpo.records import Candidate, EvalSummary, Judgment, Prediction, PreferencePair, QAItem, RecordFile, ReferenceLogps, Video
 
 HELD_OUT = "held-out"  # the dataset name of a run's own test split (not a suite)
+# the stage that writes each input file a later stage needs, to tell the user what to run first
+WRITTEN_BY = {"videos.jsonl": "data", "qa.jsonl": "qa", "candidates.jsonl": "sample", "judgments.jsonl": "judge",
+              "pairs.jsonl": "pairs"}
+
+
+def require(stage: str, *inputs: RecordFile) -> None:
+    """Stop ``stage`` when one of its ``inputs`` is missing or empty: running on nothing would do
+    nothing and say nothing. The error names the file and the stage that writes it."""
+    for records in inputs:
+        writer = WRITTEN_BY[records.path.name]
+        if not records.exists():
+            raise MissingInput(f"{stage}: {records.path} not found; run `capdpo {writer}` first")
+        if records.path.stat().st_size == 0:
+            raise MissingInput(f"{stage}: {records.path} is empty: `capdpo {writer}` wrote no records (see its log); "
+                               "run it again once its inputs are fixed")
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from capdpo.config import FramesConfig, SampleConfig
-from capdpo.errors import ITEM_ERRORS, ItemErrors
+from capdpo.errors import ITEM_ERRORS, ItemErrors, OverBudgetError
 from capdpo.policy.base import EncodedVideo, VideoLayout, VideoPolicy
 from capdpo.policy.video import PlannedVideo, VideoEncoder
 from capdpo.records import Candidate, QAItem, RecordFile, Video
@@ -110,42 +110,87 @@ def run_sample(videos_file: RecordFile[Video], qa_file: RecordFile[QAItem], out:
                policy: VideoPolicy, cfg: SampleConfig, frames: FramesConfig, *, split: str = "train",
                fail_fast: bool = False, shard: tuple[int, int] | None = None, dtype: str = "auto") -> ItemErrors:
     """The ``sample`` stage: append ``cfg.n`` candidates for every question of ``split`` (and of
-    ``shard``, when given) lacking them."""
+    ``shard``, when given) lacking them. Several processes may sample into one ``out`` at once:
+    each claims a video's questions before sampling them, so every candidate is written once."""
     videos = videos_file.by_id()
-    done = out.ids()
-    todo: dict[str, list[QAItem]] = defaultdict(list)
-    for q in qa_file.read():
-        mine = shard is None or shard_of(q.id, shard[1]) == shard[0]
-        if q.split == split and mine and any(candidate_id(q.id, k) not in done for k in range(cfg.n)):
-            todo[q.video_id].append(q)
+    out.drop_duplicates()  # left by older concurrent runs; the first of each id is kept
+    todo = _questions_to_sample(qa_file, out.ids(), cfg.n, split, shard)
     errors = ItemErrors("sample", fail_fast)
     if not todo:
         return errors
     backend = VllmBackend(policy, cfg, dtype) if cfg.backend == "vllm" else HFBackend(policy, cfg)
     encoder = VideoEncoder(policy, frames)
     layouts: dict[str, VideoLayout] = {}
-    with tqdm(total=sum(map(len, todo.values())), desc=f"sample ({cfg.backend})", unit="question") as bar:
+
+    def sampled(qa_id: str, on_disk: set[str]) -> bool:
+        return all(candidate_id(qa_id, k) in on_disk for k in range(cfg.n))
+
+    with out.claims() as claims, tqdm(total=sum(map(len, todo.values())), desc=f"sample ({cfg.backend})",
+                                      unit="question") as bar:
 
         def write(results) -> None:
             for q, seed, answers in results:
-                layout = layouts[q.video_id]
+                layout, on_disk = layouts[q.video_id], claims.done_ids()
                 out.append(Candidate(id=candidate_id(q.id, k), qa_id=q.id, video_id=q.video_id, answer=a, model=policy.name,
                                      seed=seed, temperature=cfg.temperature, top_p=cfg.top_p, backend=backend.name,
                                      num_frames=layout.num_frames, frame_size=(layout.height, layout.width))
-                           for k, a in enumerate(answers) if candidate_id(q.id, k) not in done)
+                           for k, a in enumerate(answers) if candidate_id(q.id, k) not in on_disk)
                 bar.update()
 
         for video_id, questions in todo.items():
+            claimed = set(claims.claim([q.id for q in questions], is_done=sampled))
+            bar.update(len(questions) - len(claimed))  # done, or being done by another worker
+            questions = [q for q in questions if q.id in claimed]
+            if not questions:
+                continue
             try:
-                video = backend.prepare(encoder, videos[video_id], [q.question for q in questions])
+                video, fitting = prepare_questions(backend, encoder, videos[video_id], questions, cfg.max_new_tokens, errors)
             except ITEM_ERRORS as e:
                 errors.record(video_id, e)
                 bar.update(len(questions))
                 continue
+            bar.update(len(questions) - len(fitting))
             layouts[video_id] = video.layout
-            write(backend.submit(video, questions))
+            write(backend.submit(video, fitting))
         write(backend.flush())
     return errors
+
+
+def _questions_to_sample(qa_file: RecordFile[QAItem], done: set[str], n: int, split: str,
+                         shard: tuple[int, int] | None) -> dict[str, list[QAItem]]:
+    """By video id, the questions of ``split`` (and ``shard``) still lacking one of their ``n`` candidates."""
+    todo: dict[str, list[QAItem]] = defaultdict(list)
+    for q in qa_file.read():
+        mine = shard is None or shard_of(q.id, shard[1]) == shard[0]
+        if q.split == split and mine and any(candidate_id(q.id, k) not in done for k in range(n)):
+            todo[q.video_id].append(q)
+    return todo
+
+
+def prepare_questions(backend: HFBackend | VllmBackend, encoder: VideoEncoder, video: Video, questions: list[QAItem],
+                      new_tokens: int, errors: ItemErrors) -> tuple[EncodedVideo | PlannedVideo, list[QAItem]]:
+    """``backend.prepare`` for a video's questions; when they do not fit together, each question
+    that does not fit on its own is recorded in ``errors`` (named) and left out, so one over-long
+    question does not cost its siblings their candidates. Returns the prepared video and the
+    questions kept; raises when none fits (or the video itself is unreadable)."""
+    try:
+        return backend.prepare(encoder, video, [q.question for q in questions]), questions
+    except OverBudgetError:
+        if len(questions) == 1:
+            raise
+        too_long: list[tuple[QAItem, OverBudgetError]] = []
+        for q in questions:
+            try:
+                encoder.plan(video, [q.question], new_tokens)
+            except OverBudgetError as alone:
+                too_long.append((q, alone))
+        if len(too_long) == len(questions):
+            raise  # the video itself does not fit: one error for it, as for a single question
+    for q, error in too_long:
+        errors.record(q.id, OverBudgetError(f"question {q.id}: {error}"))
+    dropped = {q.id for q, _ in too_long}
+    fitting = [q for q in questions if q.id not in dropped]
+    return backend.prepare(encoder, video, [q.question for q in fitting]), fitting
 
 
 def merge_shards(out: RecordFile[Candidate], shards: int, qa_file: RecordFile[QAItem] | None = None) -> dict[str, int]:

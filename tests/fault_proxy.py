@@ -5,7 +5,8 @@
         proxy.fault_rate = 0.0                       # from here on, everything is forwarded
 
 Each fault is one of ``FAULTS``: 429 (``Retry-After: 0`` or ``1``), 500, 503, a hang past the
-client's timeout, a truncated JSON body or a non-JSON body (both with status 200). Whether a
+client's timeout, a truncated JSON body or a non-JSON body (both with status 200). On request,
+``unscored`` (not in ``FAULTS``): a well-formed completion whose text states no score. Whether a
 request fails, and how, is drawn from ``seed``, the request body and how many times that body was
 seen before - not from arrival order - so a run is reproducible even with concurrent clients.
 Binds 127.0.0.1 only and serves only inside the ``with`` block.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import random
 import threading
 from collections import Counter
@@ -23,6 +25,8 @@ from typing import Self
 from urllib.parse import urlsplit
 
 FAULTS = ("429", "500", "503", "hang", "truncated", "garbage")
+UNSCORED_REPLY = "I would rather not grade this answer."
+_ALL_FAULTS = (*FAULTS, "unscored")  # unscored is a judge-level failure, asked for by the tests that need it
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "te", "trailer", "upgrade"}
 
 
@@ -34,9 +38,9 @@ class FaultProxy:
 
     def __init__(self, upstream: str, *, fault_rate: float = 0.3, seed: int = 0, hang_s: float = 2.0,
                  faults: tuple[str, ...] = FAULTS):
-        unknown = set(faults) - set(FAULTS)
+        unknown = set(faults) - set(_ALL_FAULTS)
         if unknown:
-            raise ValueError(f"unknown faults {sorted(unknown)}; known: {FAULTS}")
+            raise ValueError(f"unknown faults {sorted(unknown)}; known: {_ALL_FAULTS}")
         self.upstream = urlsplit(upstream)
         self.fault_rate = fault_rate
         self.seed = seed
@@ -117,6 +121,10 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                     content = content[: len(content) // 2]
                 elif fault == "garbage":
                     content = b"<html><body>502 Bad Gateway (but status 200)</body></html>"
+                elif fault == "unscored":
+                    completion = json.loads(content)
+                    completion["choices"][0]["message"]["content"] = UNSCORED_REPLY
+                    content = json.dumps(completion).encode()
                 kept = [(k, v) for k, v in upstream_headers if k.lower() not in _HOP_BY_HOP]
                 self._reply(status, content, kept)
 

@@ -100,4 +100,4 @@ def test_judge_item_for_answer():
     video = Video(id="v", video="v.mp4", caption="A red circle moves left.")
     qa = QAItem(id="v_0", video_id="v", question="What moves?", answer="A red circle.")
     assert JudgeItem.for_answer(video, qa, "a circle", "v_0#3") == JudgeItem(
-        "v_0#3", "v_0", "A red circle moves left.", "What moves?", "A red circle.", "a circle", "v.mp4")
+        "v_0#3", "v_0", "A red circle moves left.", "What moves?", "A red circle.", "a circle", "v.mp4", "v")

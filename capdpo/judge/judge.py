@@ -20,6 +20,7 @@ import base64
 import io
 import statistics
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -48,11 +49,12 @@ class JudgeItem:
     reference: str
     answer: str
     video: str | None = None
+    video_id: str | None = None  # names the videos.jsonl row in errors about the caption
 
     @classmethod
     def for_answer(cls, video: Video, qa: QAItem, answer: str, target_id: str) -> JudgeItem:
         """``answer`` (a candidate, a prediction...) to question ``qa`` about ``video``."""
-        return cls(target_id, qa.id, video.caption, qa.question, qa.answer, answer, video.video)
+        return cls(target_id, qa.id, video.caption, qa.question, qa.answer, answer, video.video, video.id)
 
 
 def truncate_words(text: str, max_words: int) -> str:
@@ -261,16 +263,14 @@ class CaptionJudge:
         (judge, sample) so a backend batches the items. The budget was checked by ``affordable``."""
         if not asked:
             return []
-        cfg = self.cfg
-        # one reply is greedy; several are sampled, each sample with its own seed
-        temperature = 0.0 if cfg.samples == 1 else cfg.sample_temperature
-        seeds = [None] if cfg.samples == 1 else [cfg.seed + s for s in range(cfg.samples)]
+        temperature, seeds = self._sampling()
         requests = []
         for jl in self.judges:
             for sample, seed in enumerate(seeds):
                 batch = [_Request(i, jl, sample, prompts[i]) for i in asked]
                 replies = self._send(jl, [prompts[i] for i in asked], None if images is None else [images[i] for i in asked],
-                                     temperature=temperature, max_new_tokens=jl.max_new_tokens, seed=seed)
+                                     temperature=temperature, max_new_tokens=jl.max_new_tokens, seed=seed,
+                                     readable=self._readable)
                 for r, reply in zip(batch, replies):
                     r.take(reply, self._parse(reply))
                 requests += batch
@@ -295,25 +295,56 @@ class CaptionJudge:
                     for r in group:
                         r.refused = refused
                     continue
-                replies = self._send(jl, prompts, None, temperature=0.0, max_new_tokens=self.protocol.reask_tokens, seed=None)
+                replies = self._send(jl, prompts, None, temperature=0.0, max_new_tokens=self.protocol.reask_tokens, seed=None,
+                                     readable=self._readable)
                 for r, reply in zip(group, replies):
                     r.take(reply, self._parse(reply))
 
+    def _sampling(self) -> tuple[float, list[int | None]]:
+        """(temperature, seeds) of the first requests: one reply is greedy; several are sampled,
+        each sample with its own seed."""
+        if self.cfg.samples == 1:
+            return 0.0, [None]
+        return self.cfg.sample_temperature, [self.cfg.seed + s for s in range(self.cfg.samples)]
+
     def _send(self, jl: JudgeLLM, prompts: list[str], images: list[list[bytes]] | None, *, temperature: float,
-              max_new_tokens: int, seed: int | None) -> list[Reply]:
+              max_new_tokens: int, seed: int | None, readable: Callable[[Reply], bool] | None = None) -> list[Reply]:
         """Every call into a judge LLM goes through here, and is counted by the budget. With
         ``images`` (one list of JPEG frames per prompt) it needs the LLM's ``chat_messages``
-        (OpenAI-compatible multimodal messages, openai backend only)."""
+        (OpenAI-compatible multimodal messages, openai backend only). Replies that came back but
+        are not ``readable`` are removed from the reply cache: a later run asks again instead of
+        being served the same unreadable reply."""
         params = {"temperature": temperature, "max_new_tokens": max_new_tokens, "seed": seed}
-        if images is None:
-            replies = jl.llm.chat(prompts, **params)
-        else:
-            replies = jl.llm.chat_messages([chat_messages(p, im) for p, im in zip(prompts, images)], **params)
+        requests = prompts if images is None else [chat_messages(p, im) for p, im in zip(prompts, images)]
+        replies = jl.llm.chat(requests, **params) if images is None else jl.llm.chat_messages(requests, **params)
         self.budget.spend(jl.llm.model_id, replies)
+        forget = getattr(jl.llm, "forget", None)  # only a CachedLLM keeps replies
+        if readable is not None and forget is not None:
+            unreadable = [q for q, r in zip(requests, replies) if r.error is None and not readable(r)]
+            if unreadable:
+                forget(unreadable, **params)
         return replies
+
+    def forget(self, items: list[JudgeItem]) -> None:
+        """Remove the cached first replies of ``items`` (``judge --retry-failed``): a reply cached
+        before it was found unreadable would otherwise be served again and nothing re-asked."""
+        if not items or self.cfg.mode != "generate":
+            return
+        prompts = [self.render(it) for it in items]
+        images, unreadable = self._evidence(items)
+        requests = prompts if images is None else [
+            chat_messages(p, im) for i, (p, im) in enumerate(zip(prompts, images)) if i not in unreadable]
+        temperature, seeds = self._sampling()
+        for jl in self.judges:
+            forget = getattr(jl.llm, "forget", None)
+            for seed in seeds if forget is not None else []:
+                forget(requests, temperature=temperature, max_new_tokens=jl.max_new_tokens, seed=seed)
 
     def _parse(self, reply: Reply) -> Vote | None:
         return None if reply.error is not None else self.protocol.parse(reply.text)
+
+    def _readable(self, reply: Reply) -> bool:
+        return self._parse(reply) is not None
 
     # -- one item's judgment ---------------------------------------------------------------
     def _combine(self, item: JudgeItem, prompt: str, requests: list[_Request]) -> Judgment:
@@ -418,7 +449,8 @@ class CaptionJudge:
         refused = self.budget.refuse(self.budget.plan(main.llm, prompts, main.max_new_tokens))
         if refused:
             raise BudgetExceeded(refused)
-        ab, ba = self._send(main, prompts, None, temperature=0.0, max_new_tokens=main.max_new_tokens, seed=None)
+        ab, ba = self._send(main, prompts, None, temperature=0.0, max_new_tokens=main.max_new_tokens, seed=None,
+                            readable=lambda reply: parse_pairwise(reply.text) is not None)
         verdict_ab, why_ab = _pairwise_verdict(ab, "A", "B", "(A, B)")
         verdict_ba, why_ba = _pairwise_verdict(ba, "B", "A", "(B, A)")
         failures = [w for w in (why_ab, why_ba) if w]
@@ -516,33 +548,63 @@ def check_same_judge(judge: CaptionJudge, out: RecordFile[Judgment]) -> None:
                          "Use another run folder or move the file away to judge again.")
 
 
+def check_evidence(judge: CaptionJudge, items: list[JudgeItem]) -> None:
+    """Refuse, before sending anything, answers whose video has an empty caption under protocol
+    caption_reward: the judge would grade them with no evidence and they would become pairs."""
+    cfg = judge.cfg
+    if cfg.protocol != "caption_reward" or cfg.evidence != "caption" or cfg.allow_missing_caption:
+        return
+    bare = [it for it in items if not it.caption.strip()]
+    if bare:
+        first = bare[0]
+        row = f"videos.jsonl row {first.video_id}" if first.video_id else f"video {first.video}"
+        raise ValueError(f"{row}: empty caption, so answer {first.target_id} (question {first.qa_id}) has no evidence "
+                         f"to be judged against ({len(bare)} answer(s) in all). Add the caption, or set "
+                         "judge.allow_missing_caption=true to judge them from the question and reference alone.")
+
+
 def judge_items(judge: CaptionJudge, items: list[JudgeItem], out: RecordFile[Judgment], *,
                 batch_size: int | None = None, retry_failed: bool = False, desc: str = "judge") -> list[Judgment]:
     """Judge every item not already judged in ``out``; appends batch by batch (of
     ``judge.batch_size`` items unless ``batch_size`` says otherwise) so a crash loses at most one
-    batch. ``retry_failed`` first drops recorded failures so they are judged again.
+    batch. ``retry_failed`` first drops recorded failures so they are judged again, and their
+    cached replies so they are asked again.
+
+    Several processes may judge into one ``out`` at once: each claims its batches
+    (:class:`~capdpo.records.WorkClaims`), so every item is judged and sent once. Duplicate ids
+    left by older concurrent runs are dropped (the first kept).
 
     When the judge's budget would be passed, the affordable part of the batch is judged and
     saved, then :class:`BudgetExceeded` is raised: nothing judged is lost, and running again
     (with a fresh or larger budget) goes on from there."""
     batch_size = batch_size or judge.batch_size
+    check_evidence(judge, items)
+    out.drop_duplicates()
     if retry_failed and out.exists():
-        out.write([j for j in out.read() if j.failure is None])
+        _drop_failures(judge, items, out)
     check_same_judge(judge, out)
     judge.budget.exhausted = None  # set again below only if this call hits a ceiling
-    done = out.ids()
-    todo = [it for it in items if it.target_id not in done]
-    with tqdm(total=len(items), initial=len(items) - len(todo), desc=desc, unit="answer") as bar:
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
+    by_id = {it.target_id: it for it in items}
+    with out.claims() as claims, tqdm(total=len(items), initial=len(claims.done_ids() & by_id.keys()), desc=desc,
+                                      unit="answer") as bar:
+        while batch_ids := claims.claim(list(by_id), limit=batch_size):
+            batch = [by_id[i] for i in batch_ids]
             fits = judge.affordable(batch)
             if fits:
                 out.append(judge.judge(batch[:fits]))
                 bar.update(fits)
             if fits < len(batch) or judge.budget.exhausted:
-                _stop_for_budget(judge, out, left=len(todo) - start - fits)
-    wanted = {it.target_id for it in items}
-    return [j for j in out.read() if j.target_id in wanted]
+                _stop_for_budget(judge, out, left=len(by_id.keys() - claims.done_ids()))
+    return [j for j in out.read() if j.target_id in by_id]
+
+
+def _drop_failures(judge: CaptionJudge, items: list[JudgeItem], out: RecordFile[Judgment]) -> None:
+    """``--retry-failed``: remove the recorded failures from ``out`` and their cached replies."""
+    with out.lock():
+        judgments = out.all()
+        failed = {j.target_id for j in judgments if j.failure is not None}
+        out.write([j for j in judgments if j.failure is None])
+    judge.forget([it for it in items if it.target_id in failed])
 
 
 def _stop_for_budget(judge: CaptionJudge, out: RecordFile[Judgment], left: int) -> None:

@@ -21,8 +21,9 @@ VIDEO_CHATGPT_REASK = ("\n\nYour previous reply was:\n{reply}\n\nIt was not a va
 # "Score: 4", "**Score:** 4", "score = 4/5", "Rating: 4 out of 5", "Score (1-5): 4". The number is
 # captured with any decimal part or sign so that "4.5", "6" or "-1" are seen - and then rejected,
 # not rounded; a range such as "4-5" is no single score (and "(1-5)" is the scale, not a score).
+# A number that goes on as a decimal comma or a list ("4,5") or an exponent ("1e1") is no score.
 _SCORE_LINE = re.compile(r"(?:score|rating)(?:\s*\(\s*(?:\d+\s*(?:-|–|to)\s*(\d+)|out of\s*(\d+))\s*\))?"
-                         r"\W{0,6}?(?:is\s*)?[:=]?\s*\**\s*(-?\d+(?:\.\d+)?)(?!\.?\d|\s*(?:-|–|to)\s*\d)"
+                         r"\W{0,6}?(?:is\s*)?[:=]?\s*\**\s*(-?\d+(?:\.\d+)?)(?!\.?\d|\s*(?:-|–|to)\s*\d|\s*,\s*\d|[eE][+-]?\d)"
                          r"\s*(?:/\s*(\d+)|out of\s*(\d+))?",
                          re.IGNORECASE)
 _MAPPING = re.compile(r"\{[^{}]*\}", re.DOTALL)
@@ -102,11 +103,14 @@ def _load_mapping(blob: str) -> dict | None:
     return None
 
 
+_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")  # plain decimal: float() would also take "1e1", "4_0", "inf"
+
+
 def _valid(value: object, low: int, high: int) -> int | None:
-    try:
-        number = float(str(value).strip())
-    except ValueError:
+    text = str(value).strip()
+    if isinstance(value, bool) or not _NUMBER.fullmatch(text):
         return None
+    number = float(text)
     if not number.is_integer() or not low <= number <= high:
         return None
     return int(number)

@@ -121,6 +121,31 @@ class HFChatLLM:
         return results
 
 
+class Secret:
+    """An API key held in memory: ``reveal()`` gives it to the client; repr and str never show it
+    (tracebacks with locals, logs, debuggers), and ``scrub`` removes it from server text."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str):
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every occurrence of the key replaced by ``***`` (no-op for the placeholder key)."""
+        return text.replace(self._value, "***") if self._value and self._value != NO_KEY else text
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+
+NO_KEY = "EMPTY"  # local servers need no key; the client wants one
+
+
 class _TryFailed(Exception):
     """One failed try of a request: why, whether another try may help, and how long the server
     asked us to wait first (``Retry-After``), if it said."""
@@ -182,7 +207,7 @@ class OpenAIChatLLM:
         return _run_sync(self._chat_all(conversations, body))
 
     async def _chat_all(self, conversations: list[list[dict]], body: dict) -> list[Reply]:
-        key = os.environ.get(self.api_key_env) or "EMPTY"  # local servers need no key; the client wants one
+        key = Secret(os.environ.get(self.api_key_env) or NO_KEY)
         # The connection pool scans all its connections (a socket poll each) for every request:
         # one pool of N connections costs O(N) CPU per request, the bottleneck at high
         # concurrency. Clients of at most POOL_SIZE connections keep that scan short (at
@@ -197,24 +222,25 @@ class OpenAIChatLLM:
                     slots.put_nowait(client)
             return list(await asyncio.gather(*(self._chat_one(slots, m, body, key) for m in conversations)))
 
-    def _client(self, key: str, connections: int):
+    def _client(self, key: Secret, connections: int):
         from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
         # sized to its slots, so every request reuses a kept-alive connection instead of reconnecting
         limits = _httpx().Limits(max_connections=connections, max_keepalive_connections=connections)
         http = DefaultAsyncHttpxClient(limits=limits, timeout=self.timeout_s, verify=self._tls)
-        return AsyncOpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=self.timeout_s, http_client=http)
+        return AsyncOpenAI(base_url=self.base_url, api_key=key.reveal(), max_retries=0, timeout=self.timeout_s, http_client=http)
 
-    async def _chat_one(self, slots: asyncio.Queue, messages: list[dict], body: dict, key: str) -> Reply:
+    async def _chat_one(self, slots: asyncio.Queue, messages: list[dict], body: dict, key: Secret) -> Reply:
         t0 = None  # set when the first try gets a slot: waiting behind other requests is not latency
         for attempt in range(1, self.max_tries + 1):
             try:
                 async with _slot(slots) as client:  # held only while a request is in flight, not while backing off
                     t0 = t0 or time.perf_counter()
-                    text, prompt_tokens, completion_tokens = await self._try_once(client, messages, body)
-                return Reply(text, time.perf_counter() - t0, prompt_tokens, completion_tokens)
+                    text, prompt_tokens, completion_tokens = await self._try_once(client, messages, body, key)
+                # a server may reflect the key in a reply too; it would reach records and the cache
+                return Reply(key.scrub(text), time.perf_counter() - t0, prompt_tokens, completion_tokens)
             except _TryFailed as failed:
-                reason = _redact(failed.reason, key)
+                reason = failed.reason  # scrubbed by _try_once before any cut
                 if not failed.retryable:
                     return self._give_up(f"{reason} (not retried)", t0)
                 if attempt == self.max_tries:
@@ -227,8 +253,9 @@ class OpenAIChatLLM:
                 await asyncio.sleep(delay)
         return self._give_up(f"{reason} after {self.max_tries} tries", t0)
 
-    async def _try_once(self, client, messages: list[dict], body: dict) -> tuple[str, int, int]:
-        """One request with its deadline; returns (text, prompt tokens, completion tokens)."""
+    async def _try_once(self, client, messages: list[dict], body: dict, key: Secret) -> tuple[str, int, int]:
+        """One request with its deadline; returns (text, prompt tokens, completion tokens). Server
+        text in a failure is scrubbed of the key before it is shortened (a cut key would survive)."""
         import openai
 
         try:
@@ -246,12 +273,13 @@ class OpenAIChatLLM:
             status = e.status_code
             retryable = status in RETRYABLE_STATUS or status >= 500
             message = e.message.removeprefix(f"Error code: {status} - ")  # the client's prefix repeats the status
-            raise _TryFailed(f"HTTP {status}: {_shorten(message)}", retryable, _retry_after(e.response.headers)) from None
+            raise _TryFailed(f"HTTP {status}: {_shorten(key.scrub(message))}", retryable,
+                             _retry_after(e.response.headers)) from None
         except openai.APIConnectionError as e:
-            raise _TryFailed(f"connection error: {_shorten(str(e.__cause__ or e))}", retryable=True) from None
+            raise _TryFailed(f"connection error: {_shorten(key.scrub(str(e.__cause__ or e)))}", retryable=True) from None
         except openai.OpenAIError as e:
-            raise _TryFailed(f"{type(e).__name__}: {_shorten(str(e))}", retryable=False) from None
-        return _parse_completion(response.content)
+            raise _TryFailed(f"{type(e).__name__}: {_shorten(key.scrub(str(e)))}", retryable=False) from None
+        return _parse_completion(response.content, key)
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         """Full jitter (uniform in [0, base * 2^(attempt-1)], capped) so that clients which failed
@@ -291,7 +319,7 @@ def _httpx():
         return httpx
 
 
-def _parse_completion(content: bytes) -> tuple[str, int, int]:
+def _parse_completion(content: bytes, key: Secret) -> tuple[str, int, int]:
     """(text, prompt tokens, completion tokens) of a chat completion body; a garbage or truncated
     body is a retryable failure (proxies and overloaded servers produce both with status 200)."""
     try:
@@ -301,7 +329,8 @@ def _parse_completion(content: bytes) -> tuple[str, int, int]:
         usage = data.get("usage") or {}
         return str(text), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
     except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-        raise _TryFailed(f"unparseable response body ({type(e).__name__}): {_shorten(repr(content[:60]))}",
+        body = key.scrub(content.decode("utf-8", errors="replace"))
+        raise _TryFailed(f"unparseable response body ({type(e).__name__}): {_shorten(repr(body[:60]))}",
                          retryable=True) from None
 
 
@@ -324,11 +353,6 @@ def _retry_after(headers) -> float | None:
 def _shorten(text: str, limit: int = 200) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _redact(text: str, key: str) -> str:
-    """Error messages can echo request details (some servers quote the key back): scrub it."""
-    return text.replace(key, "***") if key and key != "EMPTY" else text
 
 
 def _run_sync(coro):

@@ -119,6 +119,20 @@ class LLMCache:
             raise
         conn.execute("COMMIT")
 
+    def delete(self, keys: list[str]) -> None:
+        """Remove entries (replies found unusable after they were stored)."""
+        unique = list(dict.fromkeys(keys))
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for start in range(0, len(unique), _CHUNK):
+                chunk = unique[start : start + _CHUNK]
+                conn.execute(f"DELETE FROM replies WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
     def __len__(self) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM replies").fetchone()[0]
 
@@ -176,6 +190,14 @@ class CachedLLM:
             return send(requests, **params)
         return self._through_cache("chat", requests, params, lambda todo: send(todo, **params),
                                    self._chat_entry, self._chat_reply)
+
+    def forget(self, requests: list, *, temperature: float = 0.0, top_p: float = 1.0, max_new_tokens: int = 256,
+               seed: int | None = None) -> None:
+        """Remove the stored replies of these ``chat``/``chat_messages`` requests (prompts or
+        conversations) so the next call asks the backend again: a reply the caller could not
+        use (no valid score) must not be served forever."""
+        params = {"temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
+        self.cache.delete([request_key(self.backend, self.model_id, "chat", r, params) for r in requests])
 
     def choose(self, prompts: list[str], assistant_prefix: str, choices: list[str]) -> list[dict[str, float]]:
         params = {"assistant_prefix": assistant_prefix, "choices": list(choices)}

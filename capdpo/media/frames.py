@@ -142,7 +142,8 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def _load_image(path: Path) -> Image.Image:
+def load_frame_image(path: Path) -> Image.Image:
+    """One frame file of a frame folder as RGB (raises FrameError naming it when unreadable)."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
@@ -178,7 +179,7 @@ def sample_frames(path: str | os.PathLike, num_frames: int = 8, size: int | None
     check_exists(path)
     if path.is_dir():
         files = list_frame_files(path)
-        frames = [_load_image(files[i]) for i in sample_indices(len(files), num_frames)]
+        frames = [load_frame_image(files[i]) for i in sample_indices(len(files), num_frames)]
     else:
         frames = _sample_video(path, num_frames)
     if size is not None:

@@ -101,17 +101,18 @@ def pairs_to_score(out: RecordFile[ReferenceLogps], fingerprint: str, pairs: Seq
     """The pairs ``out`` holds no valid row for. Rows of changed pairs (and with ``recompute``, of
     another fingerprint) are dropped from the file; rows of another fingerprint otherwise raise."""
     hashes = {p.id: pair_hash(p, max_response_tokens) for p in pairs}
-    rows = out.all()
-    foreign = [r for r in rows if r.fingerprint != fingerprint]
-    if foreign and not recompute:
-        raise ReferenceMismatch(
-            f"{out.path}: {len(foreign)} row(s) were computed by another reference model or settings (fingerprint "
-            f"{foreign[0].fingerprint[:12]}, now {fingerprint[:12]}); delete the file or recompute them "
-            "(`capdpo reference --recompute`)")
-    kept = [r for r in rows if r.fingerprint == fingerprint and hashes.get(r.id, r.pair_hash) == r.pair_hash]
-    if len(kept) < len(rows):
-        log.info("reference: %s: recomputing %d row(s) of changed pairs or another model", out.path, len(rows) - len(kept))
-        out.write(kept)
+    with out.lock():  # a concurrent worker's rows appended between this read and the rewrite would be lost
+        rows = out.all()
+        foreign = [r for r in rows if r.fingerprint != fingerprint]
+        if foreign and not recompute:
+            raise ReferenceMismatch(
+                f"{out.path}: {len(foreign)} row(s) were computed by another reference model or settings (fingerprint "
+                f"{foreign[0].fingerprint[:12]}, now {fingerprint[:12]}); delete the file or recompute them "
+                "(`capdpo reference --recompute`)")
+        kept = [r for r in rows if r.fingerprint == fingerprint and hashes.get(r.id, r.pair_hash) == r.pair_hash]
+        if len(kept) < len(rows):
+            log.info("reference: %s: recomputing %d row(s) of changed pairs or another model", out.path, len(rows) - len(kept))
+            out.write(kept)
     done = {r.id for r in kept}
     return [p for p in pairs if p.id not in done]
 
