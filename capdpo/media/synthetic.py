@@ -232,15 +232,17 @@ def render_scene(scene: Scene, path: str | os.PathLike) -> Path:
     """Render the scene to an mp4 (yuv420p) at ``path``, atomically."""
     path = Path(path)
     codec = video_codec()
-    # Same scene, same bytes: one encoder thread (threaded rate control depends on timing) and
-    # bitexact muxing/encoding (no encoder version string in the file). A process that has loaded
-    # torch still gets different bytes now and then (README, Reliability: open).
+    # Same scene, same bytes: one encoder thread (threaded rate control depends on timing),
+    # bitexact muxing/encoding (no encoder version string in the file), and none of x264's
+    # float-heavy adaptive tools (adaptive quantisation, macroblock tree, psy): with torch's
+    # thread pool busy in the same process they gave different bytes about 1 render in 10.
     with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4", options={"fflags": "+bitexact"}) as container:
         stream = container.add_stream(codec, rate=scene.fps)
         stream.width, stream.height, stream.pix_fmt = scene.width, scene.height, "yuv420p"
         stream.thread_count = 1
         if codec == "libx264":
-            stream.options = {"crf": "18", "preset": "fast", "threads": "1", "flags": "+bitexact"}  # near-lossless: colours stay nameable
+            stream.options = {"crf": "18", "preset": "fast", "threads": "1", "flags": "+bitexact",  # near-lossless: colours stay nameable
+                              "x264-params": "aq-mode=0:mbtree=0:psy=0"}
         else:
             stream.bit_rate = 2_000_000
             stream.options = {"flags": "+bitexact"}
