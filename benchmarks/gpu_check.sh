@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check: the family and shared-prefix tests, the sampling and DPO-step benchmarks on CUDA; figures appended to
+# GPU check: the family and shared-prefix tests, the sampling and DPO-step benchmarks and the engine configs
+# through accelerate (engines_gpu_check.sh) on CUDA; figures appended to
 # BENCHMARKS.md under the GPU's name. Run from anywhere, on a node with the project installed
 # (`make setup`; torchvision present lets the tests compare capdpo's preprocessing with transformers').
 #
@@ -17,6 +18,7 @@ CAPDPO_TEST_DEVICE=cuda CAPDPO_TEST_DTYPE=bfloat16 "$PY" -m pytest tests/test_fa
 CAPDPO_TEST_DEVICE=cuda "$PY" -m pytest tests/test_shared_prefix.py -q -p no:cacheprovider | tee -a "$LOG" || status=$?
 TABLE=$("$PY" benchmarks/sample_throughput.py --device cuda --dtype bfloat16)
 DPO=$("$PY" benchmarks/dpo_step.py --device cuda --dtype bfloat16 --preset 1b --init random --pairs 2 --steps 5 --warmup 2)
+ENGINES=$(PY="$PY" bash benchmarks/engines_gpu_check.sh) || status=$?
 echo "$TABLE"
 
 {
@@ -30,5 +32,9 @@ echo "$TABLE"
   echo "DPO step, 1b preset (benchmarks/dpo_step.py):"
   echo
   echo "$DPO"
+  echo
+  echo "Engine configs through accelerate (benchmarks/engines_gpu_check.sh, $(nvidia-smi -L | wc -l) GPU(s)):"
+  echo
+  echo "$ENGINES"
 } >> BENCHMARKS.md
 exit $status
