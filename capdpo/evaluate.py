@@ -44,11 +44,11 @@ def predict(videos: dict[str, Video], questions: list[QAItem], encoder: VideoEnc
         by_video.setdefault(q.video_id, []).append(q)
     with out.claims() as claims, tqdm(total=len(todo), desc=f"evaluate: answer ({policy.name})", unit="question") as bar:
         for video_id, qs in by_video.items():
-            claimed = set(claims.claim([q.id for q in qs]))
-            bar.update(len(qs) - len(claimed))  # answered, or being answered by another worker
-            qs = [q for q in qs if q.id in claimed]
-            if not qs:
+            mine = claims.take(qs)
+            bar.update(len(qs) - len(mine))  # answered, or being answered by another worker
+            if not mine:
                 continue
+            qs = mine
             try:
                 video = encoder.encode(videos[video_id], [q.question for q in qs], cfg.max_new_tokens)
             except ITEM_ERRORS as e:

@@ -347,6 +347,11 @@ class WorkClaims:
                 self._mine.update(mine)
             return mine
 
+    def take(self, items: Sequence[R], is_done: Callable[[str, set[str]], bool] = lambda key, done: key in done) -> list[R]:
+        """The records of ``items`` (anything with an ``id``) this worker claims now, in order."""
+        claimed = set(self.claim([item.id for item in items], is_done=is_done))
+        return [item for item in items if item.id in claimed]
+
     def done_ids(self) -> set[str]:
         """Ids in the record file, read incrementally (a rewritten file is read again)."""
         path = self.records.path

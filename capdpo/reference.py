@@ -61,11 +61,11 @@ def precompute_reference(pairs: Sequence[PreferencePair], videos: Mapping[str, V
 
         def encoded_pairs() -> Iterator[tuple[TokenizedPair, EncodedVideo]]:
             for video_id, group in by_video(todo).items():
-                claimed = set(claims.claim([p.id for p in group]))
-                bar.update(len(group) - len(claimed))  # done, or being done by another worker
-                group = [p for p in group if p.id in claimed]
-                if not group:
+                mine = claims.take(group)
+                bar.update(len(group) - len(mine))  # done, or being done by another worker
+                if not mine:
                     continue
+                group = mine
                 try:
                     if video_id not in videos:
                         raise FileNotFoundError(f"{video_id}: pairs name a video that is not in the run's videos")

@@ -138,11 +138,11 @@ def run_sample(videos_file: RecordFile[Video], qa_file: RecordFile[QAItem], out:
                 bar.update()
 
         for video_id, questions in todo.items():
-            claimed = set(claims.claim([q.id for q in questions], is_done=sampled))
-            bar.update(len(questions) - len(claimed))  # done, or being done by another worker
-            questions = [q for q in questions if q.id in claimed]
-            if not questions:
+            mine = claims.take(questions, is_done=sampled)
+            bar.update(len(questions) - len(mine))  # done, or being done by another worker
+            if not mine:
                 continue
+            questions = mine
             try:
                 video, fitting = prepare_questions(backend, encoder, videos[video_id], questions, cfg.max_new_tokens, errors)
             except ITEM_ERRORS as e:
