@@ -50,8 +50,7 @@ class Run:
         config.yaml as it is."""
         from capdpo.models.load import policy_from_config
 
-        self.__dict__["policy"] = policy_from_config(self.cfg.policy.model_copy(update={"model": model}),
-                                                          self.cfg.cache_dir)
+        self.__dict__["policy"] = policy_from_config(self.cfg.policy.model_copy(update={"model": model}), self.cfg.cache_dir)
 
     @cached_property
     def policy(self):

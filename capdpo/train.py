@@ -249,9 +249,8 @@ def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Accelerator:
 
 
 def check_setup(cfg: TrainConfig, accelerator: Accelerator) -> None:
-    """Refuse settings that cannot train, before any work."""
-    if cfg.freeze_vision and cfg.freeze_projector and cfg.freeze_llm:
-        raise ValueError("train: nothing to train (freeze_vision, freeze_projector and freeze_llm all true)")
+    """Refuse an engine the settings cannot train on, before any work (the settings alone are
+    checked when the config loads: config.TrainConfig)."""
     if cfg.lora and sharded_engine(accelerator):
         raise ValueError("train.lora=true needs the whole LLM in each process to merge the adapters: use DDP or "
                          "DeepSpeed ZeRO-2 (configs/accelerate/); ZeRO-3 and FSDP are for full fine-tuning (train.lora=false)")

@@ -139,7 +139,6 @@ class CaptionJudge:
 
     def __init__(self, cfg: JudgeConfig, cache_dir: str | Path, llm=None, *, members: list | None = None,
                  reply_cache: Path | None = None, budget: JudgeBudget | None = None):
-        _check_config(cfg)  # before loading any model
         self.cfg = cfg
         self.cache_dir = cache_dir
         self.protocol = PROTOCOLS[cfg.protocol]
@@ -164,7 +163,8 @@ class CaptionJudge:
             if protocol != "caption_reward" and self.cfg.mode != "generate":
                 raise ValueError(f"protocol {protocol} is judged from a free reply, but judge.mode={self.cfg.mode}; "
                                  "evaluate this suite with --set judge.mode=generate")
-            cfg = self.cfg.model_copy(update={"protocol": protocol, "template": None})
+            # validated like a loaded config: the combination checks live in config.JudgeConfig
+            cfg = JudgeConfig.model_validate({**self.cfg.model_dump(), "protocol": protocol, "template": None})
             self._by_protocol[protocol] = CaptionJudge(cfg, self.cache_dir, llm=self.llm, budget=self.budget,
                                                        members=[jl.llm for jl in self.judges[1:]])
         return self._by_protocol[protocol]
@@ -507,17 +507,6 @@ def _pairwise_verdict(reply: Reply, first: str, second: str, order: str) -> tupl
     if choice is None:
         return None, f"no 'Better: 1|2|tie' in the {order} reply"
     return {"1": first, "2": second, "tie": "tie"}[choice], None
-
-
-def _check_config(cfg: JudgeConfig) -> None:
-    """Refuse setting combinations that cannot work together."""
-    if cfg.mode != "generate" and (cfg.protocol != "caption_reward" or cfg.samples > 1 or cfg.ensemble
-                                   or cfg.evidence != "caption"):
-        raise ValueError(f"judge.mode={cfg.mode} reads one model's 'Score: ' digits: it needs protocol "
-                         "caption_reward, samples=1, no ensemble and evidence=caption")
-    if cfg.evidence == "frames" and cfg.protocol != "caption_reward":
-        raise ValueError("judge.evidence=frames replaces the caption of protocol caption_reward; "
-                         f"protocol {cfg.protocol} has no caption")
 
 
 def _majority(verdicts: list[str]) -> str | None:
