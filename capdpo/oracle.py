@@ -18,6 +18,10 @@ value of the same category. How a value is "stated":
 * a leading ``yes`` / ``no`` answers a yes/no question; statements ("it stays still", "every
   shape keeps its colour") answer it too, and all of them must agree with the truth.
 
+A detail question's reference answer gives only one shape's motion, so there the rule is wider:
+the answer must state the motion, and every other detail it gives about the shape (size, kind,
+colour, colour change) must be true as well; leaving details out is fine.
+
 Scoring a run: an answer's ``qa_id`` names its QA item (``qa.jsonl``), whose ``video_id`` names a
 scene (``<run>/media/synthetic/scenes.jsonl``); the scene's questions are generated again and the
 one with the same question and reference answer text carries the facts (:func:`find_question`).
@@ -71,6 +75,8 @@ DIRECTION_WORDS: dict[str, str] = {
     **dict.fromkeys(("down", "downward", "downwards", "falls", "falling", "fell", "descends", "descending", "sinks",
                      "sinking"), "down"),
 }
+SHAPE_SIZE_WORDS: dict[str, str] = {**dict.fromkeys(("small", "little", "tiny"), "small"),
+                                    **dict.fromkeys(("large", "big"), "large")}
 STATIC_WORDS = frozenset({"still", "stationary", "static", "motionless", "immobile", "unmoving"})
 MOVE_WORDS = frozenset({"move", "moves", "moving", "moved", "movement", "motion", "travel", "travels", "travelling",
                         "traveling", "travelled", "traveled", "slide", "slides", "sliding", "drift", "drifts",
@@ -211,6 +217,21 @@ def kind_mentions(parsed: ParsedAnswer) -> list[Mention]:
 
 def direction_mentions(parsed: ParsedAnswer) -> list[Mention]:
     return [Mention(DIRECTION_WORDS[w.text], w.negated) for _, _, w in parsed.words() if w.text in DIRECTION_WORDS]
+
+
+def size_mentions(parsed: ParsedAnswer) -> list[Mention]:
+    """Size words; "a little" counts only before a colour or shape word ("a little red circle"),
+    since "moves a little to the left" is an amount, not a size."""
+    names = COLOUR_WORDS.keys() | KIND_WORDS.keys() | GENERIC_SHAPE_NOUNS
+    out = []
+    for c, i, w in parsed.words():
+        clause = parsed.clauses[c]
+        nxt = clause[i + 1].text if i + 1 < len(clause) else None
+        if w.text == "little" and i and clause[i - 1].text == "a" and nxt not in names:
+            continue
+        if w.text in SHAPE_SIZE_WORDS:
+            out.append(Mention(SHAPE_SIZE_WORDS[w.text], w.negated))
+    return out
 
 
 # ---------------------------------------------------------------------------------------- verdicts
@@ -507,8 +528,81 @@ def judge_change(facts: Mapping[str, Any], parsed: ParsedAnswer) -> Verdict:
     return _right("says no colour changes") if says_keep else _wrong("does not say whether a colour changes")
 
 
+def _only_value(expected: Any, mentions: list[Mention], what: str) -> Verdict:
+    """Correct unless ``expected`` is denied or another value is stated; stating none is fine."""
+    if any(m.negated and m.value == expected for m in mentions):
+        return _wrong(f"denies the {what} {expected}")
+    if others := sorted(str(m.value) for m in mentions if not m.negated and m.value != expected):
+        return _wrong(f"says the {what} is {', '.join(others)}, not {expected}")
+    return _right()
+
+
+def _detail_motion(direction: str, parsed: ParsedAnswer) -> Verdict:
+    """The motion must be stated: the direction (and no other, and not "still"), or that it stays still."""
+    directions, moves, still = _motion_claims(parsed)
+    if direction == "none":
+        stated = sorted({m.value for m in directions if not m.negated})
+        if moves or stated:
+            return _wrong("says it moves" + (f" ({', '.join(stated)})" if stated else "") + "; it stays still")
+        return _right() if still else _wrong("does not say it stays still")
+    if still:
+        return _wrong(f"says it does not move; it moves {direction}")
+    return _one_value(direction, directions, "direction")
+
+
+# Clauses about motion often hold keep or change words that say nothing about colour ("at a constant
+# speed", "turns left"); there such words are no colour statement unless the clause names a colour.
+_MOTION_TOPIC = MOVE_WORDS | STATIC_WORDS | DIRECTION_WORDS.keys() | {"speed", "pace", "rate", "velocity",
+                                                                    "direction", "directions", "position"}
+
+
+def _about_colour(clause: list[Word]) -> bool:
+    return (any(w.text in COLOUR_WORDS or w.text in ("colour", "colours") for w in clause)
+            or not any(w.text in _MOTION_TOPIC for w in clause))
+
+
+def _detail_colour(first: str, change_to: str | None, parsed: ParsedAnswer) -> Verdict:
+    """Colour claims must be true: a change only to ``change_to`` (none when it is None), no "keeps its
+    colour" when it changes, "from" only its first colour, and any colour it names is one it has."""
+    new, old, changes, keeps = [], [], 0, 0
+    for clause in parsed.clauses:
+        n, o, c, k = _change_claims(ParsedAnswer(None, [clause]))
+        new, old = new + n, old + o
+        if _about_colour(clause):
+            changes, keeps = changes + c, keeps + k
+    stated_new = sorted({m.value for m in new if not m.negated})
+    if change_to is None and (changes or stated_new):
+        return _wrong("says it changes colour" + (f" to {', '.join(stated_new)}" if stated_new else "")
+                      + "; it keeps its colour")
+    if change_to is not None:
+        if keeps:
+            return _wrong(f"says it keeps its colour; it changes to {change_to}")
+        if any(m.negated and m.value == change_to for m in new):
+            return _wrong(f"denies the change to {change_to}")
+        if others := [c for c in stated_new if c != change_to]:
+            return _wrong(f"says it changes to {', '.join(others)}; it changes to {change_to}")
+    if others := sorted({m.value for m in old if not m.negated} - {first}):
+        return _wrong(f"says it changes from {', '.join(others)}; it starts {first}")
+    mentions = colour_mentions(parsed)
+    if others := sorted({m.value for m in mentions if not m.negated} - {first, change_to}):
+        return _wrong(f"states colour {', '.join(others)}, which the shape never has")
+    if change_to is None and any(m.negated and m.value == first for m in mentions):
+        return _wrong(f"denies its colour {first}")
+    return _right()
+
+
+def judge_detail(facts: Mapping[str, Any], parsed: ParsedAnswer) -> Verdict:
+    """Correct iff the answer states the shape's motion and every other claim it makes about the
+    shape (size, kind, colour, colour change) is true; a leading yes/no is ignored (the question is open)."""
+    verdicts = (_detail_motion(facts["direction"], parsed),
+                _only_value(facts["size"], size_mentions(parsed), "size"),
+                _only_value(facts["shape"], kind_mentions(parsed), "shape"),
+                _detail_colour(facts["colour"], facts["change_to"], parsed))
+    return next((v for v in verdicts if not v.correct), _right("states the motion, and every other detail it gives is true"))
+
+
 JUDGES = {"colour": judge_colour, "shape": judge_shape, "count": judge_count, "motion": judge_motion,
-          "order": judge_order, "change": judge_change}
+          "order": judge_order, "change": judge_change, "detail": judge_detail}
 
 
 def judge_answer(facts: Mapping[str, Any], kind: str, answer: str) -> Verdict:

@@ -151,6 +151,8 @@ def test_describe_covers_every_leaf_with_a_description():
     (["judge.max_cost_usd=1", "judge.price_per_million={other: [1, 2]}"], "judge.max_cost_usd", "price_per_million for ['builtin:smollm2']"),
     (["evaluate.suites=[{name: msvd_qa, data: a}, {name: msvd_qa, data: b}]"], "evaluate.suites", "more than once"),
     (["repro={}"], "data.synthetic_videos", "needs synthetic clips"),
+    (["data.synthetic_kinds=[motion, size]"], "data.synthetic_kinds", "unknown question kind ['size']"),
+    (["data.synthetic_kinds=[]"], "data.synthetic_kinds", "keeps no synthetic question"),
     (["repro={}", "data.synthetic_videos=4", "rounds=2"], "rounds", "rounds must be 1"),
 ])
 def test_cross_field_checks_name_the_field(overrides, field, says):
@@ -181,3 +183,11 @@ def test_the_loss_names_are_those_of_capdpo_losses():
     from capdpo.losses import LOSSES
 
     assert set(PREFERENCE_LOSSES) == set(LOSSES)
+
+
+def test_the_synthetic_kinds_are_those_of_the_generator():
+    from capdpo.config import SYNTHETIC_KINDS
+    from capdpo.media.synthetic import QUESTION_KINDS
+
+    assert SYNTHETIC_KINDS == QUESTION_KINDS
+    assert load_config(overrides=["data.synthetic_kinds=[detail, motion]"]).data.synthetic_kinds == ["detail", "motion"]

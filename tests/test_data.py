@@ -1,4 +1,5 @@
-"""The train/test split by video: what split_test_ids guarantees (and what it does not)."""
+"""The train/test split by video: what split_test_ids guarantees (and what it does not); which synthetic
+questions a clip keeps."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import random
 
 import pytest
 
-from capdpo.data import split_test_ids
+from capdpo.config import SYNTHETIC_KINDS, DataConfig
+from capdpo.data import collect, kept_questions, split_test_ids
 
 IDS = [f"video_{i:03d}" for i in range(200)]
 
@@ -64,3 +66,24 @@ def test_adding_videos_can_move_an_old_test_video_to_train():
     else:
         pytest.fail("no id ranked ahead of the held-out video")
     assert split_test_ids(old + [extra], 0.25, seed=0) == {extra}  # round(1.25) = 1: the old one is now train
+
+
+def _kinds(qa) -> list[str]:
+    return [q.source.removeprefix("scene:") for q in qa]
+
+
+def test_synthetic_kinds_are_kept_before_the_draw_with_their_ids(tmp_path):
+    every = collect(DataConfig(synthetic_videos=3), tmp_path)
+    assert all(_kinds(qa)[-1] == "detail" for _, qa in every)
+    some = collect(DataConfig(synthetic_videos=3, synthetic_kinds=["detail", "motion"]), tmp_path)
+    for (_, all_qa), (_, qa) in zip(every, some):
+        # same items, ids included: an id's index is the question's place among all the scene's questions
+        assert qa == [q for q in all_qa if _kinds([q])[0] in ("motion", "detail")]
+    one = collect(DataConfig(synthetic_videos=3, synthetic_kinds=["detail"], synthetic_questions=1), tmp_path)
+    assert [_kinds(qa) for _, qa in one] == [["detail"]] * 3
+    # Without the detail kind the per-clip draw is the one made before the kind existed.
+    older = [k for k in SYNTHETIC_KINDS if k != "detail"]
+    drawn = collect(DataConfig(synthetic_videos=3, synthetic_kinds=older, synthetic_questions=2), tmp_path)
+    for (video, all_qa), (_, qa) in zip(every, drawn):
+        kept = kept_questions(len(all_qa) - 1, 2, f"0:{video.id}")
+        assert [q.id for q in qa] == [f"{video.id}_{i}" for i in sorted(kept)]

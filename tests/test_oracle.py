@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from capdpo.agreement import agreement, load_scores
 from capdpo.cli import app
-from capdpo.media.synthetic import random_scene, scene_questions
-from capdpo.oracle import Answer, Unscorable, find_question, judge_answer, oracle_scores, parse_answer
+from capdpo.media.synthetic import QUESTION_KINDS, random_scene, scene_questions
+from capdpo.oracle import JUDGES, Answer, Unscorable, find_question, judge_answer, oracle_scores, parse_answer
 from capdpo.records import Candidate, QAItem, RecordFile
 
 RED = {"colour": "red", "later_colour": None}
@@ -32,6 +32,10 @@ LAST_OF_THREE = {"position": "last", "answer": GREEN_TRIANGLE, "options": [RED_C
 RED_TO_WHITE = {"changed": True, "from": "red", "to": "white", "shape": "circle", "asks": "what"}
 ANY_CHANGE = {"changed": False, "asks": "yes_no", "yes_means_change": True}  # "Does any shape change colour?"
 ALL_KEEP = {"changed": False, "asks": "yes_no", "yes_means_change": False}  # "Does every shape keep its colour?"
+# "What does the red circle do during the video?": reference "It moves steadily to the left."
+LEFT_THEN_GREEN = {"shape": "circle", "colour": "red", "size": "small", "direction": "left", "change_to": "green"}
+# "What does the blue square do during the video?": reference "It stays still the whole time."
+STILL_BLUE = {"shape": "square", "colour": "blue", "size": "large", "direction": "none", "change_to": None}
 
 CASES = [
     # colour
@@ -150,6 +154,43 @@ CASES = [
     ("change", ALL_KEEP, "No.", False),
     ("change", ALL_KEEP, "No, the square turns green.", False),
     ("change", ALL_KEEP, "Maybe.", False),
+    # detail: the motion is needed; extra details may be given, and must be true
+    ("detail", LEFT_THEN_GREEN, "It moves steadily to the left.", True),
+    ("detail", LEFT_THEN_GREEN, "It slides leftwards.", True),
+    ("detail", LEFT_THEN_GREEN, "The small red circle moves left, and late in the video it changes colour to green.", True),
+    ("detail", LEFT_THEN_GREEN, "The tiny round shape moves left, then it turns green.", True),  # true extra details
+    ("detail", LEFT_THEN_GREEN, "It moves left and is green at the end.", True),  # the colour it changes to
+    ("detail", LEFT_THEN_GREEN, "It changes from red to green while moving left.", True),
+    ("detail", LEFT_THEN_GREEN, "It moves left at a constant speed.", True),  # "constant" is about the speed
+    ("detail", LEFT_THEN_GREEN, "It moves a little to the left.", True),  # "a little" is an amount, not a size
+    ("detail", LEFT_THEN_GREEN, "It moves left; it is not large.", True),  # a denied other value is harmless
+    ("detail", LEFT_THEN_GREEN, "No, it moves to the left.", True),  # the question is open: yes/no is ignored
+    ("detail", LEFT_THEN_GREEN, "The large red circle moves left.", False),  # wrong size
+    ("detail", LEFT_THEN_GREEN, "The big circle moves left.", False),
+    ("detail", LEFT_THEN_GREEN, "It moves left; it is not small.", False),  # its size denied
+    ("detail", LEFT_THEN_GREEN, "The red square moves left.", False),  # wrong kind
+    ("detail", LEFT_THEN_GREEN, "It moves left and keeps its colour the whole time.", False),  # it changes
+    ("detail", LEFT_THEN_GREEN, "It moves left and does not change colour.", False),
+    ("detail", LEFT_THEN_GREEN, "It moves left and does not turn green.", False),
+    ("detail", LEFT_THEN_GREEN, "It moves left, then it turns blue.", False),  # wrong new colour
+    ("detail", LEFT_THEN_GREEN, "It moves left and changes colour from yellow to green.", False),  # wrong old colour
+    ("detail", LEFT_THEN_GREEN, "The purple circle moves left.", False),  # a colour it never has
+    ("detail", LEFT_THEN_GREEN, "It moves to the right.", False),  # wrong direction
+    ("detail", LEFT_THEN_GREEN, "It moves left or right.", False),
+    ("detail", LEFT_THEN_GREEN, "It stays still.", False),  # says still when it moves
+    ("detail", LEFT_THEN_GREEN, "The small red circle turns green.", False),  # no motion
+    ("detail", STILL_BLUE, "It stays still the whole time.", True),
+    ("detail", STILL_BLUE, "The large blue square stays still, and it keeps its colour the whole time.", True),
+    ("detail", STILL_BLUE, "It does not move, and it does not change.", True),
+    ("detail", STILL_BLUE, "The big blue box is motionless.", True),
+    ("detail", STILL_BLUE, "It stays in place, blue and not red.", True),
+    ("detail", STILL_BLUE, "It stays still and then turns red.", False),  # a false change
+    ("detail", STILL_BLUE, "It stays still, but it changes colour.", False),
+    ("detail", STILL_BLUE, "The small blue square stays still.", False),  # wrong size
+    ("detail", STILL_BLUE, "It stays still; it is not blue.", False),  # its colour denied
+    ("detail", STILL_BLUE, "It moves slowly.", False),  # says it moves when it stays still
+    ("detail", STILL_BLUE, "It stays still, then moves up.", False),
+    ("detail", STILL_BLUE, "The large blue square.", False),  # no motion
 ]
 
 
@@ -161,8 +202,7 @@ def test_hand_written_answers(kind, facts, answer, correct):
 
 
 def test_cases_cover_every_kind_both_ways():
-    assert {(k, c) for k, _, _, c in CASES} == {(k, c) for k in ("colour", "shape", "count", "motion", "order", "change")
-                                                for c in (True, False)}
+    assert {(k, c) for k, _, _, c in CASES} == {(k, c) for k in QUESTION_KINDS for c in (True, False)}
 
 
 def test_parse_answer_marks_negation_per_clause_and_takes_the_leading_yes_no():
@@ -179,6 +219,10 @@ def test_unknown_kind_is_an_error():
         judge_answer({}, "size", "small")
 
 
+def test_every_kind_has_a_judge():
+    assert set(JUDGES) == set(QUESTION_KINDS)
+
+
 SCENES = [random_scene(seed, max_shapes=4) for seed in range(200)]
 
 
@@ -189,7 +233,29 @@ def test_every_reference_answer_is_correct():
             verdict = judge_answer(q.facts, q.kind, q.answer)
             assert verdict.correct, (scene.seed, q, verdict)
             kinds.add(q.kind)
-    assert kinds == {"colour", "shape", "count", "motion", "order", "change"}
+    assert kinds == set(QUESTION_KINDS)
+
+
+def test_every_full_answer_is_correct():
+    full = [q for scene in SCENES for q in scene_questions(scene) if q.full_answer is not None]
+    assert {q.kind for q in full} == {"detail"} and len(full) == len(SCENES)
+    for q in full:
+        verdict = judge_answer(q.facts, q.kind, q.full_answer)
+        assert verdict.correct, (q, verdict)
+
+
+def test_full_answer_of_another_shape_is_wrong():
+    """Another scene's full answer with any other fact (size, kind, colour, motion, change) is wrong:
+    every detail a full answer gives is checked."""
+    details = [q for scene in SCENES for q in scene_questions(scene) if q.kind == "detail"]
+    checked = 0
+    for q in details:
+        for other in details:
+            if other.facts != q.facts:
+                verdict = judge_answer(q.facts, "detail", other.full_answer)
+                assert not verdict.correct, (q.facts, other.full_answer, verdict)
+                checked += 1
+    assert checked > 30_000
 
 
 def _truth(q) -> object:
@@ -197,13 +263,13 @@ def _truth(q) -> object:
     f = q.facts
     return {"colour": lambda: f["colour"], "shape": lambda: f["shape"], "count": lambda: f["count"],
             "motion": lambda: f["direction"], "order": lambda: (f["answer"]["colour"], f["answer"]["kind"]),
-            "change": lambda: (f["changed"], f.get("to"))}[q.kind]()
+            "change": lambda: (f["changed"], f.get("to")), "detail": lambda: f["direction"]}[q.kind]()
 
 
 def test_reference_answer_of_another_scene_with_another_value_is_wrong():
     questions = [q for scene in SCENES for q in scene_questions(scene)]
     rng = random.Random(0)
-    checked = {k: 0 for k in ("colour", "shape", "count", "motion", "order", "change")}
+    checked = dict.fromkeys(QUESTION_KINDS, 0)
     for q in questions:
         for other in rng.sample(questions, 30):
             if other.kind == q.kind and _truth(other) != _truth(q):

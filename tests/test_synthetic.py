@@ -14,6 +14,7 @@ from capdpo.media.frames import sample_frames, sample_indices
 from capdpo.media.synthetic import (
     BACKGROUNDS,
     PALETTE,
+    QUESTION_KINDS,
     REGIONS,
     Scene,
     caption_scene,
@@ -31,6 +32,9 @@ from capdpo.records import Video
 SEEDS = range(60)
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 DIRECTION_WORDS = {"left": "left", "right": "right", "up": "upward", "down": "downward", "none": "still"}
+DETAIL_ANSWERS = {"left": "It moves steadily to the left.", "right": "It moves steadily to the right.",
+                  "up": "It moves steadily upward.", "down": "It moves steadily downward.",
+                  "none": "It stays still the whole time."}
 
 
 def test_random_scene_is_deterministic_per_seed():
@@ -93,7 +97,7 @@ def test_qa_answers_agree_with_the_scene():
         qa = scene_qa(scene)
         kinds = [k for _, _, k in qa]
         assert len(qa) >= 4 and len(set(kinds)) == len(kinds)
-        assert {"colour", "shape", "count", "motion", "change"} <= set(kinds)
+        assert {"colour", "shape", "count", "motion", "change"} <= set(kinds) and kinds[-1] == "detail"
         assert ("order" in kinds) == (len(scene.shapes) > 1)
         kinds_seen |= set(kinds)
         for q, a, kind in qa:
@@ -128,7 +132,10 @@ def test_qa_answers_agree_with_the_scene():
                     assert f"from {s.colour} to {s.change.colour}" in a
                 else:
                     assert a.startswith(("No,", "Yes,")) and "keep" in q + a
-    assert kinds_seen == {"colour", "shape", "count", "motion", "order", "change"}
+            elif kind == "detail":
+                (s,) = _by_name(scene, q)
+                assert a == DETAIL_ANSWERS[s.direction]
+    assert kinds_seen == set(QUESTION_KINDS)
 
 
 def test_qa_text_is_pinned():
@@ -141,6 +148,7 @@ def test_qa_text_is_pinned():
         ("Which shape appears last?", "The orange square appears last.", "order"),
         ("What happens to the yellow square during the video?",
          "The square changes colour from yellow to red late in the video.", "change"),
+        ("What does the yellow square do during the video?", "It stays still the whole time.", "detail"),
     ]
     assert scene_qa(random_scene(3, change_prob=1.0))[0] == (
         "Which colour does the small triangle in the lower right have when it first appears?",
@@ -155,6 +163,7 @@ def test_question_facts_agree_with_the_scene():
         for q in questions:
             json.dumps(q.facts)  # facts travel as JSON
             f = q.facts
+            assert (q.full_answer is None) == (q.kind != "detail")
             if q.kind == "colour":
                 (s,) = [s for s in scene.shapes if f"{s.kind} in the {s.region}" in q.question]
                 assert f == {"colour": s.colour, "later_colour": s.change.colour if s.change else None}
@@ -182,6 +191,13 @@ def test_question_facts_agree_with_the_scene():
                     assert (f["from"], f["to"], f["shape"]) == (changed[0].colour, changed[0].change.colour, changed[0].kind)
                 else:
                     assert f["yes_means_change"] == q.question.startswith("Does any")
+            elif q.kind == "detail":
+                (s,) = _by_name(scene, q.question)
+                assert f == {"shape": s.kind, "colour": s.colour, "size": s.size, "direction": s.direction,
+                             "change_to": s.change.colour if s.change else None}
+                assert q.full_answer.startswith(f"The {s.size} {s.name} {q.answer[3:-1]}, and ")
+                assert q.full_answer.endswith(f"changes colour to {s.change.colour}." if s.change
+                                              else "keeps its colour the whole time.")
 
 
 def test_ambiguous_scenes_are_refused():

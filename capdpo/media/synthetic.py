@@ -44,6 +44,7 @@ DIRECTIONS = ("left", "right", "up", "down", "none")
 SIZES = {"small": 0.06, "large": 0.1}  # half-extent as a fraction of the frame's short side
 REGIONS = {"upper left": (0, 0), "upper right": (1, 0), "lower left": (0, 1), "lower right": (1, 1)}
 GRID_FRAMES = 8  # events are placed on the frames a model sampling 8 frames sees
+QUESTION_KINDS = ("colour", "shape", "count", "motion", "order", "change", "detail")  # SceneQuestion.kind
 _NUMBERS = ("no", "one", "two", "three", "four")
 _MOTION = {
     "left": "moves steadily to the left",
@@ -334,12 +335,20 @@ class SceneQuestion:
       ``options`` are the shapes the question chooses among (the two it names, or every shape).
     * change: ``{"changed": true, "from": str, "to": str, "shape": kind, "asks": "what"}`` or
       ``{"changed": false, "asks": "yes_no", "yes_means_change": bool}``.
+    * detail: ``{"shape": kind, "colour": str, "size": "small" | "large", "direction": str,
+      "change_to": str | None}`` -- the whole truth about one shape, of which the reference answer
+      states only the motion; an answer must get the motion right and every other detail it adds
+      (so only the caption can tell a right extra detail from a wrong one).
+
+    ``full_answer`` is what a fully informed answerer says (detail questions only; None for the
+    others). The built-in policy's SFT may train on it; the judge and the oracle never see it.
     """
 
     question: str
     answer: str
-    kind: str  # colour | shape | count | motion | order | change
+    kind: str  # one of QUESTION_KINDS
     facts: dict
+    full_answer: str | None = None
 
     def as_tuple(self) -> tuple[str, str, str]:
         return self.question, self.answer, self.kind
@@ -376,10 +385,11 @@ def check_unambiguous(scene: Scene) -> None:
 
 
 def scene_questions(scene: Scene) -> list[SceneQuestion]:
-    """Exact questions with their truth; kinds: colour, shape, count, motion, order, change.
+    """Exact questions with their truth; kinds: colour, shape, count, motion, order, change, detail.
 
     Every scene gets colour, shape, count, motion and change questions, plus order when it has two
-    or more shapes. Phrasing varies with the scene's seed. Raises ``ValueError`` for a scene whose
+    or more shapes, and a detail question last (added later, so the earlier questions of every seed
+    are unchanged). Phrasing varies with the scene's seed. Raises ``ValueError`` for a scene whose
     questions would be ambiguous (:func:`check_unambiguous`).
     """
     check_unambiguous(scene)
@@ -457,11 +467,26 @@ def scene_questions(scene: Scene) -> list[SceneQuestion]:
             SceneQuestion("Does every shape keep its colour for the whole video?", "Yes, no shape changes colour.", "change",
                           {"changed": False, "asks": "yes_no", "yes_means_change": False}),
         ]))
+    qa.append(_detail_question(scene, rng))  # last, drawing from rng last: the questions above stay as they were
     return qa
 
 
+def _detail_question(scene: Scene, rng: random.Random) -> SceneQuestion:
+    """An open question about one shape whose reference answer gives only its motion: size and colour
+    change are in the caption but not the reference, so only a judge reading the caption can tell
+    a right extra detail from an invented one."""
+    s = rng.choice(scene.shapes)
+    q = rng.choice([f"What does the {s.name} do during the video?", f"How does the {s.name} behave in the video?"])
+    motion = _MOTION[s.direction] + (" the whole time" if s.direction == "none" else "")
+    colour = (f"{_when(scene, s.change.frame)} it changes colour to {s.change.colour}" if s.change
+              else "it keeps its colour the whole time")
+    facts = {"shape": s.kind, "colour": s.colour, "size": s.size, "direction": s.direction,
+             "change_to": s.change.colour if s.change else None}
+    return SceneQuestion(q, f"It {motion}.", "detail", facts, full_answer=f"The {s.size} {s.name} {motion}, and {colour}.")
+
+
 def scene_qa(scene: Scene) -> list[tuple[str, str, str]]:
-    """The ``(question, answer, kind)`` of :func:`scene_questions`, without the facts."""
+    """The ``(question, answer, kind)`` of :func:`scene_questions`: reference answers, no facts or full answers."""
     return [item.as_tuple() for item in scene_questions(scene)]
 
 

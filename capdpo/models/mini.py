@@ -74,7 +74,8 @@ def _sft_data(cache_dir: Path):
     examples = []
     for clip in clips:
         examples.append(SFTExample(clip.video.id, DESCRIBE, clip.video.caption))
-        examples += [SFTExample(clip.video.id, q, a) for q, a, _kind in clip.qa]
+        # mini-video-lmm-v1 predates the detail kind: its SFT data stays what it was.
+        examples += [SFTExample(clip.video.id, q, a) for q, a, kind in clip.qa if kind != "detail"]
     return clips, examples
 
 
