@@ -11,6 +11,8 @@ that sees the frames -- or any judge against an oracle's 0/1 correctness -- on t
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import os
 import warnings
@@ -23,7 +25,7 @@ from pathlib import Path
 from pydantic import ValidationError
 from scipy import stats
 
-from capdpo.records import Judgment, RecordError, read_jsonl
+from capdpo.records import Judgment, RecordError, atomic_write_text, read_jsonl
 
 # Fields only a Judgment record has: a row with any of them is validated as a full Judgment.
 _JUDGMENT_FIELDS = frozenset({"judge_backend", "judge_model", "template", "template_hash", "prompt_hash"})
@@ -373,3 +375,26 @@ def format_report(report: AgreementReport, *, name_a: str = "A", name_b: str = "
     if r.b_is_binary:
         lines += ["", f"### {B} as a binary oracle", "", f"- AUROC of {A}'s scores for {B}'s 0/1 labels: {_f(r.auroc)}"]
     return "\n".join(lines) + "\n"
+
+
+# -- studies on disk ----------------------------------------------------------------------------
+
+def save_agreement(path: Path, report: AgreementReport, name_a: str, name_b: str) -> None:
+    """Add one judge-agreement study to ``agreement.json`` (a list of ``{name_a, name_b, report}``
+    with ``report`` the :class:`~capdpo.agreement.AgreementReport`'s fields), replacing an earlier
+    study of the same two judges."""
+    studies = [s for s in read_agreement(path) if (s.get("name_a"), s.get("name_b")) != (name_a, name_b)]
+    studies.append({"name_a": name_a, "name_b": name_b, "report": dataclasses.asdict(report)})
+    atomic_write_text(path, json.dumps(studies, indent=1))
+
+
+def read_agreement(path: Path) -> list[dict]:
+    """The studies of an ``agreement.json`` (one object or a list); unreadable means none."""
+    if not path.exists():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return []
+    studies = data if isinstance(data, list) else [data]
+    return [s for s in studies if isinstance(s, dict) and isinstance(s.get("report"), dict)]

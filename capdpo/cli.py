@@ -176,6 +176,55 @@ def agree(a: Annotated[Path, typer.Argument(help="Judge A: Judgment JSONL or {id
     typer.echo(format_report(agreement(load_scores(a), load_scores(b), system=systems), name_a=name_a, name_b=name_b))
 
 
+@judge_app.command("distill")
+def distill_judge(out: Annotated[Path, typer.Option("--out", "-o", help="Folder of the student checkpoint (use it as judge.llm.model).")],
+                  config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
+                  teacher: Annotated[str, typer.Option(help="'judge': the run's judge (any backend) labels the chosen answers; 'oracle': the synthetic clips' oracle; or a JSONL of scores (judgments, or {id, score} rows).")] = "judge",
+                  teacher_scale: Annotated[str, typer.Option(help="Scale of a score file's scores: 1-5 (a judge) or 0-1 (right/wrong).")] = "1-5",
+                  labels: Annotated[Optional[Path], typer.Option(help="Distil from a TeacherLabel JSONL (docs/judge-distill.md) instead of a run's answers.")] = None,
+                  teacher_budget: Annotated[Optional[int], typer.Option(min=1, help="Teacher labels to ask for (distill.teacher_budget).")] = None,
+                  select: Annotated[Optional[str], typer.Option(help="random | diverse | uncertain (distill.select).")] = None) -> None:
+    """Distil the judge into a small local student: teacher labels -> a plain checkpoint that works
+    as judge.llm.model with every backend, and its held-out agreement with the teacher."""
+    from capdpo.distill import (
+        distill_from_pool,
+        judge_item,
+        judge_teacher,
+        labels_teacher,
+        oracle_teacher,
+        run_items,
+        score_file_teacher,
+    )
+    from capdpo.judge.judge import CaptionJudge
+    from capdpo.records import RecordFile, TeacherLabel
+    from capdpo.rundir import RunPaths
+
+    _setup_logging()
+    overrides = list(set_ or []) + ([f"distill.teacher_budget={teacher_budget}"] if teacher_budget else [])
+    overrides += [f"distill.select={select}"] if select else []
+    cfg = _config(config, run_dir, overrides, False)
+    if labels is not None:  # labelled already: a budget chooses among them
+        given = list(RecordFile(labels, TeacherLabel).read())
+        summary = distill_from_pool([judge_item(lab) for lab in given], labels_teacher(given), cfg.distill, out, cfg.cache_dir)
+    else:
+        paths = RunPaths(Path(cfg.run_dir))
+        if teacher == "oracle":
+            teach = oracle_teacher(paths)
+        elif teacher == "judge":
+            reply_cache = paths.root / "llm_cache.sqlite" if cfg.judge.cache else None
+            teach = judge_teacher(CaptionJudge(cfg.judge, cfg.cache_dir, reply_cache=reply_cache), out.parent / f"{out.name}.teacher.jsonl")
+        elif Path(teacher).is_file():
+            if teacher_scale not in ("1-5", "0-1"):
+                raise typer.BadParameter(f"--teacher-scale must be 1-5 or 0-1, got {teacher_scale!r}")
+            teach = score_file_teacher(Path(teacher), teacher_scale)
+        else:
+            raise typer.BadParameter(f"--teacher must be judge, oracle or an existing scores file, got {teacher!r}")
+        summary = distill_from_pool(run_items(paths), teach, cfg.distill, out, cfg.cache_dir)
+    typer.echo(json.dumps({k: summary[k] for k in ("labels", "train", "held_out", "agreement", "seconds")}, indent=1))
+    held = f"; held-out agreement in {out / 'agreement.md'}" if summary["held_out"] else ""
+    typer.echo(f"-> {out} (judge.llm.model: {out}){held}")
+
+
 # Reference scorers for `judge agree`: the exact oracle of synthetic clips and the MiniLM similarity baseline.
 ScoresOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output JSONL of {id, score} rows (for `judge agree`).")]
 AnswersOpt = Annotated[Optional[Path], typer.Option(help="Candidates or predictions JSONL to score (default: the round's candidates.jsonl).")]
@@ -348,14 +397,15 @@ def export(fmt: Annotated[str, typer.Argument(help="trl | paper-dpo | paper-qa |
 
 @app.command()
 def models(cache_dir: Annotated[Optional[Path], typer.Option(help="Cache folder (default: env CAPDPO_CACHE or ~/.cache/capdpo).")] = None) -> None:
-    """Build the built-in models once (SmolLM2 judge, DINOv2, the mini video LMM with its SFT)."""
+    """Build the built-in models once (SmolLM2, DINOv2, the mini video LMM with its SFT, the distilled judge)."""
+    from capdpo.distill import judge_mini_dir
     from capdpo.models.mini import mini_model_dir
     from capdpo.packaged import dinov2_small, smollm2_dir
 
     _setup_logging()
     cache = cache_dir or Path(RunConfig().cache_dir)
-    for name, build in (("smollm2 (judge, LLM)", smollm2_dir), ("dinov2-small (vision)", dinov2_small),
-                        ("mini video LMM (policy)", mini_model_dir)):
+    for name, build in (("smollm2 (LLM)", smollm2_dir), ("dinov2-small (vision)", dinov2_small),
+                        ("mini video LMM (policy)", mini_model_dir), ("judge-mini (distilled judge)", judge_mini_dir)):
         typer.echo(f"{name}: {build(cache)}")
 
 

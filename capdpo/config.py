@@ -19,6 +19,7 @@ from capdpo.records import atomic_write_text
 
 BUILTIN_POLICY = "builtin:mini"
 BUILTIN_LLM = "builtin:smollm2"
+BUILTIN_JUDGE = "builtin:judge-mini"  # SmolLM2-135M distilled from the oracle on synthetic clips (`capdpo models`)
 PREFERENCE_LOSSES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "sft")  # capdpo.losses.LOSSES (a test keeps them equal)
 # capdpo.media.synthetic.QUESTION_KINDS (a test keeps them equal; importing it here would load the video stack)
 SYNTHETIC_KINDS = ("colour", "shape", "count", "motion", "order", "change", "detail")
@@ -61,7 +62,7 @@ class FramesConfig(Section):
 
 class LLMConfig(Section):
     backend: Literal["hf", "openai", "vllm"] = Field("hf", description="'hf' runs a local transformers model in process; 'openai' any OpenAI-compatible endpoint; 'vllm' an offline vLLM engine in process (GPU).")
-    model: str = Field(BUILTIN_LLM, description="Local path, hub id (hf, vllm) or served model name (openai); builtin:smollm2 = packaged SmolLM2-135M.")
+    model: str = Field(BUILTIN_LLM, description="Local path, hub id (hf, vllm) or served model name (openai); builtin:smollm2 = packaged SmolLM2-135M, builtin:judge-mini = the distilled judge built by `capdpo models`.")
     base_url: str | None = Field(None, description="Endpoint of the openai backend, e.g. http://127.0.0.1:8000/v1.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never stored).")
     max_new_tokens: int = Field(256, ge=1, description="Longest reply generated.")
@@ -242,6 +243,26 @@ class ReproConfig(Section):
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of the held-out questions for the confidence intervals.")
 
 
+class DistillConfig(Section):
+    """Distilling a judge into a small local student (``capdpo judge distill``, capdpo.distill)."""
+
+    student: str = Field(BUILTIN_LLM, description="Causal LM the student starts from: builtin:smollm2 or a local checkpoint folder.")
+    layers: int | None = Field(None, ge=1, description="Keep only the student's first N decoder layers (a smaller, faster judge); None = all.")
+    template: str = Field("caption_reward", description="Prompt the student learns and is used with: caption_reward (caption-grounded) or e.g. reward_no_caption (the ablation).")
+    max_answer_words: int = Field(256, ge=1, description="Answers cut to this many words, as the judge does (judge.max_answer_words).")
+    epochs: int = Field(1, ge=1, description="Passes over the training labels.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW, 10% warm-up, linear decay).")
+    batch_answers: int = Field(16, ge=1, description="Answers per optimizer step; answers to one question share one packed prompt prefix.")
+    group_size: int = Field(16, ge=1, description="Most answers packed behind one question's prompt prefix in a row.")
+    held_out_fraction: float = Field(0.2, ge=0, lt=1, description="Share of videos whose labels are held out to measure the student against the teacher.")
+    split_seed: int = Field(0, description="Seed of the held-out split by video.")
+    seed: int = Field(0, description="Seed of weight updates' order and of label selection.")
+    save_every: int = Field(25, ge=0, description="Steps between resume checkpoints (0 = only at the end).")
+    teacher_budget: int | None = Field(None, ge=1, description="Teacher labels to ask for (or use), chosen by `select`; None = every answer.")
+    select: Literal["random", "diverse", "uncertain"] = Field("diverse", description="Which answers the teacher labels under a budget: random; diverse (k-centre on MiniLM embeddings); uncertain (half diverse, then the answers a first student is least sure of).")
+    batch_size: int = Field(16, ge=1, description="Prompts per forward pass when the student scores held-out answers.")
+
+
 class RunConfig(Section):
     """A whole run: the stages' sections plus where the run lives."""
 
@@ -259,6 +280,7 @@ class RunConfig(Section):
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig, description="`capdpo judge distill`: the student judge and its training.")
     repro: ReproConfig | None = Field(None, description="The miniature reproduction (`capdpo repro CONFIG`, capdpo.repro); with this section `capdpo run` runs it instead of the plain pipeline.")
 
     @model_validator(mode="after")

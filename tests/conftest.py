@@ -92,3 +92,65 @@ def pair_files(tmp_path_factory):
     pair_file = RecordFile(root / "pairs.jsonl", PreferencePair)
     pair_file.write(pairs)
     return pair_file, videos
+
+
+# -- a real OpenAI-compatible server: `transformers serve` on a local folder, offline -----------------
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(url: str, proc, log_path: Path, timeout_s: float) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"transformers serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"transformers serve not ready after {timeout_s}s:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def transformers_serve(tmp_path):
+    """``with transformers_serve(model_dir) as port:`` a real ``transformers serve`` of a local
+    checkpoint folder on 127.0.0.1:port (offline), stopped at the end of the block."""
+    import contextlib
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("fastapi", reason="transformers serve needs fastapi (pip install fastapi uvicorn)")
+    pytest.importorskip("uvicorn", reason="transformers serve needs uvicorn (pip install fastapi uvicorn)")
+    exe = shutil.which("transformers", path=str(Path(sys.executable).parent))
+    assert exe, "the transformers CLI is not installed next to this Python"
+
+    @contextlib.contextmanager
+    def serve(model_dir: Path):
+        port = _free_port()
+        log_path = tmp_path / f"serve-{port}.log"
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen([exe, "serve", str(model_dir), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
+                                    stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        try:
+            _wait_ready(f"http://127.0.0.1:{port}/health", proc, log_path, timeout_s=180)
+            yield port
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return serve

@@ -11,20 +11,16 @@ import logging
 import multiprocessing
 import os
 import re
-import shutil
 import socket
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
 import traceback
 import types
-import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Self
 
 import pytest
@@ -487,40 +483,9 @@ def test_vllm_missing_says_how_to_install(monkeypatch):
 # a real server: `transformers serve` with the local SmolLM2, offline
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"transformers serve exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"transformers serve not ready after {timeout_s}s:\n{log_path.read_text()[-3000:]}")
-
-
 @pytest.mark.slow
-def test_transformers_serve_judges_a_few_items(smollm2, tmp_path):
-    pytest.importorskip("fastapi", reason="transformers serve needs fastapi (pip install fastapi uvicorn)")
-    pytest.importorskip("uvicorn", reason="transformers serve needs uvicorn (pip install fastapi uvicorn)")
-    exe = shutil.which("transformers", path=str(Path(sys.executable).parent))
-    assert exe, "the transformers CLI is not installed next to this Python"
-    port = _free_port()
-    log_path = tmp_path / "serve.log"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen([exe, "serve", str(smollm2), "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
-                                stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    try:
-        _wait_ready(f"http://127.0.0.1:{port}/health", proc, log_path, timeout_s=180)
+def test_transformers_serve_judges_a_few_items(smollm2, tmp_path, transformers_serve):
+    with transformers_serve(smollm2) as port:
         # The server names a model preloaded from a folder by that folder's path. It generates
         # one request at a time on CPU, and a request the client gave up on still runs to its
         # end: one request in flight and a generous timeout keep a busy machine from cascading.
@@ -533,10 +498,3 @@ def test_transformers_serve_judges_a_few_items(smollm2, tmp_path):
             assert j.judge_backend == "openai" and j.judge_model == str(smollm2)
             assert j.failure is None or j.failure.startswith(("no valid score", "judge backend failed: ")), j.failure
         assert any(j.raw_reply for j in judged), "the server replied nothing at all"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

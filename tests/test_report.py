@@ -172,8 +172,7 @@ def test_rounds_and_suites_in_report(run: RunPaths) -> None:
 
 
 def test_agreement_section(run: RunPaths) -> None:
-    from capdpo.agreement import agreement
-    from capdpo.report import save_agreement
+    from capdpo.agreement import agreement, save_agreement
 
     a = {"q1#0": 5.0, "q1#1": 1.0, "q2#0": 4.0, "q2#1": None}
     b = {"q1#0": 4.0, "q1#1": 2.0, "q2#0": 4.0, "q2#1": 3.0}
@@ -183,3 +182,16 @@ def test_agreement_section(run: RunPaths) -> None:
     page = write_report(run, RunConfig(run_dir=str(run.root))).read_text()
     assert "caption judge vs frame judge" in page and "Pearson r" in page and "<td>answers compared</td><td>3</td>" in page
     assert "no judge-agreement study" not in page
+
+
+def test_a_distilled_judges_held_out_agreement_is_shown(run: RunPaths, tmp_path: Path) -> None:
+    """A run judged by a `capdpo judge distill` folder shows how that student agreed with its
+    teacher on held-out videos (its folder's agreement.json)."""
+    from capdpo.agreement import agreement, save_agreement
+
+    student = tmp_path / "student"
+    student.mkdir()
+    save_agreement(student / "agreement.json", agreement({"a": 4.8, "b": 1.2}, {"a": 1.0, "b": 0.0}), "student", "oracle")
+    page = write_report(run, RunConfig(run_dir=str(run.root), judge={"llm": {"model": str(student)}})).read_text()
+    assert f"{html_escaped(str(student))} (student, held-out, at distillation) vs oracle" in page
+    assert "AUROC of" in page

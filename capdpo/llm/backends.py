@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from capdpo.config import BUILTIN_LLM
+from capdpo.config import BUILTIN_JUDGE, BUILTIN_LLM
 from capdpo.devices import resolve_device
+from capdpo.policy.packing import TREE_MASK_ATTENTION
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,20 @@ class Reply:
     error: str | None = None
 
 
-def _weights(model: str, cache_dir: str | Path) -> str | Path:
+def local_weights(model: str, cache_dir: str | Path) -> str | Path:
     """Where a local backend loads ``model`` from: the embedded default's converted folder
     (built once in ``cache_dir``), else the hub id or path as given."""
     if model == BUILTIN_LLM:
         from capdpo.packaged import smollm2_dir
 
         return smollm2_dir(Path(cache_dir))
+    if model == BUILTIN_JUDGE:
+        from capdpo.packaged import JUDGE_MINI, MARKER
+
+        path = Path(cache_dir) / JUDGE_MINI
+        if not (path / MARKER).is_file():
+            raise FileNotFoundError(f"{BUILTIN_JUDGE} is not built in {cache_dir}: run `capdpo models` once (about 10 minutes)")
+        return path
     return model
 
 
@@ -63,7 +71,7 @@ class HFChatLLM:
     def __init__(self, model: str, cache_dir: str | Path, device: str = "auto", batch_size: int = 8):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = _weights(model, cache_dir)
+        path = local_weights(model, cache_dir)
         self.model_id = model
         self.device = resolve_device(device)
         dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -114,11 +122,59 @@ class HFChatLLM:
             ids.append(tok[0])
         results = []
         for start in range(0, len(prompts), self.batch_size):
-            enc = self._encode(prompts[start : start + self.batch_size], assistant_prefix)
-            logits = self.model(**enc).logits[:, -1, ids].float()
+            batch = prompts[start : start + self.batch_size]
+            if self.model.config._attn_implementation in TREE_MASK_ATTENTION:
+                logits = self._last_logits_shared(batch, assistant_prefix)[:, ids].float()
+            else:
+                enc = self._encode(batch, assistant_prefix)
+                logits = self.model(**enc).logits[:, -1, ids].float()
             for p in logits.softmax(-1).tolist():
                 results.append(dict(zip(choices, p)))
         return results
+
+    def _last_logits_shared(self, prompts: list[str], assistant_prefix: str) -> torch.Tensor:
+        """Next-token logits after each prompt, from ONE forward pass over the prompts' prefix tree:
+        a judge's prompts for the answers to one question differ only at the end (the answer is
+        the template's last item), so the instructions and the caption are computed once."""
+        seqs = [self._encode([p], assistant_prefix)["input_ids"][0].tolist() for p in prompts]
+        tokens, parent, depth, ends = prefix_tree(seqs)
+        if len(tokens) > MAX_TREE_TOKENS and len(prompts) > 1:  # the mask is n x n: halve what shares little
+            half = len(prompts) // 2
+            return torch.cat([self._last_logits_shared(prompts[:half], assistant_prefix),
+                              self._last_logits_shared(prompts[half:], assistant_prefix)])
+        n = len(tokens)
+        allowed = torch.eye(n, dtype=torch.bool)
+        for i, up in enumerate(parent):  # a token sees itself and its ancestors (created before it)
+            if up >= 0:
+                allowed[i] |= allowed[up]
+        mask = allowed[None, None].to(self.device)
+        if self.model.config._attn_implementation == "eager":
+            mask = torch.zeros(mask.shape, dtype=self.model.dtype, device=self.device).masked_fill(~mask, torch.finfo(self.model.dtype).min)
+        hidden = self.model.model(input_ids=torch.tensor([tokens], device=self.device), attention_mask=mask,
+                                  position_ids=torch.tensor([depth], device=self.device), use_cache=False).last_hidden_state
+        return self.model.lm_head(hidden[0, ends])
+
+
+MAX_TREE_TOKENS = 4096  # longest prefix-tree sequence one forward pass takes (its mask is n x n)
+
+
+def prefix_tree(seqs: list[list[int]]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """The token sequences as one prefix tree, each shared prefix stored once: (tokens, parent
+    index of each token (-1 at a root), depth of each token = its position, index of each
+    sequence's last token). Parents come before their children."""
+    tokens, parent, depth, ends = [], [], [], []
+    node_of: dict[tuple[int, int], int] = {}
+    for seq in seqs:
+        node = -1
+        for t in seq:
+            if (node, t) not in node_of:
+                node_of[(node, t)] = len(tokens)
+                tokens.append(t)
+                parent.append(node)
+                depth.append(0 if node < 0 else depth[node] + 1)
+            node = node_of[(node, t)]
+        ends.append(node)
+    return tokens, parent, depth, ends
 
 
 class Secret:
@@ -379,7 +435,7 @@ class VLLMChatLLM:
                               f"(or use backend hf or openai) - {e}") from e
         self._vllm = vllm
         self.model_id = model
-        path = _weights(model, cache_dir)
+        path = local_weights(model, cache_dir)
         self.engine = vllm.LLM(model=str(path), tokenizer=str(path), seed=seed)
 
     def chat(self, prompts: list[str], *, temperature: float = 0.0, top_p: float = 1.0,

@@ -1,0 +1,247 @@
+"""`capdpo judge distill`: teacher labels -> a student judge checkpoint that any backend can load."""
+
+from __future__ import annotations
+
+import json
+import random
+from unittest import mock
+
+import pytest
+import torch
+
+from capdpo.config import DistillConfig, JudgeConfig, LLMConfig
+from capdpo.distill import (
+    REPLY,
+    StudentTokens,
+    digit_target,
+    distill,
+    pack_rows,
+    reply_loss,
+    select_items,
+    split_labels,
+    synthetic_labels,
+    train_student,
+)
+from capdpo.judge.judge import CaptionJudge, JudgeItem
+from capdpo.media.answers import answer_variants
+from capdpo.media.synthetic import QUESTION_KINDS, random_scene, scene_questions
+from capdpo.oracle import judge_answer
+from capdpo.records import TeacherLabel
+
+
+def test_digit_target_keeps_the_teachers_mean():
+    assert digit_target(4) == {4: 1.0}
+    t = digit_target(3.4)
+    assert t.keys() == {3, 4} and sum(d * p for d, p in t.items()) == pytest.approx(3.4)
+    assert digit_target(7) == {5: 1.0} and digit_target(0) == {1: 1.0}
+    assert TeacherLabel(id="a", qa_id="q", video_id="v", caption="", question="", reference="", answer="",
+                        score=1, scale="0-1").target == 5.0
+
+
+def test_answer_variants_are_mostly_wrong_but_graded_right_by_the_oracle():
+    rng = random.Random(0)
+    right = wrong = 0
+    kinds = set()
+    for seed in range(40):
+        for q in scene_questions(random_scene(seed)):
+            variants = answer_variants(q, 6, rng)
+            assert variants[0] == q.answer and len(set(variants)) == len(variants)
+            verdicts = [judge_answer(q.facts, q.kind, v).correct for v in variants]
+            assert verdicts[0]  # the reference answer is right
+            right += sum(verdicts)
+            wrong += len(verdicts) - sum(verdicts)
+            kinds.add(q.kind)
+    assert kinds == set(QUESTION_KINDS)
+    assert 0.15 < right / (right + wrong) < 0.5  # both classes, enough of each to learn from
+
+
+def test_split_is_by_video():
+    labels = synthetic_labels(5, 10, 3)
+    train, held = split_labels(labels, 0.3, seed=0)
+    assert {lab.video_id for lab in train}.isdisjoint({lab.video_id for lab in held})
+    assert len({lab.video_id for lab in held}) == 3 and len(train) + len(held) == len(labels)
+
+
+def test_packed_rows_equal_one_prompt_per_answer(smollm2):
+    """A packed row (shared prefix, tree mask) gives each answer the same reply log-probs as its
+    own unpacked prompt: the packing is exact, not an approximation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                    vocab_size=len(tok)), attn_implementation="sdpa").eval()
+    labels = [lab for lab in synthetic_labels(6, 1, 4) if lab.qa_id.endswith("_0")]
+    tokens = StudentTokens(tok, "caption_reward", 256)
+    (row,) = tokens.rows(labels, group_size=8)
+    assert len(row.prefix) > 100 and len(row.branches) == len(labels)  # the caption etc. is shared
+    with torch.no_grad():
+        packed = reply_loss(model, pack_rows([row], tok.pad_token_id))
+        alone = torch.stack([reply_loss(model, pack_rows(tokens.rows([lab], 8), tok.pad_token_id)) for lab in labels]).mean()
+    assert packed.item() == pytest.approx(alone.item(), rel=1e-4)
+    for lab, branch in zip(labels, row.branches):  # the reply is Score: N<eos> after the answer's prompt
+        assert row.prefix + branch.tokens[:-2] == tokens.prompt_ids(lab)
+        assert tok.decode(branch.tokens[-REPLY:]) == f"Score: {5 if lab.score else 1}<|im_end|>"
+
+
+def test_training_resumes_exactly_after_a_crash(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    rows = StudentTokens(tok, "caption_reward", 256).rows(synthetic_labels(6, 2, 3), group_size=4)
+    cfg = DistillConfig(epochs=1, batch_answers=6, save_every=2, lr=1e-3)
+
+    def fresh():
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(
+            LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                        intermediate_size=64, vocab_size=len(tok)), attn_implementation="sdpa")
+
+    whole = fresh()
+    losses = train_student(whole, rows, cfg, tok.pad_token_id, tmp_path / "a")
+
+    def crash(step, _loss):
+        if step == 4:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        train_student(fresh(), rows, cfg, tok.pad_token_id, tmp_path / "b", on_step=crash)
+    resumed = fresh()
+    assert train_student(resumed, rows, cfg, tok.pad_token_id, tmp_path / "b") == losses
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_diverse_selection_spreads_over_answers():
+    items = [JudgeItem(f"q{q}#{k}", f"q{q}", "c", f"question {q}", "r", f"answer {q}") for q in range(5) for k in range(6)]
+    chosen = select_items(items, 5, "diverse", seed=0)
+    assert len({it.qa_id for it in chosen}) == 5  # one per distinct (question, answer), no near-duplicates
+    assert len(select_items(items, 7, "random", seed=0)) == 7 and select_items(items, None, "random", 0) == items
+
+
+# A short judge prompt keeps the end-to-end test near a minute: the student learns the same task
+# (is the answer the reference's colour or shape?) from fewer tokens per answer.
+SHORT_TEMPLATE = "Caption: {caption}\nQuestion: {question}\nReference answer: {answer}\nAnswer to grade: {prediction}"
+
+
+@pytest.mark.slow
+def test_distil_a_tiny_judge_end_to_end(smollm2, cache_dir, tmp_path, transformers_serve):
+    """Oracle labels on synthetic clips -> a SmolLM2 student cut to 4 layers, which beats chance on
+    held-out videos, and whose folder is a judge for the hf backend and for `transformers serve`
+    (generate mode: its reply parses at once)."""
+    template = tmp_path / "short.txt"
+    template.write_text(SHORT_TEMPLATE)
+    labels = [lab for lab in synthetic_labels(11, 40, 4) if lab.kind in ("shape", "colour")]
+    cfg = DistillConfig(student=str(smollm2), layers=4, template=str(template), epochs=4, lr=3e-4, batch_answers=8,
+                        held_out_fraction=0.3, save_every=0)
+    student = tmp_path / "student"
+    summary = distill(labels, cfg, student, cache_dir)
+    assert summary["agreement"]["auroc"] > 0.6, summary["agreement"]
+    assert json.loads((student / "distill.json").read_text())["held_out"] == summary["held_out"]
+    item = JudgeItem("x", "q", labels[0].caption, labels[0].question, labels[0].reference, labels[0].reference)
+    judge_cfg = JudgeConfig(llm=LLMConfig(model=str(student), max_new_tokens=8), template=str(template))
+    (j,) = CaptionJudge(judge_cfg, cache_dir).judge([item])
+    assert j.score in (1, 2, 3, 4, 5) and j.attempts == 1, j.raw_reply
+    with transformers_serve(student) as port:
+        served = LLMConfig(backend="openai", model=str(student), base_url=f"http://127.0.0.1:{port}/v1", max_new_tokens=8,
+                           timeout_s=300, concurrency=1, max_tries=2)
+        (j,) = CaptionJudge(judge_cfg.model_copy(update={"llm": served, "retries": 0}), tmp_path).judge([item])
+    assert j.score in (1, 2, 3, 4, 5), (j.raw_reply, j.failure)
+
+def test_hf_choose_shares_prompt_prefixes_exactly(smollm2, tmp_path):
+    """The hf backend's digit distribution (judge modes expected / constrained) from one forward
+    over the prompts' prefix tree equals one padded prompt per row."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from capdpo.llm.backends import HFChatLLM, prefix_tree
+
+    assert prefix_tree([[1, 2, 3], [1, 2, 4], [5]]) == ([1, 2, 3, 4, 5], [-1, 0, 1, 1, -1], [0, 1, 2, 2, 0], [2, 3, 4])
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=128, vocab_size=len(tok))).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    llm = HFChatLLM(str(tmp_path / "m"), tmp_path, "cpu", batch_size=8)
+    prompts = [f"Caption: a red circle. Question: what colour? Answer: {a}" for a in ("red", "blue", "It is red.")]
+    prompts += ["Something else entirely", prompts[0]]  # an unrelated prompt and a duplicate
+    shared = llm.choose(prompts, "Score: ", list("12345"))
+    digits = [tok.encode(c, add_special_tokens=False)[0] for c in "12345"]
+    with torch.no_grad():
+        plain = llm.model(**llm._encode(prompts, "Score: ")).logits[:, -1, digits].softmax(-1)
+    for s, p in zip(shared, plain.tolist()):
+        assert list(s.values()) == pytest.approx(p, abs=1e-5)
+    with mock.patch("capdpo.llm.backends.MAX_TREE_TOKENS", 40):  # a batch too long for one tree is split
+        split = llm.choose(prompts, "Score: ", list("12345"))
+    for s, p in zip(split, plain.tolist()):
+        assert list(s.values()) == pytest.approx(p, abs=1e-5)
+
+
+@pytest.fixture
+def tiny_student(smollm2, tmp_path_factory):
+    """A 1-layer random Llama with SmolLM2's tokenizer and chat template: a student in seconds."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-student")
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                 intermediate_size=64, vocab_size=len(tok), pad_token_id=tok.pad_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def labelled_run(tmp_path):
+    """A run folder with videos, questions and candidates taken from oracle-labelled variants."""
+    from capdpo.records import Candidate, QAItem, RecordFile, Video
+    from capdpo.rundir import RunPaths
+
+    labels = synthetic_labels(12, 6, 4)
+    paths = RunPaths(tmp_path / "run")
+    paths.root.mkdir()
+    RecordFile(paths.root / "videos.jsonl", Video).write(
+        Video(id=v, video=f"{v}.mp4", caption=c) for v, c in {lab.video_id: lab.caption for lab in labels}.items())
+    paths.qa.write(QAItem(id=q, video_id=lab.video_id, question=lab.question, answer=lab.reference)
+                   for q, lab in {lab.qa_id: lab for lab in labels}.items())
+    paths.candidates.write(Candidate(id=lab.id, qa_id=lab.qa_id, video_id=lab.video_id, answer=lab.answer, model="m", seed=0,
+                                     temperature=1.0, top_p=1.0) for lab in labels)
+    return paths, labels
+
+
+def test_cli_distils_from_a_score_file_within_a_teacher_budget(labelled_run, tiny_student, tmp_path):
+    from typer.testing import CliRunner
+
+    from capdpo.cli import app
+    from capdpo.records import write_jsonl
+
+    paths, labels = labelled_run
+    write_jsonl(tmp_path / "people.jsonl", ({"id": lab.id, "score": lab.score} for lab in labels))
+    out = tmp_path / "student"
+    result = CliRunner().invoke(app, ["judge", "distill", "--run-dir", str(paths.root), "--out", str(out),
+                                      "--teacher", str(tmp_path / "people.jsonl"), "--teacher-scale", "0-1",
+                                      "--teacher-budget", "60", "--select", "random",
+                                      "--set", f"distill.student={tiny_student}", "--set", "distill.held_out_fraction=0.34"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "distill.json").read_text())
+    assert summary["labels"] == 60 and summary["train"] + summary["held_out"] == 60
+    assert summary["teachers"] == ["people"] and summary["agreement"]["n_common"] == summary["held_out"]
+    assert (out / "config.json").is_file() and (out / "agreement.md").is_file() and not (out / ".distill-state").exists()
+    assert len((out / "labels.jsonl").read_text().splitlines()) == 60
+
+
+def test_the_runs_judge_as_teacher_labels_only_the_budget(labelled_run, tiny_student, tmp_path):
+    """--teacher judge: the run's configured judge is asked about the chosen answers only, its
+    judgments kept beside the student; a second call reuses them (nothing asked again)."""
+    from capdpo.config import RunConfig
+    from capdpo.distill import distill_from_pool, judge_teacher, run_items
+    from capdpo.records import Judgment, RecordFile
+
+    paths, _ = labelled_run
+    cfg = RunConfig(run_dir=str(paths.root), judge={"mode": "expected", "llm": {"model": str(tiny_student)}},
+                    distill={"student": str(tiny_student), "teacher_budget": 20, "select": "diverse"})
+    judge = CaptionJudge(cfg.judge, tmp_path)
+    teacher_file = tmp_path / "student.teacher.jsonl"
+    summary = distill_from_pool(run_items(paths), judge_teacher(judge, teacher_file), cfg.distill, tmp_path / "student", tmp_path)
+    judged = list(RecordFile(teacher_file, Judgment).read())
+    assert len(judged) == 20 and summary["labels"] == 20 and judge.budget.used.requests == 20
+    assert summary["teachers"] == [str(tiny_student)]
