@@ -261,6 +261,7 @@ class DistillConfig(Section):
     teacher_budget: int | None = Field(None, ge=1, description="Teacher labels to ask for (or use), chosen by `select`; None = every answer.")
     select: Literal["random", "diverse", "uncertain"] = Field("diverse", description="Which answers the teacher labels under a budget: random; diverse (k-centre on MiniLM embeddings); uncertain (half diverse, then the answers a first student is least sure of).")
     batch_size: int = Field(16, ge=1, description="Prompts per forward pass when the student scores held-out answers.")
+    device: str = Field("auto", description="Device the student trains and is measured on: auto, cpu, cuda, cuda:1... (float32 weights).")
 
 
 class RunConfig(Section):

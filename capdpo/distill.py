@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from capdpo.agreement import AgreementReport, agreement, format_report, save_agreement
 from capdpo.config import DistillConfig, JudgeConfig, LLMConfig
+from capdpo.devices import resolve_device
 from capdpo.hashing import split_test_ids
 from capdpo.judge.judge import CaptionJudge, JudgeItem, truncate_words
 from capdpo.llm.backends import local_weights
@@ -75,10 +76,13 @@ def digit_target(score: float) -> dict[int, float]:
 
 # -- the student's training rows ----------------------------------------------------------------
 
+REPLY = 5  # predictions trained per answer: "Score", ":", " ", the digit, eos
+
+
 @dataclass(frozen=True)
 class Branch:
     """One answer behind a shared prefix: its own tokens, ending with the reply ``Score: N<eos>``;
-    the last ``len(REPLY)`` predictions are trained (the digit's against ``digit``)."""
+    the last ``REPLY`` predictions are trained (the digit's against ``digit``)."""
 
     tokens: list[int]
     digit: dict[int, float]
@@ -148,11 +152,10 @@ def _common_prefix(seqs: Sequence[Sequence[int]], max_len: int) -> int:
     return n
 
 
-REPLY = 5  # predictions trained per answer: "Score", ":", " ", the digit, eos
-
-
 @dataclass
 class PackedRows:
+    """Rows as tensors, and where each answer's reply tokens are predicted."""
+
     ids: torch.Tensor  # (rows, width)
     segment: torch.Tensor  # 0 prefix, k branch k, -1 padding
     position: torch.Tensor
@@ -161,7 +164,7 @@ class PackedRows:
     soft: list[dict[int, float]]  # per answer: the digit's target distribution
 
 
-def pack_rows(rows: Sequence[Row], pad: int) -> PackedRows:
+def pack_rows(rows: Sequence[Row], pad: int, device: torch.device | str = "cpu") -> PackedRows:
     width = max(r.width for r in rows)
     ids, segment, position, picks, hard, soft = [], [], [], [], [], []
     for i, row in enumerate(rows):
@@ -180,8 +183,8 @@ def pack_rows(rows: Sequence[Row], pad: int) -> PackedRows:
         ids.append(toks + [pad] * fill)
         segment.append(seg + [-1] * fill)
         position.append(pos + [0] * fill)
-    return PackedRows(torch.tensor(ids), torch.tensor(segment), torch.tensor(position), torch.tensor(picks),
-                      torch.tensor(hard), soft)
+    ids, segment, position, picks, hard = (torch.tensor(x, device=device) for x in (ids, segment, position, picks, hard))
+    return PackedRows(ids, segment, position, picks, hard, soft)
 
 
 def reply_loss(model, batch: PackedRows) -> torch.Tensor:
@@ -207,6 +210,7 @@ def load_student(cfg: DistillConfig, cache_dir: str | Path):
     path = local_weights(cfg.student, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    model.to(resolve_device(cfg.device))
     if cfg.layers is not None and cfg.layers < model.config.num_hidden_layers:
         model.model.layers = model.model.layers[: cfg.layers]
         model.config.num_hidden_layers = cfg.layers
@@ -244,7 +248,7 @@ def train_student(model, rows: Sequence[Row], cfg: DistillConfig, pad: int, stat
     model.train()
     with tqdm(total=len(plan), initial=len(losses), desc="distill", unit="step") as bar:
         for step in range(len(losses), len(plan)):
-            loss = reply_loss(model, pack_rows([rows[i] for i in plan[step]], pad))
+            loss = reply_loss(model, pack_rows([rows[i] for i in plan[step]], pad, model.device))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -270,7 +274,7 @@ def _save_state(model, opt, sched, losses: list[float], state_dir: Path) -> None
 def _resume(model, opt, sched, state_dir: Path) -> list[float]:
     if not (state_dir / "state.pt").is_file():
         return []
-    state = torch.load(state_dir / "state.pt", weights_only=True)
+    state = torch.load(state_dir / "state.pt", weights_only=True, map_location=model.device)
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
@@ -282,8 +286,9 @@ def _resume(model, opt, sched, state_dir: Path) -> list[float]:
 
 def student_scores(model_dir: Path, items: Sequence[JudgeItem], cfg: DistillConfig, cache_dir: str | Path) -> dict[str, float]:
     """The student's ``expected``-mode score of each answer, through the judge every run uses."""
-    judge = CaptionJudge(JudgeConfig(llm=LLMConfig(model=str(model_dir), batch_size=cfg.batch_size), mode="expected",
-                                     template=cfg.template, max_answer_words=cfg.max_answer_words), cache_dir)
+    llm = LLMConfig(model=str(model_dir), batch_size=cfg.batch_size, device=cfg.device)
+    judge = CaptionJudge(JudgeConfig(llm=llm, mode="expected", template=cfg.template, max_answer_words=cfg.max_answer_words),
+                         cache_dir)
     scores = {}
     for start in tqdm(range(0, len(items), cfg.batch_size), desc="student: held-out", unit="batch"):
         for j in judge.judge(items[start:start + cfg.batch_size]):
