@@ -211,12 +211,14 @@ def claim2_dpo(run: Run, sft: Path) -> dict:
                                        run.cfg.train.model_copy(update={"seed": seed}), run.cfg.frames,
                                        out / f"{source}-s{seed}", embed_cache=run.embedding_cache,
                                        fail_fast=run.cfg.fail_fast)
+    room = headroom(run, sft)
     evals = {name: evaluate_policy(run, name, path) for name, path in policies.items()}
     rows = compare_to(evals, "SFT", cfg.bootstrap, cfg.seeds[0])
     for name, row in rows.items():
         source = next((s for s in pairs if f"({s} pairs" in name), None)
         row["pairs"] = len(pairs[source]) if source else None
-    return {"policies": rows, "pairs_available": {s: len(p) for s, p in available.items()},
+        row["headroom_closed"] = headroom_closed(row, rows["SFT"], room)
+    return {"policies": rows, "headroom": room, "pairs_available": {s: len(p) for s, p in available.items()},
             "pair_orientation": {s: pair_orientation(p, oracle) for s, p in pairs.items()},
             "test_questions": len(held_out_questions(run.paths))}
 
@@ -277,6 +279,36 @@ def random_pairs(videos: Mapping[str, Video], qa: Mapping[str, QAItem], candidat
 
 def held_out_questions(paths: RunPaths) -> list[QAItem]:
     return [q for q in paths.qa.read() if q.split == "test"]
+
+
+def headroom(run: Run, sft: Path) -> dict:
+    """pass@n of the SFT start on the held-out questions: the share of them on which at least one of
+    its ``sample.n`` sampled answers is right (oracle). A policy that always gave its best sampled
+    answer would score that much, so it is roughly what sharpening the policy on its own answers
+    (DPO on pairs of them) can reach; each DPO row reports the share of the gap to it that it closes."""
+    from capdpo.oracle import load_answers, oracle_scores
+    from capdpo.sample import run_sample
+
+    out = RecordFile(run.paths.top / "claim2" / "headroom" / "candidates.jsonl", Candidate)
+    out.path.parent.mkdir(parents=True, exist_ok=True)
+    run.use_policy(str(sft))
+    run_sample(run.paths.videos, run.paths.qa, out, run.policy, run.cfg.sample, run.cfg.frames, split="test",
+               fail_fast=run.cfg.fail_fast)
+    questions = {q.id: q for q in held_out_questions(run.paths)}
+    right: dict[str, int] = {}
+    for r in oracle_scores(load_answers(out.path), questions, scenes(run.paths)).rows:
+        right[r["qa_id"]] = right.get(r["qa_id"], 0) + r["score"]
+    solved = [float(right[q] > 0) for q in sorted(right)]
+    return {"n": run.cfg.sample.n, "questions": len(solved),
+            "pass_at_n": bootstrap_mean(solved, run.cfg.repro.bootstrap, run.cfg.repro.seeds[0]) if solved else None}
+
+
+def headroom_closed(row: dict, sft: dict, room: dict) -> float | None:
+    """(DPO accuracy - SFT accuracy) / (SFT pass@n - SFT accuracy), from the point estimates."""
+    if row["vs_base"] is None or room["pass_at_n"] is None:
+        return None
+    gap = room["pass_at_n"][0] - sft["oracle_accuracy"][0]
+    return row["vs_base"][0] / gap if gap > 0 else None
 
 
 def evaluate_policy(run: Run, name: str, model_dir: Path) -> dict[str, dict]:
@@ -361,12 +393,17 @@ def write_report(top: Path, results: dict) -> Path:
         "",
         f"## Claim 2: DPO from the SFT start, held-out questions ({c2['test_questions']}), 95% bootstrap CIs",
         "",
-        "| policy | pairs | oracle accuracy | vs SFT (paired) | judge score (1-5) |",
-        "|---|---|---|---|---|",
+        "| policy | pairs | oracle accuracy | vs SFT (paired) | share of headroom closed | judge score (1-5) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in c2["policies"].items():
         lines.append(f"| {name} | {r['pairs'] if r['pairs'] is not None else '-'} | {_ci(r['oracle_accuracy'])} | "
-                     f"{_ci(r['vs_base'], signed=True)} | {_ci(r['judge_score'], '.2f')} |")
+                     f"{_ci(r['vs_base'], signed=True)} | {_f(r.get('headroom_closed'), '+.2f')} | {_ci(r['judge_score'], '.2f')} |")
+    room = c2["headroom"]
+    lines += ["", f"Headroom: the SFT start's pass@{room['n']} on the {room['questions']} held-out questions (at least one "
+              f"of {room['n']} sampled answers right) is {_ci(room['pass_at_n'])}, against its greedy accuracy "
+              f"{_ci(c2['policies']['SFT']['oracle_accuracy'])}; a DPO row's share of headroom closed is its gain over "
+              "the gap between the two."]
     lines += ["", "Training pairs graded by the oracle (right: chosen correct and rejected wrong; tied: both "
               "correct or both wrong): " + "; ".join(
                   f"{s} {o['right']} right, {o['reversed']} reversed, {o['tied']} tied"

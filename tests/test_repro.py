@@ -62,8 +62,13 @@ def test_tiny_reproduction_writes_both_claims(tmp_path, tiny_policy_dir, cache_d
         assert sum(graded.values()) == next(r["pairs"] for n, r in policies.items() if f"({source} pairs" in n)
     if "oracle" in results["claim2"]["pair_orientation"]:
         assert results["claim2"]["pair_orientation"]["oracle"]["reversed"] == 0
+    room = results["claim2"]["headroom"]
+    assert room["n"] == 3 and room["questions"] == 2, "the SFT start samples 3 answers to each held-out question"
+    assert len((run_dir / "claim2" / "headroom" / "candidates.jsonl").read_text().splitlines()) == 2 * 3
+    assert policies["SFT"]["headroom_closed"] is None and all("headroom_closed" in r for r in policies.values())
     report = (run_dir / "mini-repro.md").read_text()
     assert "## Claim 1" in report and "## Claim 2" in report and "| SFT |" in report
+    assert "Headroom: the SFT start's pass@3 on the 2 held-out questions" in report
     trained = sorted(p.name for p in (run_dir / "claim2").glob("*-s0"))
     assert trained and all((run_dir / "claim2" / t / "policy" / ".complete").exists() for t in trained)
 
