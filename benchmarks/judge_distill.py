@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from capdpo.agreement import agreement, auroc
-from capdpo.config import JudgeConfig, LLMConfig, RunConfig
-from capdpo.distill import judge_item, run_items, synthetic_labels
-from capdpo.judge.judge import CaptionJudge, JudgeItem
+from capdpo.config import RunConfig
+from capdpo.distill import expected_scores, judge_item, run_items, synthetic_labels
+from capdpo.judge.judge import JudgeItem
 from capdpo.media.synthetic import load_scenes
 from capdpo.oracle import Answer, oracle_scores, run_scenes_path
 from capdpo.rundir import RunPaths
@@ -62,12 +62,7 @@ def judge_scores(spec: str, items: list[JudgeItem], cache_dir: str, batch_size: 
         sims = MiniLM().similarity([it.answer for it in items], [it.reference for it in items])
         return {it.target_id: s for it, s in zip(items, sims)}, len(items) / (time.perf_counter() - t0)
     model, _, template = spec.partition("@")
-    judge = CaptionJudge(JudgeConfig(llm=LLMConfig(model=model, batch_size=batch_size), mode="expected",
-                                     template=template or None), cache_dir)
-    scores = {}
-    for start in range(0, len(items), batch_size):
-        for j in judge.judge(items[start:start + batch_size]):
-            scores[j.target_id] = j.score
+    scores = expected_scores(model, items, cache_dir, template=template or None, batch_size=batch_size, desc=spec)
     return scores, len(items) / (time.perf_counter() - t0)
 
 

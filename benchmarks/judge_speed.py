@@ -22,7 +22,6 @@ from unittest import mock
 from capdpo.config import JudgeConfig, LLMConfig, RunConfig
 from capdpo.distill import judge_item, synthetic_labels
 from capdpo.judge.judge import CaptionJudge
-from capdpo.llm.backends import HFChatLLM
 
 
 def timed(judge: CaptionJudge, items, batch_size: int) -> tuple[float, int]:
@@ -54,8 +53,7 @@ def main() -> None:
             judge = CaptionJudge(cfg, cache_dir, llm=llm)
             llm = judge.llm
             if how == "one prompt per row":
-                with mock.patch.object(HFChatLLM, "_last_logits_shared", None), \
-                        mock.patch("capdpo.llm.backends.TREE_MASK_ATTENTION", ()):
+                with mock.patch("capdpo.llm.backends.TREE_MASK_ATTENTION", ()):  # the padded path
                     speed, failed = timed(judge, items, args.batch_size)
             else:
                 speed, failed = timed(judge, items, args.batch_size)

@@ -186,40 +186,12 @@ def distill_judge(out: Annotated[Path, typer.Option("--out", "-o", help="Folder 
                   select: Annotated[Optional[str], typer.Option(help="random | diverse | uncertain (distill.select).")] = None) -> None:
     """Distil the judge into a small local student: teacher labels -> a plain checkpoint that works
     as judge.llm.model with every backend, and its held-out agreement with the teacher."""
-    from capdpo.distill import (
-        distill_from_pool,
-        judge_item,
-        judge_teacher,
-        labels_teacher,
-        oracle_teacher,
-        run_items,
-        score_file_teacher,
-    )
-    from capdpo.judge.judge import CaptionJudge
-    from capdpo.records import RecordFile, TeacherLabel
-    from capdpo.rundir import RunPaths
+    from capdpo.distill import run_distill
 
     _setup_logging()
     overrides = list(set_ or []) + ([f"distill.teacher_budget={teacher_budget}"] if teacher_budget else [])
     overrides += [f"distill.select={select}"] if select else []
-    cfg = _config(config, run_dir, overrides, False)
-    if labels is not None:  # labelled already: a budget chooses among them
-        given = list(RecordFile(labels, TeacherLabel).read())
-        summary = distill_from_pool([judge_item(lab) for lab in given], labels_teacher(given), cfg.distill, out, cfg.cache_dir)
-    else:
-        paths = RunPaths(Path(cfg.run_dir))
-        if teacher == "oracle":
-            teach = oracle_teacher(paths)
-        elif teacher == "judge":
-            reply_cache = paths.root / "llm_cache.sqlite" if cfg.judge.cache else None
-            teach = judge_teacher(CaptionJudge(cfg.judge, cfg.cache_dir, reply_cache=reply_cache), out.parent / f"{out.name}.teacher.jsonl")
-        elif Path(teacher).is_file():
-            if teacher_scale not in ("1-5", "0-1"):
-                raise typer.BadParameter(f"--teacher-scale must be 1-5 or 0-1, got {teacher_scale!r}")
-            teach = score_file_teacher(Path(teacher), teacher_scale)
-        else:
-            raise typer.BadParameter(f"--teacher must be judge, oracle or an existing scores file, got {teacher!r}")
-        summary = distill_from_pool(run_items(paths), teach, cfg.distill, out, cfg.cache_dir)
+    summary = run_distill(_config(config, run_dir, overrides, False), out, teacher, teacher_scale, labels)
     typer.echo(json.dumps({k: summary[k] for k in ("labels", "train", "held_out", "agreement", "seconds")}, indent=1))
     held = f"; held-out agreement in {out / 'agreement.md'}" if summary["held_out"] else ""
     typer.echo(f"-> {out} (judge.llm.model: {out}){held}")

@@ -35,14 +35,14 @@ import torch
 from tqdm import tqdm
 
 from capdpo.agreement import AgreementReport, agreement, format_report, save_agreement
-from capdpo.config import DistillConfig, JudgeConfig, LLMConfig
+from capdpo.config import DistillConfig, JudgeConfig, LLMConfig, RunConfig
 from capdpo.devices import resolve_device
 from capdpo.hashing import split_test_ids
-from capdpo.judge.judge import CaptionJudge, JudgeItem, truncate_words
+from capdpo.judge.judge import CaptionJudge, JudgeItem, judge_items, truncate_words
 from capdpo.llm.backends import local_weights
 from capdpo.policy.packing import tree_mask
 from capdpo.prompts import load_template
-from capdpo.records import TeacherLabel, atomic_dir, atomic_write_text, write_jsonl
+from capdpo.records import Judgment, RecordFile, TeacherLabel, atomic_dir, atomic_write_text, write_jsonl
 from capdpo.rundir import RunPaths, require
 
 log = logging.getLogger(__name__)
@@ -284,16 +284,24 @@ def _resume(model, opt, sched, state_dir: Path) -> list[float]:
 
 # -- the whole distillation ------------------------------------------------------------------------
 
-def student_scores(model_dir: Path, items: Sequence[JudgeItem], cfg: DistillConfig, cache_dir: str | Path) -> dict[str, float]:
-    """The student's ``expected``-mode score of each answer, through the judge every run uses."""
-    llm = LLMConfig(model=str(model_dir), batch_size=cfg.batch_size, device=cfg.device)
-    judge = CaptionJudge(JudgeConfig(llm=llm, mode="expected", template=cfg.template, max_answer_words=cfg.max_answer_words),
+def expected_scores(model: str, items: Sequence[JudgeItem], cache_dir: str | Path, *, template: str | None = None,
+                    batch_size: int = 16, device: str = "auto", max_answer_words: int = 256,
+                    desc: str = "judge") -> dict[str, float | None]:
+    """A local judge's ``expected``-mode score of each answer, through the judge every run uses."""
+    llm = LLMConfig(model=model, batch_size=batch_size, device=device)
+    judge = CaptionJudge(JudgeConfig(llm=llm, mode="expected", template=template, max_answer_words=max_answer_words),
                          cache_dir)
     scores = {}
-    for start in tqdm(range(0, len(items), cfg.batch_size), desc="student: held-out", unit="batch"):
-        for j in judge.judge(items[start:start + cfg.batch_size]):
+    for start in tqdm(range(0, len(items), batch_size), desc=desc, unit="batch"):
+        for j in judge.judge(items[start:start + batch_size]):
             scores[j.target_id] = j.score
     return scores
+
+
+def student_scores(model_dir: Path, items: Sequence[JudgeItem], cfg: DistillConfig, cache_dir: str | Path) -> dict[str, float | None]:
+    """The student's scores, with the template and settings it was distilled with."""
+    return expected_scores(str(model_dir), items, cache_dir, template=cfg.template, batch_size=cfg.batch_size,
+                           device=cfg.device, max_answer_words=cfg.max_answer_words, desc="student")
 
 
 def held_out_agreement(scores: Mapping[str, float], held_out: Sequence[TeacherLabel]) -> AgreementReport:
@@ -469,9 +477,6 @@ def labels_teacher(labels: Sequence[TeacherLabel]) -> Teacher:
 def judge_teacher(judge: CaptionJudge, out: Path) -> Teacher:
     """The run's configured judge (any backend), asked only about the chosen answers; its replies
     land in ``out`` (resumable, within the judge's budget). Failed judgments are not labels."""
-    from capdpo.judge.judge import judge_items
-    from capdpo.records import Judgment, RecordFile
-
     def teach(items: list[JudgeItem]) -> list[TeacherLabel]:
         judged = {j.target_id: j for j in judge_items(judge, items, RecordFile(out, Judgment), desc="teacher")}
         return [label(it, judged[it.target_id].score, "1-5", judge.model_id) for it in items
@@ -515,3 +520,25 @@ def judge_mini_dir(cache_dir: str | Path) -> Path:
     def build(tmp: Path) -> None:
         distill(synthetic_labels(JUDGE_MINI_SEED, JUDGE_MINI_CLIPS, JUDGE_MINI_ANSWERS), JUDGE_MINI, tmp, cache_dir)
     return cached_build(Path(cache_dir), NAME, build)
+
+
+def run_distill(cfg: RunConfig, out: Path, teacher: str, scale: str = "1-5", labels_file: Path | None = None) -> dict:
+    """``capdpo judge distill``: the pool (a labels file, or the run's sampled answers), its teacher
+    (``judge``, ``oracle`` or a scores file on ``scale``), the budget, the student in ``out``."""
+    if labels_file is not None:  # labelled already: a budget chooses among them
+        given = list(RecordFile(labels_file, TeacherLabel).read())
+        return distill_from_pool([judge_item(lab) for lab in given], labels_teacher(given), cfg.distill, out, cfg.cache_dir)
+    paths = RunPaths(Path(cfg.run_dir))
+    if teacher == "oracle":
+        teach = oracle_teacher(paths)
+    elif teacher == "judge":
+        reply_cache = paths.root / "llm_cache.sqlite" if cfg.judge.cache else None
+        teach = judge_teacher(CaptionJudge(cfg.judge, cfg.cache_dir, reply_cache=reply_cache),
+                              out.parent / f"{out.name}.teacher.jsonl")
+    elif Path(teacher).is_file():
+        if scale not in ("1-5", "0-1"):
+            raise ValueError(f"--teacher-scale must be 1-5 or 0-1, got {scale!r}")
+        teach = score_file_teacher(Path(teacher), scale)
+    else:
+        raise ValueError(f"--teacher must be judge, oracle or an existing scores file, got {teacher!r}")
+    return distill_from_pool(run_items(paths), teach, cfg.distill, out, cfg.cache_dir)
