@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from capdpo.prompts import load_template
 from capdpo.records import atomic_write_text
 
 BUILTIN_POLICY = "builtin:mini"
@@ -23,6 +24,17 @@ BUILTIN_JUDGE = "builtin:judge-mini"  # SmolLM2-135M distilled from the oracle o
 PREFERENCE_LOSSES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "sft")  # capdpo.losses.LOSSES (a test keeps them equal)
 # capdpo.media.synthetic.QUESTION_KINDS (a test keeps them equal; importing it here would load the video stack)
 SYNTHETIC_KINDS = ("colour", "shape", "count", "motion", "order", "change", "detail")
+
+
+def known_template(name: str | None) -> str | None:
+    """A template that exists (built-in name or file), checked when the config loads, not when a
+    stage first renders it."""
+    if name is not None:
+        try:
+            load_template(name)
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
+    return name
 
 
 class Section(BaseModel):
@@ -125,6 +137,8 @@ class JudgeConfig(Section):
     evidence: Literal["caption", "frames"] = Field("caption", description="What the judge sees: the detailed caption (paper) or sampled video frames (vision judge; openai backend with a vision model).")
     frames_num: int = Field(8, ge=1, description="Frames sent per answer when evidence=frames, sampled uniformly over the clip.")
     frames_size: int | None = Field(None, ge=1, description="Short side + centre crop of the frames sent when evidence=frames; None = as stored (frame folders are 336 wide).")
+
+    _template = field_validator("template")(known_template)
 
     @model_validator(mode="after")
     def _combinations(self) -> JudgeConfig:
@@ -262,6 +276,8 @@ class DistillConfig(Section):
     select: Literal["random", "diverse", "uncertain"] = Field("diverse", description="Which answers the teacher labels under a budget: random; diverse (k-centre on MiniLM embeddings); uncertain (half diverse, then the answers a first student is least sure of).")
     batch_size: int = Field(16, ge=1, description="Prompts per forward pass when the student scores held-out answers.")
     device: str = Field("auto", description="Device the student trains and is measured on: auto, cpu, cuda, cuda:1... (float32 weights).")
+
+    _template = field_validator("template")(known_template)
 
 
 class RunConfig(Section):

@@ -191,3 +191,11 @@ def test_the_synthetic_kinds_are_those_of_the_generator():
 
     assert SYNTHETIC_KINDS == QUESTION_KINDS
     assert load_config(overrides=["data.synthetic_kinds=[detail, motion]"]).data.synthetic_kinds == ["detail", "motion"]
+
+
+@pytest.mark.parametrize("field", ["judge.template", "distill.template"])
+def test_an_unknown_prompt_template_fails_at_load_naming_the_field(field):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[f"{field}=no_such_template"])
+    assert field in str(e.value) and "no_such_template" in str(e.value)
+    assert load_config(overrides=[f"{field}=reward_no_caption"])
