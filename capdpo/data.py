@@ -11,8 +11,8 @@ import random
 from pathlib import Path
 
 from capdpo.config import DataConfig
-from capdpo.hashing import split_test_ids
 from capdpo.formats import read_capdpo_videos
+from capdpo.hashing import split_test_ids
 from capdpo.records import QAItem, RecordFile, Video
 
 
