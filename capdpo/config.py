@@ -112,7 +112,7 @@ class SampleConfig(Section):
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling (paper: 0.95).")
     max_new_tokens: int = Field(64, ge=1, description="Longest candidate answer.")
     seed: int = Field(0, description="Base seed; each question derives its own so results do not depend on order.")
-    batch_size: int = Field(4, ge=1, description="Questions per vLLM engine call; the hf backend samples one question (its n answers as one batch) per call, so each question's answers depend only on its seed.")
+    batch_size: int = Field(4, ge=1, description="Questions per generate call (n rows each; hf: every row seeded on its own, so answers do not depend on the batch) or per vLLM engine call.")
     backend: Literal["hf", "vllm"] = Field("hf", description="'hf': transformers in process, the video encoded once per video; 'vllm': an offline vLLM engine (GPU, `pip install vllm`).")
 
 
@@ -170,6 +170,7 @@ class PairsConfig(Section):
     min_chosen: float = Field(3.0, description="Chosen answers score at least this (released data: 3-5).")
     max_rejected: float = Field(3.0, description="Rejected answers score at most this (released data: 1-3).")
     pairwise_check: bool = Field(False, description="Keep a pair only if the judge, shown both answers in both orders, prefers the chosen one both times (cancels position bias; 2 extra requests per pair).")
+    per_question: int = Field(1, ge=1, description="Most pairs per question: best vs worst first, then the next-widest gaps, each answer text used once before any is reused.")
 
 
 class TrainConfig(Section):

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from capdpo.config import EvaluateConfig, FramesConfig
 from capdpo.errors import ITEM_ERRORS, ItemErrors
 from capdpo.judge.judge import CaptionJudge, JudgeItem, judge_items
-from capdpo.policy.base import VideoPolicy
+from capdpo.policy.base import EncodedVideo, VideoPolicy
 from capdpo.policy.embed_cache import EmbeddingCache
 from capdpo.policy.video import VideoEncoder
 from capdpo.records import EvalSummary, Judgment, Prediction, QAItem, RecordFile, Video
@@ -42,6 +42,17 @@ def predict(videos: dict[str, Video], questions: list[QAItem], encoder: VideoEnc
     by_video: dict[str, list[QAItem]] = {}
     for q in todo:
         by_video.setdefault(q.video_id, []).append(q)
+    pending: list[tuple[QAItem, EncodedVideo]] = []  # questions of one or several videos, answered batch_size at a time
+
+    def answer(pending: list[tuple[QAItem, EncodedVideo]]) -> list[tuple[QAItem, EncodedVideo]]:
+        batch = pending[: cfg.batch_size]
+        answers = policy.generate_batch([(video, q.question) for q, video in batch], temperature=0.0,
+                                        max_new_tokens=cfg.max_new_tokens)
+        for (q, _), [text] in zip(batch, answers):
+            out.append(Prediction(id=q.id, qa_id=q.id, video_id=q.video_id, answer=text, model=policy.name))
+            bar.update()
+        return pending[cfg.batch_size:]
+
     with out.claims() as claims, tqdm(total=len(todo), desc=f"evaluate: answer ({policy.name})", unit="question") as bar:
         for video_id, qs in by_video.items():
             mine = claims.take(qs)
@@ -55,10 +66,11 @@ def predict(videos: dict[str, Video], questions: list[QAItem], encoder: VideoEnc
                 errors.record(video_id, e)
                 bar.update(len(qs))
                 continue
-            for q in qs:
-                [answer] = policy.generate(video, q.question, temperature=0.0, max_new_tokens=cfg.max_new_tokens)
-                out.append(Prediction(id=q.id, qa_id=q.id, video_id=video_id, answer=answer, model=policy.name))
-                bar.update()
+            pending += [(q, video) for q in qs]
+            while len(pending) >= cfg.batch_size:
+                pending = answer(pending)
+        while pending:
+            pending = answer(pending)
 
 
 def summary_id(tag: str, dataset: str) -> str:

@@ -2,8 +2,10 @@
 
 Per question: chosen = the best-scoring candidate, rejected = the worst, kept only when the
 chosen scores at least ``min_chosen``, the rejected at most ``max_rejected`` and they differ by
-at least ``min_gap`` (ties are always dropped). Failed judgments take no part: a candidate whose
-judge failed is neither good nor bad, just unknown.
+at least ``min_gap`` (ties are always dropped). With ``per_question`` > 1 the next pairs that meet
+the same thresholds follow, widest gap first, each answer text used once before any is used
+again, so a question with several right and wrong answers gives several different pairs. Failed
+judgments take no part: a candidate whose judge failed is neither good nor bad, just unknown.
 """
 
 from __future__ import annotations
@@ -53,6 +55,39 @@ def select_pair(scored: list[tuple[Candidate, float]], cfg: PairsConfig) -> tupl
     return best, worst
 
 
+Scored = tuple[Candidate, float]
+
+
+def select_pairs(scored: list[Scored], cfg: PairsConfig) -> list[tuple[Scored, Scored]] | str:
+    """Up to ``cfg.per_question`` (chosen, rejected) pairs, the first being :func:`select_pair`'s;
+    or the reason there is none. Deterministic: among equal gaps the earlier samples come first."""
+    first = select_pair(scored, cfg)
+    if isinstance(first, str):
+        return first
+    picked = [first]
+    options = sorted(((c, r) for c in scored for r in scored
+                      if c[1] > r[1] and c[1] - r[1] >= cfg.min_gap and c[1] >= cfg.min_chosen and r[1] <= cfg.max_rejected),
+                     key=lambda pair: pair[1][1] - pair[0][1])  # stable: sampling order breaks ties
+    texts = {(first[0][0].answer, first[1][0].answer)}  # (chosen, rejected) texts already paired
+    used = {first[0][0].answer, first[1][0].answer}
+    for fresh_only in (True, False):  # answers not yet in a pair first, so pairs differ as much as they can
+        for c, r in options:
+            if len(picked) == cfg.per_question:
+                return picked
+            key = (c[0].answer, r[0].answer)
+            if key in texts or (fresh_only and (key[0] in used or key[1] in used)):
+                continue
+            picked.append((c, r))
+            texts.add(key)
+            used.update(key)
+    return picked
+
+
+def pair_id(qa_id: str, k: int) -> str:
+    """The first pair of a question keeps the question's id (as with one pair per question)."""
+    return qa_id if k == 0 else f"{qa_id}/{k}"
+
+
 def build_pairs(videos: dict[str, Video], qa: dict[str, QAItem], candidates: list[Candidate],
                 scores: Mapping[str, float | None], cfg: PairsConfig) -> tuple[list[PreferencePair], PairStats]:
     """Pairs from ``{candidate id: score}`` (a judge's, or any scorer's: the oracle, a similarity);
@@ -67,17 +102,16 @@ def build_pairs(videos: dict[str, Video], qa: dict[str, QAItem], candidates: lis
             scored.append((c, score))
     stats, pairs = PairStats(questions=len(by_question)), []
     for qa_id, scored in by_question.items():
-        picked = select_pair(scored, cfg)
+        picked = select_pairs(scored, cfg)
         if isinstance(picked, str):
             setattr(stats, picked, getattr(stats, picked) + 1)
             continue
-        (chosen, cs), (rejected, rs) = picked
         q = qa[qa_id]
-        pairs.append(PreferencePair(
-            id=qa_id, qa_id=qa_id, video_id=q.video_id, video=videos[q.video_id].video, prompt=q.question,
+        pairs.extend(PreferencePair(
+            id=pair_id(qa_id, k), qa_id=qa_id, video_id=q.video_id, video=videos[q.video_id].video, prompt=q.question,
             answer=q.answer, chosen=chosen.answer, rejected=rejected.answer, chosen_score=cs, rejected_score=rs,
             chosen_id=chosen.id, rejected_id=rejected.id,
-        ))
+        ) for k, ((chosen, cs), (rejected, rs)) in enumerate(picked))
     stats.pairs = len(pairs)
     return pairs, stats
 

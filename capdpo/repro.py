@@ -29,6 +29,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
+from itertools import combinations
 from pathlib import Path
 from typing import TypeVar
 
@@ -44,6 +45,7 @@ from capdpo.records import (
     PreferencePair,
     QAItem,
     RecordFile,
+    ReferenceLogps,
     Video,
     atomic_dir,
     atomic_write_text,
@@ -203,6 +205,8 @@ def claim2_dpo(run: Run, sft: Path) -> dict:
         pair_files[source].write(rows)
 
     policies = {"SFT": sft}
+    # the reference (the SFT start) scores a source's pairs the same for every seed: computed once per source
+    references = {source: RecordFile(out / f"reference-{source}.jsonl", ReferenceLogps) for source in pairs}
     for source in pairs:
         for seed in cfg.seeds:
             name = f"DPO ({source} pairs, seed {seed})"
@@ -210,7 +214,7 @@ def claim2_dpo(run: Run, sft: Path) -> dict:
             policies[name] = run_train(pair_files[source], run.paths.videos, policy,
                                        run.cfg.train.model_copy(update={"seed": seed}), run.cfg.frames,
                                        out / f"{source}-s{seed}", embed_cache=run.embedding_cache,
-                                       fail_fast=run.cfg.fail_fast)
+                                       reference_file=references[source], fail_fast=run.cfg.fail_fast)
     room = headroom(run, sft)
     evals = {name: evaluate_policy(run, name, path) for name, path in policies.items()}
     rows = compare_to(evals, "SFT", cfg.bootstrap, cfg.seeds[0])
@@ -235,7 +239,7 @@ def pair_orientation(pairs: Sequence[PreferencePair], oracle: Mapping[str, float
 
 def make_pairs(paths: RunPaths, cfg: RunConfig, sources: Sequence[str],
                oracle: Mapping[str, float | None]) -> dict[str, list[PreferencePair]]:
-    """Per source, at most one pair per train question:
+    """Per source, at most ``pairs.per_question`` pairs per train question:
 
     * ``judge``: best vs worst caption-judge score, with the run's ``pairs`` thresholds;
     * ``oracle``: a correct vs a wrong answer (first of each in sampling order), the upper bound;
@@ -249,17 +253,21 @@ def make_pairs(paths: RunPaths, cfg: RunConfig, sources: Sequence[str],
             scores = {j.id: j.score for j in paths.judgments.read()}
             out[source], _ = build_pairs(videos, qa, candidates, scores, cfg.pairs)
         elif source == "oracle":
-            out[source], _ = build_pairs(videos, qa, candidates, oracle, PairsConfig(min_gap=1, min_chosen=1, max_rejected=0))
+            out[source], _ = build_pairs(videos, qa, candidates, oracle, PairsConfig(min_gap=1, min_chosen=1, max_rejected=0,
+                                                                                   per_question=cfg.pairs.per_question))
         elif source == "random":
-            out[source] = random_pairs(videos, qa, candidates, cfg.repro.seeds[0])
+            out[source] = random_pairs(videos, qa, candidates, cfg.repro.seeds[0], cfg.pairs.per_question)
         else:
             raise ValueError(f"repro.pair_sources: unknown source {source!r} (judge, oracle, random)")
     return out
 
 
 def random_pairs(videos: Mapping[str, Video], qa: Mapping[str, QAItem], candidates: Sequence[Candidate],
-                 seed: int) -> list[PreferencePair]:
-    """Two different answers per train question, chosen and rejected at random (scores 0: unscored)."""
+                 seed: int, per_question: int = 1) -> list[PreferencePair]:
+    """Up to ``per_question`` pairs of two different answers per train question, chosen and rejected
+    at random (scores 0: unscored); no two pairs of a question hold the same two answers."""
+    from capdpo.pairs import pair_id
+
     by_question: dict[str, list] = {}
     for c in candidates:
         if qa[c.qa_id].split == "train":
@@ -269,11 +277,17 @@ def random_pairs(videos: Mapping[str, Video], qa: Mapping[str, QAItem], candidat
         distinct = list({c.answer: c for c in cands}.values())
         if len(distinct) < 2:
             continue
-        chosen, rejected = random.Random(f"{seed}:{qa_id}").sample(distinct, 2)
+        rng = random.Random(f"{seed}:{qa_id}")
+        drawn = [rng.sample(distinct, 2)]  # the first pair is what one pair per question draws
+        if per_question > 1:
+            others = [list(two) for two in combinations(distinct, 2) if {c.id for c in two} != {c.id for c in drawn[0]}]
+            rng.shuffle(others)
+            drawn += [rng.sample(two, 2) for two in others[: per_question - 1]]
         q = qa[qa_id]
-        pairs.append(PreferencePair(id=qa_id, qa_id=qa_id, video_id=q.video_id, video=videos[q.video_id].video,
+        pairs.extend(PreferencePair(id=pair_id(qa_id, k), qa_id=qa_id, video_id=q.video_id, video=videos[q.video_id].video,
                                     prompt=q.question, answer=q.answer, chosen=chosen.answer, rejected=rejected.answer,
-                                    chosen_score=0.0, rejected_score=0.0, chosen_id=chosen.id, rejected_id=rejected.id))
+                                    chosen_score=0.0, rejected_score=0.0, chosen_id=chosen.id, rejected_id=rejected.id)
+                     for k, (chosen, rejected) in enumerate(drawn))
     return pairs
 
 

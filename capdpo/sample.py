@@ -3,9 +3,11 @@
 Every video is decoded once and its frames fitted to the policy's token budget (``policy.video.VideoEncoder``).
 Two backends sample from them:
 
-* ``hf``: the video is encoded once; a question's N samples come from one generate call of N rows
-  sharing that encoding. A question's seed derives from the base seed and its id, so a resumed,
-  re-ordered or sharded run samples exactly what an uninterrupted one would.
+* ``hf``: the video is encoded once; ``batch_size`` questions (of one or several videos) go into
+  one generate call of N rows each, the rows of a video sharing its encoding. A question's seed
+  derives from the base seed and its id, and each row samples from its own generator
+  (``capdpo.policy.sampling``), so a resumed, re-ordered, re-batched or sharded run samples what an
+  uninterrupted one would.
 * ``vllm``: an offline vLLM engine gets ``{"prompt", "multi_modal_data": {"video": (T, H, W, 3)}}``
   requests with ``SamplingParams(n=N, seed=<question seed>)``, ``batch_size`` questions per call.
 
@@ -44,24 +46,34 @@ def candidate_id(qa_id: str, k: int) -> str:
 
 # -- backends ----------------------------------------------------------------------------------------
 class HFBackend:
-    """transformers in process: one encoding per video, one generate of ``n`` rows per question."""
+    """transformers in process: one encoding per video; ``batch_size`` questions (``n`` rows each,
+    every row with its own seed) per generate call."""
 
     name = "hf"
 
     def __init__(self, policy: VideoPolicy, cfg: SampleConfig):
         self.policy, self.cfg = policy, cfg
+        self.pending: list[tuple[QAItem, int, EncodedVideo]] = []
 
     def prepare(self, encoder: VideoEncoder, video: Video, questions: list[str]) -> EncodedVideo:
         return encoder.encode(video, questions, self.cfg.max_new_tokens)
 
     def submit(self, video: EncodedVideo, questions: list[QAItem]) -> Iterator[tuple[QAItem, int, list[str]]]:
-        for q in questions:
-            seed = question_seed(self.cfg.seed, q.id)
-            yield q, seed, self.policy.generate(video, q.question, n=self.cfg.n, temperature=self.cfg.temperature,
-                                                top_p=self.cfg.top_p, max_new_tokens=self.cfg.max_new_tokens, seed=seed)
+        self.pending += [(q, question_seed(self.cfg.seed, q.id), video) for q in questions]
+        while len(self.pending) >= self.cfg.batch_size:
+            yield from self._generate(self.cfg.batch_size)
 
     def flush(self) -> Iterator[tuple[QAItem, int, list[str]]]:
-        return iter(())
+        while self.pending:
+            yield from self._generate(self.cfg.batch_size)
+
+    def _generate(self, k: int) -> Iterator[tuple[QAItem, int, list[str]]]:
+        batch, self.pending = self.pending[:k], self.pending[k:]
+        answers = self.policy.generate_batch([(video, q.question) for q, _, video in batch], n=self.cfg.n,
+                                             temperature=self.cfg.temperature, top_p=self.cfg.top_p,
+                                             max_new_tokens=self.cfg.max_new_tokens, seeds=[seed for _, seed, _ in batch])
+        for (q, seed, _), rows in zip(batch, answers):
+            yield q, seed, rows
 
 
 def vllm_request(policy: VideoPolicy, question: str, images: Sequence[Image.Image], layout: VideoLayout) -> dict:

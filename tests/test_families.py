@@ -150,6 +150,20 @@ def test_generate_is_deterministic_and_encodes_the_video_once(policy):
     assert len(calls) == 1, "sampling N answers must reuse the encoded video"
 
 
+def test_generate_batch_answers_do_not_depend_on_the_batch(policy):
+    """Left-padded rows of different videos and questions: each request gets what it gets alone,
+    greedy and sampled (every row seeded on its own)."""
+    requests = [(encode(policy, 2), "Which colour is the shape?"), (encode(policy, 3, n=2), "How many shapes are there in the end?")]
+    for kwargs in ({}, {"n": 3, "temperature": 1.0, "top_p": 0.9, "seeds": [11, 12]}):
+        together = policy.generate_batch(requests, max_new_tokens=6, **kwargs)
+        seeds = kwargs.pop("seeds", [None, None])
+        alone = [policy.generate_batch([r], max_new_tokens=6, **kwargs, **({"seeds": [s]} if s else {}))[0]
+                 for r, s in zip(requests, seeds)]
+        assert together == alone and [len(a) for a in together] == [kwargs.get("n", 1)] * 2
+    sampled = policy.generate_batch(requests[:1], n=8, temperature=1.0, seeds=[1], max_new_tokens=6)[0]
+    assert len(set(sampled)) > 1, "rows of one request draw from different generators"
+
+
 def test_logps_do_not_depend_on_batching(policy):
     videos = [encode(policy, 2), encode(policy, 3, n=2)]  # different lengths: padding differs per row
     prompts = [policy.prompt_ids("Which colour?", videos[0].layout),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from capdpo.config import PairsConfig
-from capdpo.pairs import PairStats, build_pairs, run_pairs, select_pair
+from capdpo.pairs import PairStats, build_pairs, run_pairs, select_pair, select_pairs
 from capdpo.records import Candidate, Judgment, PreferencePair, QAItem, RecordFile, Video
 
 CFG = PairsConfig()  # min_gap 1, min_chosen 3, max_rejected 3
@@ -54,6 +54,35 @@ def test_select_pair_reasons():
     assert select_pair(scored(1, 1), CFG) == "ties"
     assert select_pair(scored(2, 1), CFG) == "below_thresholds"  # best below min_chosen
     assert select_pair(scored(5, 4), CFG) == "below_thresholds"  # worst above max_rejected
+
+
+def test_select_pairs_one_per_question_is_select_pair():
+    assert select_pairs(scored(3, 5, 1, 4), CFG) == [select_pair(scored(3, 5, 1, 4), CFG)]
+    assert select_pairs(scored(3, 3), PairsConfig(per_question=4)) == "ties"
+
+
+def test_select_pairs_widest_gaps_first_with_fresh_answers_before_reuse():
+    # oracle-like 0/1 scores: right answers #1 and #3, wrong #0, #2 and #4
+    cfg = PairsConfig(min_gap=1, min_chosen=1, max_rejected=0, per_question=4)
+    picked = select_pairs(scored(0, 1, 0, 1, 0), cfg)
+    ids = [(c.id.split("#")[1], r.id.split("#")[1]) for (c, _), (r, _) in picked]
+    assert ids == [("1", "0"), ("3", "2"), ("1", "2"), ("1", "4")]  # best vs worst, then fresh #3 vs #2, then reuse
+    graded = select_pairs(scored(5, 4, 1, 2), PairsConfig(min_gap=1, min_chosen=3, max_rejected=3, per_question=10))
+    assert [(c[1], r[1]) for c, r in graded] == [(5, 1), (4, 2), (5, 2), (4, 1)]  # 4 is above max_rejected: never rejected
+    assert all(c[1] - r[1] >= 1 and c[1] >= 3 and r[1] <= 3 for c, r in graded)
+
+
+def test_select_pairs_skips_pairs_of_the_same_two_texts():
+    same = [(cand("v_0", 0, "right"), 1.0), (cand("v_0", 1, "right"), 1.0), (cand("v_0", 2, "wrong"), 0.0)]
+    picked = select_pairs(same, PairsConfig(min_gap=1, min_chosen=1, max_rejected=0, per_question=3))
+    assert len(picked) == 1
+
+
+def test_build_pairs_gives_each_extra_pair_its_own_id():
+    videos, qa, cands, judged = world({"v_0": [5, 1, 4, 2]})
+    pairs, stats = build_pairs(videos, qa, cands, judged, PairsConfig(per_question=3))
+    assert [p.id for p in pairs] == ["v_0", "v_0/1", "v_0/2"] and stats.pairs == 3
+    assert len({(p.chosen, p.rejected) for p in pairs}) == 3
 
 
 @pytest.mark.parametrize("best,worst,cfg,ok", [

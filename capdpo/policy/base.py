@@ -32,9 +32,11 @@ from typing import ClassVar, NamedTuple
 import torch
 from jinja2 import TemplateError
 from PIL import Image
+from transformers import LogitsProcessorList
 
 from capdpo.errors import OverBudgetError
 from capdpo.policy.packing import TREE_MASK_ATTENTION, pack_pairs, tree_mask
+from capdpo.policy.sampling import RowSampler
 
 logger = logging.getLogger(__name__)
 
@@ -355,21 +357,40 @@ class VideoPolicy:
                 "(policy.max_tokens); use fewer frames or set frames.on_over_budget=reduce")
 
     # -- generation --------------------------------------------------------------------------------
-    @torch.inference_mode()
     def generate(self, video: EncodedVideo, question: str, *, n: int = 1, temperature: float = 0.0,
                  top_p: float = 1.0, max_new_tokens: int = 64, seed: int | None = None) -> list[str]:
         """``n`` answers to one question about one encoded video, as one batch of ``n`` rows that
         share the video's embeddings (the video is not encoded again)."""
-        prompt = self.prompt_ids(question, video.layout)
-        ids = torch.tensor([prompt] * n, device=self.device)
-        videos = [video] * n
-        if seed is not None:
-            torch.manual_seed(seed)
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
-        out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  mm_encoder_outputs={"video": self._video_outputs(videos)}, pad_token_id=self.tokenizer.pad_token_id,
+        [answers] = self.generate_batch([(video, question)], n=n, temperature=temperature, top_p=top_p,
+                                        max_new_tokens=max_new_tokens, seeds=None if seed is None else [seed])
+        return answers
+
+    @torch.inference_mode()
+    def generate_batch(self, requests: Sequence[tuple[EncodedVideo, str]], *, n: int = 1, temperature: float = 0.0,
+                       top_p: float = 1.0, max_new_tokens: int = 64, seeds: Sequence[int] | None = None) -> list[list[str]]:
+        """``n`` answers to each ``(video, question)`` request, all in one ``generate`` call of
+        ``len(requests) * n`` left-padded rows (each video's embeddings shared by its rows).
+
+        Sampling (``temperature`` > 0) draws each row's tokens from its own generator, seeded by the
+        request's seed and the row's index, so an answer depends on its own seed only, never on the
+        other requests batched with it: a resumed or re-batched run samples the same answers."""
+        prompts = [self.prompt_ids(question, video.layout) for video, question in requests for _ in range(n)]
+        videos = [video for video, _ in requests for _ in range(n)]
+        width = max(map(len, prompts))
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        if temperature > 0:
+            row_seeds = [None if seeds is None else seed * 1_000_003 + k for seed in (seeds or [None] * len(requests))
+                         for k in range(n)]
+            sampling = {"do_sample": False, "logits_processor": LogitsProcessorList([RowSampler(row_seeds, temperature, top_p)])}
+        else:
+            sampling = {"do_sample": False}
+        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                  mm_encoder_outputs={"video": self._video_outputs(videos)}, pad_token_id=pad,
                                   **self._forward_kwargs(ids, videos), **sampling)
-        return [self.tokenizer.decode(row[len(prompt):], skip_special_tokens=True).strip() for row in out]
+        texts = [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+        return [texts[i * n:(i + 1) * n] for i in range(len(requests))]
 
     # -- log-probs -----------------------------------------------------------------------------------
     def token_logps(self, videos: Sequence[EncodedVideo], prompts: list[list[int]], responses: list[list[int]]) -> list[torch.Tensor]:
