@@ -35,8 +35,8 @@ from typing import TypeVar
 
 import numpy as np
 
-from capdpo.agreement import agreement, load_scores
-from capdpo.config import PairsConfig, RunConfig
+from capdpo.agreement import load_scores
+from capdpo.config import JudgeConfig, PairsConfig, RunConfig
 from capdpo.pipeline import Run
 from capdpo.records import (
     Candidate,
@@ -56,8 +56,6 @@ from capdpo.stats import bootstrap_mean
 log = logging.getLogger("capdpo")
 DONE = ".complete"
 TIMES_FILE = "repro_times.json"
-SCORERS = {"caption judge": "judgments.jsonl", "judge without caption": "claim1/judgments_no_caption.jsonl",
-           "MiniLM similarity": "claim1/similarity.jsonl"}
 
 
 T = TypeVar("T")
@@ -137,41 +135,63 @@ def sft_start(run: Run) -> Path:
 
 
 # -- claim 1 ------------------------------------------------------------------------------------------------
-def claim1_agreement(run: Run) -> dict:
-    """Score the sampled answers with the oracle, the judge without the caption and MiniLM similarity;
-    compare each scorer (and the caption judge) with the oracle."""
-    from capdpo.judge.judge import CaptionJudge, judge_items
-    from capdpo.judge.stage import candidate_items
-    from capdpo.oracle import load_answers, oracle_scores
-    from capdpo.similarity import MiniLM, similarity_scores
+CAPTION_JUDGE, NO_CAPTION, MINILM_ROW = "caption judge", "judge without caption", "MiniLM similarity"
 
-    top, cfg = run.paths.top, run.cfg
+
+def claim1_agreement(run: Run) -> dict:
+    """Grade every sampled answer by the oracle (claim 2's oracle pairs read it), then score the
+    claim-1 answer sets with every scorer and compare each with the oracle, per question kind:
+
+    * the run's judge with the caption (the paper's reward) and without it (``no_caption_template``);
+    * each ``repro.claim1_judges`` model, with and without the caption (expected mode);
+    * MiniLM similarity of answer and reference answer.
+
+    Answer sets: ``policy`` (the sampled answers to at most ``claim1_questions`` train questions) and,
+    with ``claim1_variant_clips``, ``variants`` (swapped-fact answers to every question of that many
+    of the run's scenes, the caption-matters ``detail`` kind included)."""
+    from capdpo.judge_study import MINILM, policy_answers, score_answers, study, variant_answers
+    from capdpo.oracle import load_answers, oracle_scores
+
+    top, cfg, rc = run.paths.top, run.cfg, run.cfg.repro
     (top / "claim1").mkdir(exist_ok=True)
-    questions, answers = run.paths.qa.by_id(), load_answers(run.paths.candidates.path)
-    oracle_path = top / "claim1" / "oracle.jsonl"
-    oracle = oracle_scores(answers, questions, scenes(run.paths))
-    oracle.write(oracle_path)
+    oracle = oracle_scores(load_answers(run.paths.candidates.path), run.paths.qa.by_id(), scenes(run.paths))
+    oracle.write(top / "claim1" / "oracle.jsonl")
     log.info("claim 1: oracle %s", oracle.summary())
 
-    no_caption = CaptionJudge(cfg.judge.model_copy(update={"template": cfg.repro.no_caption_template}), cfg.cache_dir,
-                              llm=run.judge.llm)
-    items = list(candidate_items(run.paths.videos.by_id(), questions, run.paths.candidates.read()))
-    judge_items(no_caption, items, RecordFile(top / SCORERS["judge without caption"], Judgment),
-                desc="claim 1: judge without caption")
-    similarity_path = top / SCORERS["MiniLM similarity"]
-    if not similarity_path.exists():
-        similarity_scores(answers, questions, MiniLM(device="cpu")).write(similarity_path)
+    sets = {"policy": policy_answers(run.paths, rc.claim1_questions, rc.seeds[0])}
+    if rc.claim1_variant_clips:
+        sets["variants"] = variant_answers(cfg.data.synthetic_seed, rc.claim1_variant_clips, rc.claim1_variants_per_question)
+    judges = {CAPTION_JUDGE: cfg.judge, NO_CAPTION: cfg.judge.model_copy(update={"template": rc.no_caption_template})}
+    for model in rc.claim1_judges:
+        llm = cfg.judge.llm.model_copy(update={"model": model})
+        for name, template in ((f"{model} with caption", "caption_reward"), (f"{model} without caption", rc.no_caption_template)):
+            judges[name] = JudgeConfig(llm=llm, mode="expected", template=template, max_answer_words=cfg.judge.max_answer_words)
+    differences = [(CAPTION_JUDGE, NO_CAPTION), *((f"{m} with caption", f"{m} without caption") for m in rc.claim1_judges),
+                   (CAPTION_JUDGE, MINILM_ROW)]
+    results = {}
+    for set_name, answers in sets.items():
+        scores = {name: judged(run, judge, answers.items, top / "claim1" / f"{set_name}-{slug(name)}.jsonl",
+                               f"claim 1: {name} ({set_name})") for name, judge in judges.items()}
+        scores[MINILM_ROW], _ = score_answers(MINILM, answers.items, str(cfg.cache_dir))
+        results[set_name] = study(answers, scores, differences, resamples=rc.bootstrap, seed=rc.seeds[0])
+    return {"sets": results, "oracle_accuracy": float(np.mean([r["score"] for r in oracle.rows])),
+            "answers": len(oracle.rows)}
 
-    truth = load_scores(oracle_path)
-    rows = {}
-    for name, path in SCORERS.items():
-        rep = agreement(load_scores(top / path), truth)
-        rows[name] = {"answers": rep.n_common, "failed": rep.n_failed_a, "auroc": rep.auroc,
-                      "pairwise_strict": rep.pairwise_agreement_strict, "pairs_strict": rep.n_pairs_strict,
-                      "pairwise_with_ties": rep.pairwise_agreement_with_ties, "pairs": rep.n_pairs,
-                      "kendall_tau_b": rep.kendall_tau_b, "mean_score": rep.mean_a}
-    return {"scorers": rows, "oracle_accuracy": float(np.mean([r["score"] for r in oracle.rows])),
-            "answers": len(answers)}
+
+def judged(run: Run, judge_cfg: JudgeConfig, items: Sequence, path: Path, desc: str) -> dict[str, float | None]:
+    """``{answer id: score}`` of a judge on ``items``, kept in ``path`` (resumable); the run's own
+    judgments are reused for the answers the run's judge already scored."""
+    from capdpo.judge.judge import CaptionJudge, judge_items
+
+    if judge_cfg == run.cfg.judge:
+        done = {j.id: j.score for j in run.paths.judgments.read()} if run.paths.judgments.exists() else {}
+        if all(it.target_id in done for it in items):
+            return {it.target_id: done[it.target_id] for it in items}
+    same_llm = judge_cfg.llm == run.cfg.judge.llm
+    judge = CaptionJudge(judge_cfg, run.cfg.cache_dir, llm=run.judge.llm if same_llm else None)
+    out = RecordFile(path, Judgment)
+    judge_items(judge, list(items), out, desc=desc)
+    return {j.target_id: j.score for j in out.read()}
 
 
 def scenes(paths: RunPaths) -> dict:
@@ -204,27 +224,62 @@ def claim2_dpo(run: Run, sft: Path) -> dict:
         pair_files[source] = RecordFile(out / f"pairs-{source}.jsonl", PreferencePair)
         pair_files[source].write(rows)
 
-    policies = {"SFT": sft}
+    # seed by seed, each policy evaluated as soon as it is trained: the first seed's rows are on
+    # disk (claim2/eval/) long before the last seed has trained
+    room = headroom(run, sft)
+    evals = {"SFT": evaluate_policy(run, "SFT", sft)}
     # the reference (the SFT start) scores a source's pairs the same for every seed: computed once per source
     references = {source: RecordFile(out / f"reference-{source}.jsonl", ReferenceLogps) for source in pairs}
-    for source in pairs:
-        for seed in cfg.seeds:
-            name = f"DPO ({source} pairs, seed {seed})"
+    for seed in cfg.seeds:
+        for source in pairs:
+            name = policy_name(source, seed)
             policy = policy_from_config(run.cfg.policy.model_copy(update={"model": str(sft)}), run.cfg.cache_dir)
-            policies[name] = run_train(pair_files[source], run.paths.videos, policy,
-                                       run.cfg.train.model_copy(update={"seed": seed}), run.cfg.frames,
-                                       out / f"{source}-s{seed}", embed_cache=run.embedding_cache,
-                                       reference_file=references[source], fail_fast=run.cfg.fail_fast)
-    room = headroom(run, sft)
-    evals = {name: evaluate_policy(run, name, path) for name, path in policies.items()}
+            trained = run_train(pair_files[source], run.paths.videos, policy, run.cfg.train.model_copy(update={"seed": seed}),
+                                run.cfg.frames, out / f"{source}-s{seed}", embed_cache=run.embedding_cache,
+                                reference_file=references[source], fail_fast=run.cfg.fail_fast)
+            evals[name] = evaluate_policy(run, name, trained)
+    evals |= pooled_over_seeds(evals, pairs, cfg.seeds)
     rows = compare_to(evals, "SFT", cfg.bootstrap, cfg.seeds[0])
     for name, row in rows.items():
         source = next((s for s in pairs if f"({s} pairs" in name), None)
         row["pairs"] = len(pairs[source]) if source else None
         row["headroom_closed"] = headroom_closed(row, rows["SFT"], room)
-    return {"policies": rows, "headroom": room, "pairs_available": {s: len(p) for s, p in available.items()},
+    return {"policies": rows, "headroom": room, "accuracy_by_kind": accuracy_by_kind(evals),
+            "pairs_available": {s: len(p) for s, p in available.items()},
             "pair_orientation": {s: pair_orientation(p, oracle) for s, p in pairs.items()},
             "test_questions": len(held_out_questions(run.paths))}
+
+
+def policy_name(source: str, seed: int) -> str:
+    return f"DPO ({source} pairs, seed {seed})"
+
+
+def pooled_over_seeds(evals: Mapping[str, Mapping[str, dict]], sources: Sequence[str], seeds: Sequence[int]) -> dict[str, dict]:
+    """Per source trained with several seeds, one more row: each held-out question's oracle and
+    judge score averaged over the seeds, so its bootstrap interval (over questions) covers the
+    seeds together."""
+    pooled = {}
+    for source in sources:
+        names = [policy_name(source, seed) for seed in seeds]
+        if len(names) < 2:
+            continue
+        common = set.intersection(*(set(evals[n]) for n in names))
+        pooled[f"DPO ({source} pairs, {len(names)} seeds pooled)"] = {
+            q: {"oracle": float(np.mean([evals[n][q]["oracle"] for n in names])),
+                "judge": None if any(evals[n][q]["judge"] is None for n in names) else float(np.mean([evals[n][q]["judge"] for n in names])),
+                "kind": evals[names[0]][q]["kind"]} for q in sorted(common)}
+    return pooled
+
+
+def accuracy_by_kind(evals: Mapping[str, Mapping[str, dict]]) -> dict[str, dict[str, float]]:
+    """Oracle accuracy of each policy per question kind (point estimates)."""
+    out = {}
+    for name, scores in evals.items():
+        kinds: dict[str, list[float]] = {}
+        for row in scores.values():
+            kinds.setdefault(row["kind"] or "?", []).append(row["oracle"])
+        out[name] = {k: float(np.mean(v)) for k, v in sorted(kinds.items())}
+    return out
 
 
 def pair_orientation(pairs: Sequence[PreferencePair], oracle: Mapping[str, float | None]) -> dict[str, int]:
@@ -383,6 +438,9 @@ def _ci(t, fmt=".3f", signed=False) -> str:
     return f"{format(mean, f)} [{format(lo, f)}, {format(hi, f)}]"
 
 
+CLAIM1_SETS = {"policy": "The SFT policy's sampled answers", "variants": "Swapped-fact answers to every question of the run's first scenes"}
+
+
 def write_report(top: Path, results: dict) -> Path:
     """``mini-repro.json`` (every figure) and ``mini-repro.md`` (the two tables)."""
     atomic_write_text(top / "mini-repro.json", json.dumps(results, indent=1))
@@ -395,14 +453,21 @@ def write_report(top: Path, results: dict) -> Path:
         f"Run time {results['run_time_s'] / 60:.1f} min"
         + (f" over {results['invocations']} invocations (resumed)." if results["invocations"] > 1 else "."),
         "",
-        f"## Claim 1: scorers against the oracle ({c1['answers']} answers, {c1['oracle_accuracy']:.1%} correct)",
-        "",
-        "| scorer | AUROC | pairwise agreement, strict (pairs) | pairwise agreement, with ties (pairs) | Kendall tau-b |",
-        "|---|---|---|---|---|",
+        f"## Claim 1: scorers against the oracle ({c1['oracle_accuracy']:.1%} of the {c1['answers']} sampled answers correct)",
     ]
-    for name, r in c1["scorers"].items():
-        lines.append(f"| {name} | {_f(r['auroc'])} | {_f(r['pairwise_strict'])} ({r['pairs_strict']}) | "
-                     f"{_f(r['pairwise_with_ties'])} ({r['pairs']}) | {_f(r['kendall_tau_b'])} |")
+    for set_name, st in c1["sets"].items():
+        kinds = [k for k in st["kinds"] if k != "all"]
+        lines += ["", f"{CLAIM1_SETS.get(set_name, set_name)}: {st['answers']} answers, {st['share_correct']:.1%} correct "
+                  "(" + ", ".join(f"{k} {st['kinds'][k]}" for k in kinds) + ").", "",
+                  "| scorer | AUROC | pairwise agreement, strict (pairs) | Kendall tau-b | " + " | ".join(f"AUROC {k}" for k in kinds) + " |",
+                  "|---|---|---|---|" + "---|" * len(kinds)]
+        for name, by_kind in st["figures"].items():
+            r = by_kind["all"]
+            lines.append(f"| {name} | {_f(r['auroc'])} | {_f(r['pairwise_strict'])} ({r['strict_pairs']}) | {_f(r['kendall_tau_b'])} | "
+                         + " | ".join(_f(by_kind[k]["auroc"]) for k in kinds) + " |")
+        lines += [""] + [f"- AUROC {pair}: " + "; ".join(f"{k} {x['diff']:+.3f} [{x['low']:+.3f}, {x['high']:+.3f}]"
+                                                          for k, x in by_kind.items() if x is not None)
+                         for pair, by_kind in st["auroc_differences"].items()]
     lines += [
         "",
         f"## Claim 2: DPO from the SFT start, held-out questions ({c2['test_questions']}), 95% bootstrap CIs",
@@ -413,6 +478,9 @@ def write_report(top: Path, results: dict) -> Path:
     for name, r in c2["policies"].items():
         lines.append(f"| {name} | {r['pairs'] if r['pairs'] is not None else '-'} | {_ci(r['oracle_accuracy'])} | "
                      f"{_ci(r['vs_base'], signed=True)} | {_f(r.get('headroom_closed'), '+.2f')} | {_ci(r['judge_score'], '.2f')} |")
+    kinds = sorted({k for by_kind in c2["accuracy_by_kind"].values() for k in by_kind})
+    lines += ["", "Oracle accuracy per question kind:", "", "| policy | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    lines += [f"| {name} | " + " | ".join(_f(by_kind.get(k)) for k in kinds) + " |" for name, by_kind in c2["accuracy_by_kind"].items()]
     room = c2["headroom"]
     lines += ["", f"Headroom: the SFT start's pass@{room['n']} on the {room['questions']} held-out questions (at least one "
               f"of {room['n']} sampled answers right) is {_ci(room['pass_at_n'])}, against its greedy accuracy "

@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     "capdpo.data": 4, "capdpo.frames": 4, "capdpo.qa": 4, "capdpo.sample": 4, "capdpo.judge.stage": 4,
     "capdpo.pairs": 4, "capdpo.reference": 4, "capdpo.train": 4, "capdpo.evaluate": 4, "capdpo.report": 4,
     "capdpo.agreement": 4, "capdpo.compare": 4, "capdpo.oracle": 4, "capdpo.similarity": 4, "capdpo.suites": 4,
-    "capdpo.formats": 4, "capdpo.losses": 4, "capdpo.distill": 4,
+    "capdpo.formats": 4, "capdpo.losses": 4, "capdpo.distill": 4, "capdpo.judge_study": 4,
     "capdpo.pipeline": 5, "capdpo.repro": 5,
     "capdpo.cli": 6,
 }

@@ -9,7 +9,7 @@ import pytest
 
 from capdpo.config import load_config
 from capdpo.records import PreferencePair
-from capdpo.repro import compare_to, pair_orientation, run_repro
+from capdpo.repro import accuracy_by_kind, compare_to, pair_orientation, pooled_over_seeds, random_pairs, run_repro
 from capdpo.stats import bootstrap_mean
 from tests.run_configs import write_config
 
@@ -28,6 +28,32 @@ def test_paired_difference_is_on_the_same_questions():
     assert rows["DPO"]["questions"] == 2, "a question only one policy answered is left out"
     assert rows["DPO"]["vs_base"][0] == pytest.approx(0.5)
     assert rows["SFT"]["vs_base"] is None
+
+
+def test_seeds_pooled_average_each_question_over_the_seeds():
+    evals = {"SFT": {"q1": {"oracle": 0, "judge": 1.0, "kind": "count"}, "q2": {"oracle": 0, "judge": 1.0, "kind": "shape"}},
+             "DPO (oracle pairs, seed 0)": {"q1": {"oracle": 1, "judge": 5.0, "kind": "count"}, "q2": {"oracle": 0, "judge": 1.0, "kind": "shape"}},
+             "DPO (oracle pairs, seed 1)": {"q1": {"oracle": 0, "judge": 3.0, "kind": "count"}, "q2": {"oracle": 1, "judge": None, "kind": "shape"}}}
+    pooled = pooled_over_seeds(evals, ["oracle"], [0, 1])
+    assert pooled == {"DPO (oracle pairs, 2 seeds pooled)": {"q1": {"oracle": 0.5, "judge": 4.0, "kind": "count"},
+                                                              "q2": {"oracle": 0.5, "judge": None, "kind": "shape"}}}
+    assert pooled_over_seeds(evals, ["oracle"], [0]) == {}
+    rows = compare_to(evals | pooled, "SFT", 200, 0)
+    assert rows["DPO (oracle pairs, 2 seeds pooled)"]["vs_base"][0] == pytest.approx(0.5)
+    assert accuracy_by_kind(evals | pooled)["DPO (oracle pairs, 2 seeds pooled)"] == {"count": 0.5, "shape": 0.5}
+
+
+def test_random_pairs_per_question_are_distinct_and_keep_the_first_draw():
+    from capdpo.records import Candidate, QAItem, Video
+
+    videos = {"v": Video(id="v", video="v.mp4", caption="c")}
+    qa = {"v_0": QAItem(id="v_0", video_id="v", question="q?", answer="a.", split="train")}
+    cands = [Candidate(id=f"v_0#{k}", qa_id="v_0", video_id="v", answer=f"answer {k}", model="m", seed=0,
+                       temperature=1.0, top_p=1.0) for k in range(4)]
+    one = random_pairs(videos, qa, cands, seed=0)
+    three = random_pairs(videos, qa, cands, seed=0, per_question=3)
+    assert [p.id for p in three] == ["v_0", "v_0/1", "v_0/2"] and three[0] == one[0]
+    assert len({frozenset((p.chosen, p.rejected)) for p in three}) == 3
 
 
 def test_pair_orientation_grades_each_pair_by_the_oracle():
@@ -49,12 +75,18 @@ def test_tiny_reproduction_writes_both_claims(tmp_path, tiny_policy_dir, cache_d
                           data={"synthetic_videos": 6, "synthetic_questions": 1, "test_fraction": 0.34},
                           sample={"n": 3, "max_new_tokens": 5, "temperature": 1.5},
                           evaluate={"max_new_tokens": 5},
-                          repro={"sft_videos": 2, "sft_batch_size": 2, "bootstrap": 200})
+                          repro={"sft_videos": 2, "sft_batch_size": 2, "bootstrap": 200, "claim1_variant_clips": 1,
+                                 "claim1_variants_per_question": 2})
     run_repro(load_config(config))
 
     results = json.loads((run_dir / "mini-repro.json").read_text())
-    assert set(results["claim1"]["scorers"]) == {"caption judge", "judge without caption", "MiniLM similarity"}
-    assert results["claim1"]["answers"] == 4 * 3, "4 train clips x 1 question x 3 answers"
+    c1 = results["claim1"]
+    assert c1["answers"] == 4 * 3, "4 train clips x 1 question x 3 answers"
+    assert set(c1["sets"]) == {"policy", "variants"} and c1["sets"]["policy"]["answers"] == 12
+    assert "detail" in c1["sets"]["variants"]["kinds"], "the variants cover every question kind, detail included"
+    for answers in c1["sets"].values():
+        assert set(answers["figures"]) == {"caption judge", "judge without caption", "MiniLM similarity"}
+        assert set(answers["auroc_differences"]) == {"caption judge - judge without caption", "caption judge - MiniLM similarity"}
     policies = results["claim2"]["policies"]
     assert "SFT" in policies and policies["SFT"]["questions"] == 2
     assert any(name.startswith("DPO (random pairs") for name in policies)
