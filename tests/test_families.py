@@ -162,6 +162,10 @@ def test_generate_batch_answers_do_not_depend_on_the_batch(policy):
         assert together == alone and [len(a) for a in together] == [kwargs.get("n", 1)] * 2
     sampled = policy.generate_batch(requests[:1], n=8, temperature=1.0, seeds=[1], max_new_tokens=6)[0]
     assert len(set(sampled)) > 1, "rows of one request draw from different generators"
+    # n > 1 continues n rows from one prompt cache: at a near-zero temperature every row is the greedy answer
+    greedy = policy.generate_batch(requests, max_new_tokens=6)
+    cold = policy.generate_batch(requests, n=3, temperature=1e-5, seeds=[1, 2], max_new_tokens=6)
+    assert cold == [[g] * 3 for [g] in greedy]
 
 
 def test_logps_do_not_depend_on_batching(policy):

@@ -22,6 +22,7 @@ scatters it into the placeholder positions of every row that uses it, and comput
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -32,13 +33,15 @@ from typing import ClassVar, NamedTuple
 import torch
 from jinja2 import TemplateError
 from PIL import Image
-from transformers import LogitsProcessorList
+from transformers import GenerationMixin, LogitsProcessorList
 
 from capdpo.errors import OverBudgetError
 from capdpo.policy.packing import TREE_MASK_ATTENTION, pack_pairs, tree_mask
 from capdpo.policy.sampling import RowSampler
 
 logger = logging.getLogger(__name__)
+# transformers renamed generate's and forward's past_key_values to cache (the old name is deprecated)
+CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
 
 VIDEO_TOKEN = "<video>"
 SPEC_FILE = "capdpo_video.json"
@@ -374,8 +377,8 @@ class VideoPolicy:
         Sampling (``temperature`` > 0) draws each row's tokens from its own generator, seeded by the
         request's seed and the row's index, so an answer depends on its own seed only, never on the
         other requests batched with it: a resumed or re-batched run samples the same answers."""
-        prompts = [self.prompt_ids(question, video.layout) for video, question in requests for _ in range(n)]
-        videos = [video for video, _ in requests for _ in range(n)]
+        prompts = [self.prompt_ids(question, video.layout) for video, question in requests]
+        videos = [video for video, _ in requests]
         width = max(map(len, prompts))
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
@@ -386,11 +389,34 @@ class VideoPolicy:
             sampling = {"do_sample": False, "logits_processor": LogitsProcessorList([RowSampler(row_seeds, temperature, top_p)])}
         else:
             sampling = {"do_sample": False}
-        out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                  mm_encoder_outputs={"video": self._video_outputs(videos)}, pad_token_id=pad,
-                                  **self._forward_kwargs(ids, videos), **sampling)
+        if n == 1:
+            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                      mm_encoder_outputs={"video": self._video_outputs(videos)}, pad_token_id=pad,
+                                      **self._forward_kwargs(ids, videos), **sampling)
+        else:
+            # The prompt (video tokens included) runs once per request; its key/value cache is copied to the
+            # request's n rows, which generate then continues from the prompt's last token.
+            cache = self._prompt_cache(ids[:, :-1], mask[:, :-1], videos)
+            cache.batch_repeat_interleave(n)
+            self._repeat_generation_state(n)
+            out = self.model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
+                                      max_new_tokens=max_new_tokens, pad_token_id=pad, **{CACHE_KWARG: cache}, **sampling)
         texts = [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
         return [texts[i * n:(i + 1) * n] for i in range(len(requests))]
+
+    def _prompt_cache(self, ids: torch.Tensor, mask: torch.Tensor, videos: Sequence[EncodedVideo]):
+        """The key/value cache of left-padded prompt rows, each with its video."""
+        out = self.model(input_ids=ids, attention_mask=mask, use_cache=True, position_ids=self._left_padded_positions(mask),
+                         mm_encoder_outputs={"video": self._video_outputs(videos)}, **self._forward_kwargs(ids, videos))
+        return getattr(out, CACHE_KWARG)
+
+    def _left_padded_positions(self, mask: torch.Tensor) -> torch.Tensor | None:
+        """Position ids of left-padded rows, as ``generate`` gives them (Qwen computes its own multimodal ones)."""
+        return (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def _repeat_generation_state(self, n: int) -> None:
+        """Per-row state the model keeps between generation steps, repeated for ``n`` rows a prompt
+        (Qwen: the multimodal RoPE offsets)."""
 
     # -- log-probs -----------------------------------------------------------------------------------
     def token_logps(self, videos: Sequence[EncodedVideo], prompts: list[list[int]], responses: list[list[int]]) -> list[torch.Tensor]:

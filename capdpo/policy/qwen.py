@@ -219,6 +219,12 @@ class QwenVLPolicy(VideoPolicy):
         # (3, rows, length) temporal / height / width ids, from the model's own get_rope_index
         return self.model.model.get_rope_index(ids, attention_mask=attention_mask, **self._forward_kwargs(ids, videos))[0]
 
+    def _left_padded_positions(self, mask: torch.Tensor) -> None:
+        return None  # the model's forward computes its multimodal positions (and RoPE offsets) itself
+
+    def _repeat_generation_state(self, n: int) -> None:
+        self.model.model.rope_deltas = self.model.model.rope_deltas.repeat_interleave(n, 0)
+
 
 class Qwen25VLPolicy(QwenVLPolicy):
     model_class = "Qwen2_5_VLForConditionalGeneration"
