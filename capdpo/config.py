@@ -181,6 +181,7 @@ class TrainConfig(Section):
     rpo_alpha: float | None = Field(None, description="Weight of an NLL term on the chosen answers (RPO); None = off.")
     reference: Literal["precomputed", "model"] = Field("precomputed", description="'precomputed': reference log-probs computed once before training and cached on disk, no reference model in memory; 'model': a reference forward every step (LoRA adapters off, else a frozen copy).")
     shared_prefix: bool = Field(True, description="Score chosen and rejected in one packed row per pair, the video + question prefix computed once (tree attention mask).")
+    group_by_video: bool = Field(True, description="Batches hold a shuffled video's pairs together (videos and pairs in a seeded random order), so the pairs of one video share one packed row, its video tokens run once; false = pairs shuffled one by one.")
     embedding_cache: bool = Field(True, description="Keep frozen-encoder video embeddings on disk (cache_dir/embeddings), reused across epochs, runs and the reference pass.")
     lr: float = Field(5e-6, gt=0, description="Peak learning rate (paper: 5e-7 full fine-tuning; LoRA needs more).")
     epochs: int = Field(3, ge=1, description="Passes over the pairs.")

@@ -40,7 +40,9 @@ from capdpo.devices import resolve_device
 from capdpo.hashing import split_test_ids
 from capdpo.judge.judge import CaptionJudge, JudgeItem, judge_items, truncate_words
 from capdpo.llm.backends import local_weights
-from capdpo.policy.packing import tree_mask
+from capdpo.policy.packing import Branch as TreeBranch
+from capdpo.policy.packing import PackedRows
+from capdpo.policy.packing import common_prefix_length, pack_branches, tree_mask
 from capdpo.prompts import load_template
 from capdpo.records import Judgment, RecordFile, TeacherLabel, atomic_dir, atomic_write_text, write_jsonl
 from capdpo.rundir import RunPaths, require
@@ -95,10 +97,6 @@ class Row:
     prefix: list[int]
     branches: list[Branch]
 
-    @property
-    def width(self) -> int:
-        return len(self.prefix) + sum(len(b.tokens) for b in self.branches)
-
 
 class StudentTokens:
     """Renders labels into the judge's chat prompt exactly as ``HFChatLLM`` does, and packs them."""
@@ -136,7 +134,7 @@ class StudentTokens:
     def _row(self, labels: Sequence[TeacherLabel]) -> Row:
         seqs = [self.prompt_ids(lab) for lab in labels]
         # the reply's first token ("Score") must stay in every branch: predicted from the prefix's end
-        n = _common_prefix(seqs, max_len=min(map(len, seqs)) - 3)
+        n = common_prefix_length(seqs, max_len=min(map(len, seqs)) - 3)
         branches = []
         for seq, lab in zip(seqs, labels):
             digit = digit_target(lab.target)
@@ -145,56 +143,30 @@ class StudentTokens:
         return Row(seqs[0][:n], branches)
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]], max_len: int) -> int:
-    n = 0
-    while n < max_len and all(s[n] == seqs[0][n] for s in seqs):
-        n += 1
-    return n
-
-
 @dataclass
-class PackedRows:
-    """Rows as tensors, and where each answer's reply tokens are predicted."""
+class PackedAnswers:
+    """Rows as tensors (``capdpo.policy.packing.pack_branches``: each answer's ``REPLY`` reply
+    tokens are its scored tokens) and each answer's digit target distribution."""
 
-    ids: torch.Tensor  # (rows, width)
-    segment: torch.Tensor  # 0 prefix, k branch k, -1 padding
-    position: torch.Tensor
-    picks: torch.Tensor  # (answers * REPLY, 2): row, position whose hidden state predicts a reply token
-    hard: torch.Tensor  # (answers * REPLY,) the reply token (the digit's is ignored: soft target)
-    soft: list[dict[int, float]]  # per answer: the digit's target distribution
+    tree: PackedRows
+    soft: list[dict[int, float]]
 
 
-def pack_rows(rows: Sequence[Row], pad: int, device: torch.device | str = "cpu") -> PackedRows:
-    width = max(r.width for r in rows)
-    ids, segment, position, picks, hard, soft = [], [], [], [], [], []
-    for i, row in enumerate(rows):
-        toks, seg, pos = list(row.prefix), [0] * len(row.prefix), list(range(len(row.prefix)))
-        for k, b in enumerate(row.branches, start=1):
-            start = len(toks)
-            toks += b.tokens
-            seg += [k] * len(b.tokens)
-            pos += range(len(row.prefix), len(row.prefix) + len(b.tokens))
-            end = start + len(b.tokens)  # the reply is the branch's last 5 tokens
-            for j in range(end - REPLY, end):
-                picks.append((i, j - 1 if j > start else len(row.prefix) - 1))
-                hard.append(toks[j])
-            soft.append(b.digit)
-        fill = width - len(toks)
-        ids.append(toks + [pad] * fill)
-        segment.append(seg + [-1] * fill)
-        position.append(pos + [0] * fill)
-    ids, segment, position, picks, hard = (torch.tensor(x, device=device) for x in (ids, segment, position, picks, hard))
-    return PackedRows(ids, segment, position, picks, hard, soft)
+def pack_rows(rows: Sequence[Row], pad: int, device: torch.device | str = "cpu") -> PackedAnswers:
+    tree = pack_branches([(row.prefix, [TreeBranch(b.tokens, len(b.tokens) - REPLY) for b in row.branches]) for row in rows],
+                         pad, device)
+    return PackedAnswers(tree, [b.digit for row in rows for b in row.branches])
 
 
-def reply_loss(model, batch: PackedRows) -> torch.Tensor:
+def reply_loss(model, batch: PackedAnswers) -> torch.Tensor:
     """Mean over answers of: cross-entropy of the reply's format tokens, plus the cross-entropy of
     the digit against the teacher's distribution."""
-    mask = tree_mask(batch.segment, "sdpa", torch.float32)
-    hidden = model.model(input_ids=batch.ids, attention_mask=mask, position_ids=batch.position, use_cache=False).last_hidden_state
-    logp = model.lm_head(hidden[batch.picks[:, 0], batch.picks[:, 1]]).float().log_softmax(-1)  # (answers*5, vocab)
+    tree = batch.tree
+    mask = tree_mask(tree.segment, "sdpa", torch.float32)
+    hidden = model.model(input_ids=tree.ids, attention_mask=mask, position_ids=tree.source, use_cache=False).last_hidden_state
+    logp = model.lm_head(hidden[tree.row, tree.position]).float().log_softmax(-1)  # (answers*5, vocab)
     logp = logp.view(-1, REPLY, logp.shape[-1])
-    hard = batch.hard.view(-1, REPLY)
+    hard = tree.target.view(-1, REPLY)  # the digit's is ignored: soft target
     fmt = [0, 1, 2, 4]  # "Score", ":", " ", eos
     format_nll = -logp[:, fmt].gather(-1, hard[:, fmt, None]).squeeze(-1).sum(-1)
     digit_nll = torch.stack([-sum(p * logp[a, 3, t] for t, p in d.items()) for a, d in enumerate(batch.soft)])

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
 from peft import LoraConfig, PeftModel, get_peft_model
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
@@ -193,9 +193,17 @@ class PairScorer(torch.nn.Module):
 
     def forward(self, videos: Sequence[PreparedVideo], batch: Sequence[TokenizedPair]) -> PairLogprobs:
         """``(chosen logps, rejected logps, chosen tokens, rejected tokens)``, one entry per pair.
-        Pixels (a trained encoder) are encoded here, once per pair, with autograd."""
-        videos = [v if isinstance(v, EncodedVideo) else self.policy.encode(v) for v in videos]
-        return pair_logps(self.policy, videos, batch, self.shared_prefix)
+        Pixels (a trained encoder) are encoded here, once per video of the batch, with autograd."""
+        return pair_logps(self.policy, encode_once(self.policy, videos), batch, self.shared_prefix)
+
+
+def encode_once(policy: VideoPolicy, videos: Sequence[PreparedVideo]) -> list[EncodedVideo]:
+    """The batch's videos encoded, each distinct one once (its pairs then share one packed row)."""
+    encoded: dict[int, EncodedVideo] = {}
+    for v in videos:
+        if id(v) not in encoded:
+            encoded[id(v)] = v if isinstance(v, EncodedVideo) else policy.encode(v)
+    return [encoded[id(v)] for v in videos]
 
 
 @dataclass
@@ -220,7 +228,7 @@ class Reference:
         if not self.needed:
             return None, None
         with torch.no_grad(), autocast():
-            encoded = [v if isinstance(v, EncodedVideo) else policy.encode(v) for v in videos]
+            encoded = encode_once(policy, videos)
             if self.lora is not None:
                 with self.lora.disable_adapter():
                     rc, rr, _, _ = pair_logps(policy, encoded, batch, cfg.shared_prefix)
@@ -356,8 +364,12 @@ def prepare_optimisation(accelerator: Accelerator, policy: VideoPolicy, cfg: Tra
     epoch; all wrapped by the accelerator's engine."""
     scorer = PairScorer(policy, cfg.shared_prefix)
     optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    loader = DataLoader(tokenized, batch_size=cfg.batch_size, shuffle=True, collate_fn=list,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.group_by_video:
+        loader = DataLoader(tokenized, batch_size=cfg.batch_size, collate_fn=list,
+                            sampler=VideoGroupedSampler([t.pair.video_id for t in tokenized], cfg.seed))
+    else:
+        loader = DataLoader(tokenized, batch_size=cfg.batch_size, shuffle=True, collate_fn=list,
+                            generator=torch.Generator().manual_seed(cfg.seed))
     steps_per_epoch = -(-len(loader) // (cfg.grad_accum * accelerator.num_processes))
     total = min(cfg.max_steps or 10**12, max(1, cfg.epochs * steps_per_epoch))
     # accelerate steps a prepared scheduler once per process per optimizer step: count in those units
@@ -365,6 +377,31 @@ def prepare_optimisation(accelerator: Accelerator, policy: VideoPolicy, cfg: Tra
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * ticks), ticks)
     scorer, optimizer, loader, scheduler = accelerator.prepare(scorer, optimizer, loader, scheduler)
     return Optimisation(scorer, optimizer, scheduler, loader, list(scorer.parameters()), total)
+
+
+class VideoGroupedSampler(Sampler[int]):
+    """Pair indices in a seeded random order of videos, each video's pairs together (in a random
+    order of their own): consecutive batches then hold whole videos, whose pairs share one packed
+    row. The order depends on the seed and the epoch only (``set_epoch``), so a resumed run
+    replays it."""
+
+    def __init__(self, video_ids: Sequence[str], seed: int):
+        self.seed, self.epoch = seed, 0
+        self.groups: dict[str, list[int]] = {}
+        for i, video_id in enumerate(video_ids):
+            self.groups.setdefault(video_id, []).append(i)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        groups = list(self.groups.values())
+        for g in torch.randperm(len(groups), generator=rng).tolist():
+            yield from (groups[g][i] for i in torch.randperm(len(groups[g]), generator=rng).tolist())
+
+    def __len__(self) -> int:
+        return sum(map(len, self.groups.values()))
 
 
 # -- checkpoints and metrics ------------------------------------------------------------------------------

@@ -85,6 +85,27 @@ def test_packed_gradients_equal_two_rows(policy):
     assert max_grad_diff(packed, reference) < ATOL
 
 
+def same_video_pairs(policy: VideoPolicy) -> dict:
+    """Four pairs, three on one EncodedVideo (two questions, one asked twice) and one on another:
+    the three share one packed row behind the video and the prompts' common start."""
+    batch = pairs(policy)
+    video = batch["videos"][0]
+    questions = ["Which colour?", "Is it moving?", "Which colour?"]
+    eos = policy.tokenizer.eos_token_id
+    return {"videos": [video, batch["videos"][1], video, video],
+            "prompts": [policy.prompt_ids(questions[0], video.layout), batch["prompts"][1],
+                        policy.prompt_ids(questions[1], video.layout), policy.prompt_ids(questions[2], video.layout)],
+            "chosen": [*batch["chosen"], policy.response_ids("Red.")],
+            "rejected": [*batch["rejected"], [eos]]}
+
+
+def test_pairs_of_one_video_share_a_row_with_the_numbers_of_two_rows(policy):
+    batch = same_video_pairs(policy)
+    with torch.no_grad():
+        assert_same(policy.pair_logps(**batch), two_rows(policy, **batch))
+    assert max_grad_diff(llm_grads(policy, policy.pair_logps(**batch)), llm_grads(policy, two_rows(policy, **batch))) < ATOL
+
+
 def test_a_pair_does_not_depend_on_its_batch(policy):
     batch = pairs(policy)
     with torch.no_grad():

@@ -146,3 +146,20 @@ def test_two_processes_on_gloo_shard_the_data_and_gather_metrics(pair_files, tin
     assert ranks[0]["logged"] == ranks[1]["logged"], "metrics are gathered: every process logs the same values"
     assert len(metrics(tmp_path / "out")) == 3, "6 pairs, batch 1 per process, 2 processes: 3 optimizer steps"
     assert (tmp_path / "out" / "policy" / train.DONE).exists()
+
+
+def test_video_grouped_sampler_keeps_each_video_together_in_a_seeded_order():
+    videos = ["a", "b", "a", "c", "b", "a", "c"]
+    sampler = train.VideoGroupedSampler(videos, seed=3)
+    first = list(sampler)
+    assert sorted(first) == list(range(len(videos))) and len(sampler) == len(videos)
+    runs = [videos[i] for i in first]
+    assert [v for k, v in enumerate(runs) if k == 0 or runs[k - 1] != v] == sorted(set(videos), key=runs.index), \
+        "each video's pairs come in one run"
+    assert list(train.VideoGroupedSampler(videos, seed=3)) == first, "the order depends on the seed only"
+    sampler.set_epoch(1)
+    orders = {tuple(first)} | {tuple(sampler)}
+    for epoch in range(2, 6):
+        sampler.set_epoch(epoch)
+        orders.add(tuple(sampler))
+    assert len(orders) > 1, "each epoch reshuffles"

@@ -36,7 +36,7 @@ from PIL import Image
 from transformers import GenerationMixin, LogitsProcessorList
 
 from capdpo.errors import OverBudgetError
-from capdpo.policy.packing import TREE_MASK_ATTENTION, pack_pairs, tree_mask
+from capdpo.policy.packing import TREE_MASK_ATTENTION, Branch, common_prefix_length, pack_branches, tree_mask
 from capdpo.policy.sampling import RowSampler
 
 logger = logging.getLogger(__name__)
@@ -443,8 +443,9 @@ class VideoPolicy:
         """Summed log-probs and token counts of ``chosen[i]`` and ``rejected[i]`` given ``prompts[i]``
         and ``videos[i]``: the numbers of ``sequence_logps(videos + videos, prompts + prompts,
         chosen + rejected)``, with the prompt (video tokens included) run once for both answers:
-        each pair is one row behind a tree-shaped mask (``capdpo.policy.packing``). Without a
-        4D-mask attention (``shares_prompt_prefix`` false) it runs two rows per pair."""
+        each pair is a pair of branches behind a tree-shaped mask (``capdpo.policy.packing``), and
+        the pairs given the same ``EncodedVideo`` object share one row, its video run once. Without
+        a 4D-mask attention (``shares_prompt_prefix`` false) it runs two rows per pair."""
         n = len(prompts)
         text = self.model.config.get_text_config()
         if not self.shares_prompt_prefix:
@@ -452,7 +453,33 @@ class VideoPolicy:
                      f"{text._attn_implementation!r} takes no custom 4D mask, or sliding-window layers)")
             logps, counts = self.sequence_logps([*videos, *videos], prompts + prompts, chosen + rejected)
             return PairLogprobs(logps[:n], logps[n:], counts[:n], counts[n:])
-        packed = pack_pairs(prompts, chosen, rejected, self.tokenizer.pad_token_id, self.device)
+        # the pairs of one video (the same EncodedVideo) share one row: the video's tokens and the
+        # prompts' common start run once, each pair's answers (after the rest of its question) behind them
+        groups: dict[int, list[int]] = {}
+        for i, video in enumerate(videos):
+            groups.setdefault(id(video), []).append(i)
+        rows, order = [], []
+        for members in groups.values():
+            shared = common_prefix_length([prompts[i] for i in members])
+            branches = []
+            for i in members:
+                rest = prompts[i][shared:]
+                branches += [Branch(rest + chosen[i], len(rest)), Branch(rest + rejected[i], len(rest))]
+            rows.append((prompts[members[0]][:shared], branches))
+            order += members
+        logps, counts = self.branch_logps([videos[members[0]] for members in groups.values()], rows)
+        slot = torch.empty(n, dtype=torch.long, device=logps.device)
+        slot[torch.tensor(order, device=logps.device)] = torch.arange(n, device=logps.device)  # pair i's branches: 2 slot[i], +1
+        return PairLogprobs(logps[2 * slot], logps[2 * slot + 1], counts[2 * slot], counts[2 * slot + 1])
+
+    def branch_logps(self, videos: Sequence[EncodedVideo], rows: Sequence[tuple[list[int], Sequence[Branch]]]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed log-probs and counts of every branch's scored tokens, numbered in order over all
+        rows: row i is ``rows[i]``'s prefix (holding ``videos[i]``'s tokens) run once, each of its
+        branches behind it (``capdpo.policy.packing.pack_branches``, tree attention mask). Needs
+        ``shares_prompt_prefix``."""
+        text = self.model.config.get_text_config()
+        packed = pack_branches(rows, self.tokenizer.pad_token_id, self.device)
         natural = self._position_ids(packed.ids, packed.real, videos)
         hidden = self.model.model(input_ids=packed.ids, use_cache=False,
                                   attention_mask=tree_mask(packed.segment, text._attn_implementation, self.model.dtype),
@@ -460,9 +487,9 @@ class VideoPolicy:
                                   mm_encoder_outputs={"video": self._video_outputs(videos)},
                                   **self._forward_kwargs(packed.ids, videos)).last_hidden_state
         flat = self._logps_at(hidden, packed.row, packed.position, packed.target)
-        sums = torch.zeros(2 * n, device=flat.device, dtype=flat.dtype).index_add(0, packed.slot, flat)
-        counts = torch.bincount(packed.slot, minlength=2 * n)
-        return PairLogprobs(sums[:n], sums[n:], counts[:n], counts[n:])
+        branches = sum(len(b) for _, b in rows)
+        sums = torch.zeros(branches, device=flat.device, dtype=flat.dtype).index_add(0, packed.slot, flat)
+        return sums, torch.bincount(packed.slot, minlength=branches)
 
     def _logps_at(self, hidden: torch.Tensor, row: torch.Tensor, position: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Log-prob of each ``target`` under the hidden state at (``row``, ``position``). Only these

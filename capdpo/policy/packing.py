@@ -1,6 +1,6 @@
-"""A batch of preference pairs packed one pair per row: the prompt once, both answers behind it.
+"""Rows packed as trees: a shared prefix once, several branches behind it (``pack_branches``).
 
-A pair is one row, right-padded, whose rejected branch restarts where the chosen one started (P
+A preference pair is one row, right-padded, whose rejected branch restarts where the chosen one started (P
 prompt, C chosen, R rejected tokens; Qwen's multimodal positions likewise reuse those of the
 linear row at offset P + j):
 
@@ -21,11 +21,15 @@ and its own earlier tokens, never the other answer; padding sees itself only.
     r    x x x     x x x
 
 c0 and r0 are both predicted from the hidden state of pP-1, cj from cj-1 and rj from rj-1.
-``VideoPolicy.pair_logps`` runs the packed rows through the model.
+Any number of branches packs the same way (the answers to one question for a distilled judge,
+``capdpo.distill``), and a branch may begin with tokens that are run but not scored (the rest of
+its own question, behind a prefix shared by several questions of one video).
+``VideoPolicy.branch_logps`` (and ``pair_logps`` on it) runs packed rows through the model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -35,19 +39,19 @@ import torch
 # an additive one. Others (flash attention) take no such mask: pair_logps then runs two rows a pair.
 TREE_MASK_ATTENTION = ("sdpa", "eager")
 
-PROMPT, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1  # a token's segment
+PROMPT, PADDING = 0, -1  # a token's segment; branch k of a row is segment k
 
 
 @dataclass(frozen=True)
-class PackedPairs:
-    """The rows of ``n`` packed pairs and where each answer token's log-prob is read.
+class PackedRows:
+    """Packed rows and where each scored token's log-prob is read.
 
-    ``row``, ``position``, ``target`` and ``slot`` have one entry per answer token: the hidden state
-    at (row, position) predicts ``target``, summed into ``slot`` (chosen of pair i: i, rejected: n + i)."""
+    ``row``, ``position``, ``target`` and ``slot`` have one entry per scored token: the hidden state
+    at (row, position) predicts ``target``, summed into ``slot`` (its branch's number)."""
 
-    ids: torch.Tensor  # (n, width) token ids, right-padded
-    real: torch.Tensor  # (n, width) 1 for a token, 0 for padding
-    segment: torch.Tensor  # (n, width) PROMPT, CHOSEN, REJECTED or PADDING
+    ids: torch.Tensor  # (rows, width) token ids, right-padded
+    real: torch.Tensor  # (rows, width) 1 for a token, 0 for padding
+    segment: torch.Tensor  # (rows, width) PROMPT, branch k (1, 2, ...: a pair's chosen and rejected) or PADDING
     source: torch.Tensor  # (n, width) the linear-row offset whose position each token takes
     row: torch.Tensor
     position: torch.Tensor
@@ -55,27 +59,52 @@ class PackedPairs:
     slot: torch.Tensor
 
 
-def pack_pairs(prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], pad: int,
-               device: torch.device) -> PackedPairs:
-    """Pair i as the row ``prompts[i] + chosen[i] + rejected[i]``, right-padded with ``pad``."""
-    n = len(prompts)
-    rows = [p + c + r for p, c, r in zip(prompts, chosen, rejected)]
-    width = max(map(len, rows))
-    ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=device)
-    real = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
-    segment = torch.tensor([[PROMPT] * len(p) + [CHOSEN] * len(c) + [REJECTED] * len(r) + [PADDING] * (width - len(row))
-                            for p, c, r, row in zip(prompts, chosen, rejected, rows)], device=device)
-    # rejected token j takes the position of chosen token j
-    source = torch.tensor([[*range(len(p) + len(c)), *range(len(p), len(p) + len(r)), *range(len(row), width)]
-                           for p, c, r, row in zip(prompts, chosen, rejected, rows)], device=device)
-    # (row, predicting position, target, output slot): chosen answers fill slots 0..n-1, rejected n..2n-1
-    picks = []
-    for i, (p, c, r) in enumerate(zip(prompts, chosen, rejected)):
-        last_prompt, rejected_start = len(p) - 1, len(p) + len(c)
-        picks += [(i, last_prompt + j, t, i) for j, t in enumerate(c)]
-        picks += [(i, last_prompt if j == 0 else rejected_start + j - 1, t, n + i) for j, t in enumerate(r)]
-    row, position, target, slot = torch.tensor(picks, dtype=torch.long, device=device).reshape(-1, 4).unbind(1)
-    return PackedPairs(ids, real, segment, source, row, position, target, slot)
+@dataclass(frozen=True)
+class Branch:
+    """Tokens that follow a row's shared prefix; log-probs are read for ``tokens[scored_from:]``
+    (an answer after, say, the rest of its own question)."""
+
+    tokens: list[int]
+    scored_from: int = 0
+
+
+def pack_branches(rows: Sequence[tuple[list[int], Sequence[Branch]]], pad: int, device: torch.device | str) -> PackedRows:
+    """Each ``(prefix, branches)`` as one right-padded row: the prefix once, then every branch
+    restarting at the prefix's end (its tokens take positions ``len(prefix) + j``), seeing the
+    prefix and itself only (``tree_mask``). The branches are numbered in order over all rows:
+    a scored token's ``slot`` is its branch's number."""
+    ids, real, segment, source, picks = [], [], [], [], []
+    slot = 0
+    for i, (prefix, branches) in enumerate(rows):
+        toks, seg, src = list(prefix), [PROMPT] * len(prefix), list(range(len(prefix)))
+        for k, branch in enumerate(branches, start=1):
+            start = len(toks)
+            toks += branch.tokens
+            seg += [k] * len(branch.tokens)
+            src += range(len(prefix), len(prefix) + len(branch.tokens))
+            # token j is predicted from the hidden state before it: the prefix's last token for j = 0
+            picks += [(i, start + j - 1 if j else len(prefix) - 1, branch.tokens[j], slot)
+                      for j in range(branch.scored_from, len(branch.tokens))]
+            slot += 1
+        ids.append(toks), real.append([1] * len(toks)), segment.append(seg), source.append(src)
+    width = max(map(len, ids))
+    for i in range(len(ids)):
+        fill = width - len(ids[i])
+        ids[i] += [pad] * fill
+        real[i] += [0] * fill
+        segment[i] += [PADDING] * fill
+        source[i] += range(width - fill, width)
+    row, position, target, slots = torch.tensor(picks, dtype=torch.long, device=device).reshape(-1, 4).unbind(1)
+    return PackedRows(*(torch.tensor(x, device=device) for x in (ids, real, segment, source)), row, position, target, slots)
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]], max_len: int | None = None) -> int:
+    """Length of the longest common start of ``seqs`` (at most ``max_len``)."""
+    limit = min(map(len, seqs)) if max_len is None else min(max_len, *map(len, seqs))
+    n = 0
+    while n < limit and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
 
 
 def tree_mask(segment: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
