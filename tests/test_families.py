@@ -286,3 +286,23 @@ def test_sft_trains_projector_and_lora_then_merges(family_dir, cache_dir):
     assert len(losses) == 2 and np.isfinite(losses).all()
     assert changed == {"projector", "llm"}  # vision frozen; LoRA merged back into the LLM's weights
     assert set(dict(policy.model.named_parameters())) == set(before)  # a plain checkpoint again
+
+
+def test_sft_packs_a_video_s_examples_in_one_row_with_the_numbers_of_one_row_each(policy):
+    from capdpo.models.sft import SFTExample, example_logps, video_grouped_order
+
+    pixels = {"a": policy.preprocess(frames(7)), "b": policy.preprocess(frames(8, n=2))}
+    batch = [SFTExample("a", "What is shown?", "A red square."), SFTExample("b", "Describe it.", "Two circles."),
+             SFTExample("a", "How many shapes are there?", "One.")]
+    with torch.no_grad():
+        packed, counts = example_logps(policy, pixels, batch, 16)
+        videos = {k: policy.encode(v) for k, v in pixels.items()}
+        rows, n = policy.sequence_logps([videos[e.video_key] for e in batch],
+                                        [policy.prompt_ids(e.prompt, videos[e.video_key].layout) for e in batch],
+                                        [policy.response_ids(e.response, 16) for e in batch])
+    # grouped by video: a, a, b
+    torch.testing.assert_close(packed, rows[[0, 2, 1]], atol=1e-4, rtol=0)
+    assert counts.tolist() == n[[0, 2, 1]].tolist()
+    order = video_grouped_order(["a", "b", "a", "c", "b"], 0)
+    keys = [["a", "b", "a", "c", "b"][i] for i in order]
+    assert sorted(order) == list(range(5)) and len([k for j, k in enumerate(keys) if j == 0 or keys[j - 1] != k]) == 3

@@ -26,7 +26,7 @@ from capdpo.policy.llava import LlavaNextVideoPolicy
 
 log = logging.getLogger(__name__)
 
-MINI_NAME = "mini-video-lmm-v1"
+MINI_NAME = "mini-video-lmm-v2"  # v2: SFT batches of whole videos in packed rows, detail questions included
 IMAGE_TOKEN = "<image>"
 DESCRIBE = "Describe the video in detail."
 SPEC = VisionSpec(image_size=112, num_frames=8, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
@@ -74,8 +74,7 @@ def _sft_data(cache_dir: Path):
     examples = []
     for clip in clips:
         examples.append(SFTExample(clip.video.id, DESCRIBE, clip.video.caption))
-        # mini-video-lmm-v1 predates the detail kind: its SFT data stays what it was.
-        examples += [SFTExample(clip.video.id, q, a) for q, a, kind in clip.qa if kind != "detail"]
+        examples += [SFTExample(clip.video.id, q, a) for q, a, _ in clip.qa]
     return clips, examples
 
 

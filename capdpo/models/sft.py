@@ -16,6 +16,7 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from capdpo.policy.base import VideoInputs, VideoPolicy
+from capdpo.policy.packing import Branch, common_prefix_length
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,49 @@ class SFTExample:
     response: str
 
 
+def video_grouped_order(video_keys: list[str], seed: int) -> list[int]:
+    """Example indices with each video's examples together: videos in a seeded random order, and
+    a video's examples in a random order of their own. Batches cut from it hold whole videos."""
+    rng = random.Random(seed)
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(video_keys):
+        groups.setdefault(key, []).append(i)
+    keys = list(groups)
+    rng.shuffle(keys)
+    order = []
+    for key in keys:
+        rng.shuffle(groups[key])
+        order += groups[key]
+    return order
+
+
+def example_logps(policy: VideoPolicy, pixels: dict[str, VideoInputs], batch: list[SFTExample],
+                  max_response_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and token counts of the batch's responses, grouped by video (the loss only
+    sums them). Each video is encoded once (with
+    autograd: the projector learns) and its examples share one packed row: the video tokens and
+    the prompts' common start run once, each example's question rest and response behind them."""
+    keys = list(dict.fromkeys(e.video_key for e in batch))
+    videos = {k: policy.encode(pixels[k]) for k in keys}
+    prompts = [policy.prompt_ids(e.prompt, videos[e.video_key].layout) for e in batch]
+    responses = [policy.response_ids(e.response, max_response_tokens) for e in batch]
+    if not policy.shares_prompt_prefix:  # attention without a custom 4D mask: one row per example
+        return policy.sequence_logps([videos[e.video_key] for e in batch], prompts, responses)
+    rows = []
+    for k in keys:
+        members = [i for i, e in enumerate(batch) if e.video_key == k]
+        shared = common_prefix_length([prompts[i] for i in members])
+        rows.append((prompts[members[0]][:shared],
+                     [Branch(prompts[i][shared:] + responses[i], len(prompts[i]) - shared) for i in members]))
+    return policy.branch_logps([videos[k] for k in keys], rows)
+
+
 def supervised_finetune(policy: VideoPolicy, pixels: dict[str, VideoInputs], examples: list[SFTExample], *,
                         epochs: int = 1, batch_size: int = 4, lr: float = 1e-3, lora_r: int = 32, seed: int = 0,
                         max_response_tokens: int = 128) -> list[float]:
-    """Train projector + LoRA(LLM), merge the adapters into ``policy.model``; returns step losses."""
+    """Train projector + LoRA(LLM), merge the adapters into ``policy.model``; returns step losses.
+    Batches hold whole videos where they fit (``video_grouped_order``), whose examples share one
+    packed row (``example_logps``)."""
     torch.manual_seed(seed)
     model = policy.model
     for p in model.parameters():
@@ -45,17 +85,13 @@ def supervised_finetune(policy: VideoPolicy, pixels: dict[str, VideoInputs], exa
     steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
     sched = get_linear_schedule_with_warmup(opt, max(1, steps // 10), steps)
     model.train()
-    order, losses = list(range(len(examples))), []
-    rng = random.Random(seed)
+    losses: list[float] = []
     with tqdm(total=steps, desc="sft", unit="step") as bar:
-        for _ in range(epochs):
-            rng.shuffle(order)
+        for epoch in range(epochs):
+            order = video_grouped_order([e.video_key for e in examples], seed * 1_000_003 + epoch)
             for start in range(0, len(order), batch_size):
                 batch = [examples[i] for i in order[start : start + batch_size]]
-                videos = [policy.encode(pixels[e.video_key]) for e in batch]  # with autograd: the projector learns
-                prompts = [policy.prompt_ids(e.prompt, v.layout) for e, v in zip(batch, videos)]
-                responses = [policy.response_ids(e.response, max_response_tokens) for e in batch]
-                logps, n_tokens = policy.sequence_logps(videos, prompts, responses)
+                logps, n_tokens = example_logps(policy, pixels, batch, max_response_tokens)
                 loss = -(logps.sum() / n_tokens.sum())  # mean token NLL over the batch
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
