@@ -10,7 +10,9 @@ full fine-tuning of the LLM with vision tower and projector frozen (the paper's 
     ref-cache       reference log-probs precomputed once (``capdpo.reference``): no reference model
     shared-prefix   one packed row per pair, the video + question prefix computed once
                     (``VideoPolicy.pair_logps``)
-    all             the three together: capdpo's default trainer path
+    all             the three together: capdpo's default trainer path; with --pairs-per-video K > 1
+                    the K pairs of a video (different questions) share one packed row, the video run once
+    all-per-pair    as ``all``, but each pair in a row of its own (before pairs were grouped by video)
 
 Each variant runs in its own process, so the peak memory it reports is its own: CUDA's allocator
 peak on GPU, the process's max RSS on CPU (weights and the Python runtime included). The loss after
@@ -36,12 +38,13 @@ from pathlib import Path
 
 import torch
 
-VARIANTS = {  # name: (encode once, reference cached, shared prefix)
-    "baseline": (False, False, False),
-    "embed-cache": (True, False, False),
-    "ref-cache": (False, True, False),
-    "shared-prefix": (False, False, True),
-    "all": (True, True, True),
+VARIANTS = {  # name: (encode once, reference cached, shared prefix, a video's pairs in one row)
+    "baseline": (False, False, False, False),
+    "embed-cache": (True, False, False, False),
+    "ref-cache": (False, True, False, False),
+    "shared-prefix": (False, False, True, False),
+    "all-per-pair": (True, True, True, False),
+    "all": (True, True, True, True),
 }
 PRESETS = {
     # the built-in mini model, without its 2x2 pooling: 8 x 8 x 8 = 512 visual tokens at 112 px
@@ -91,13 +94,14 @@ def mini_dir() -> Path:
 
 
 def make_batch(policy, args):
-    """``pairs`` synthetic clips (drawn frames, no decoding) with a question and two ~64-token answers."""
+    """``pairs`` pairs on ``pairs / pairs_per_video`` synthetic clips (drawn frames, no decoding), each
+    pair with its own question and two ~64-token answers."""
     from capdpo.media.synthetic import draw_frame, random_scene
 
     rng = random.Random(0)
     batch = []
     for i in range(args.pairs):
-        scene = random_scene(1000 + i)
+        scene = random_scene(1000 + i // args.pairs_per_video)
         frames = [draw_frame(scene, round(k * (scene.n_frames - 1) / (args.frames - 1))) for k in range(args.frames)]
         layout = policy.layout(args.frames, frames[0].height, frames[0].width)
         inputs = policy.preprocess(frames, layout)
@@ -120,7 +124,7 @@ def run_variant(args) -> dict:
     """Time ``args.steps`` steps after ``args.warmup`` of one variant; returns its figures."""
     from capdpo.losses import preference_loss
 
-    encode_once, ref_cached, shared_prefix = VARIANTS[args.variant]
+    encode_once, ref_cached, shared_prefix, grouped = VARIANTS[args.variant]
     device = torch.device(args.device)
     policy = build_policy(args)
     batch = make_batch(policy, args)
@@ -143,7 +147,10 @@ def run_variant(args) -> dict:
         return out.chunk(2)
 
     # what the optimisations do once, before training
-    cached_videos = [encode(policy, b[0]) for b in batch] if encode_once else None
+    # one EncodedVideo per video, shared by its pairs (pair_logps then packs them in one row), or one per pair
+    per_video = {}
+    cached_videos = [per_video.setdefault(i // args.pairs_per_video if grouped else i, encode(policy, b[0]))
+                     for i, b in enumerate(batch)] if encode_once else None
     ref_logps = None
     if ref_cached:
         with torch.no_grad():
@@ -198,6 +205,7 @@ def main() -> None:
                     help="pretrained = the mini checkpoint's weights; random = its config at the preset's size")
     ap.add_argument("--model-dir", help="checkpoint dir for config and tokenizer (default: the built-in mini model)")
     ap.add_argument("--pairs", type=int, default=4, help="pairs per step")
+    ap.add_argument("--pairs-per-video", type=int, default=1, help="pairs sharing one video (each its own question)")
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--answer-tokens", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")

@@ -41,8 +41,7 @@ from capdpo.hashing import split_test_ids
 from capdpo.judge.judge import CaptionJudge, JudgeItem, judge_items, truncate_words
 from capdpo.llm.backends import local_weights
 from capdpo.policy.packing import Branch as TreeBranch
-from capdpo.policy.packing import PackedRows
-from capdpo.policy.packing import common_prefix_length, pack_branches, tree_mask
+from capdpo.policy.packing import PackedRows, common_prefix_length, pack_branches, tree_mask
 from capdpo.prompts import load_template
 from capdpo.records import Judgment, RecordFile, TeacherLabel, atomic_dir, atomic_write_text, write_jsonl
 from capdpo.rundir import RunPaths, require

@@ -482,10 +482,10 @@ def write_report(top: Path, results: dict) -> Path:
     lines += ["", "Oracle accuracy per question kind:", "", "| policy | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     lines += [f"| {name} | " + " | ".join(_f(by_kind.get(k)) for k in kinds) + " |" for name, by_kind in c2["accuracy_by_kind"].items()]
     room = c2["headroom"]
-    lines += ["", f"Headroom: the SFT start's pass@{room['n']} on the {room['questions']} held-out questions (at least one "
-              f"of {room['n']} sampled answers right) is {_ci(room['pass_at_n'])}, against its greedy accuracy "
-              f"{_ci(c2['policies']['SFT']['oracle_accuracy'])}; a DPO row's share of headroom closed is its gain over "
-              "the gap between the two."]
+    lines += ["", (f"Headroom: the SFT start's pass@{room['n']} on the {room['questions']} held-out questions (at least one "
+                   f"of {room['n']} sampled answers right) is {_ci(room['pass_at_n'])}, against its greedy accuracy "
+                   f"{_ci(c2['policies']['SFT']['oracle_accuracy'])}; a DPO row's share of headroom closed is its gain over "
+                   "the gap between the two.")]
     lines += ["", "Training pairs graded by the oracle (right: chosen correct and rejected wrong; tied: both "
               "correct or both wrong): " + "; ".join(
                   f"{s} {o['right']} right, {o['reversed']} reversed, {o['tied']} tied"

@@ -76,7 +76,9 @@ def lone_run() -> tuple[list[float], dict[str, torch.Tensor], dict[str, torch.Te
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses, grads = [], {}
     for step, batch in enumerate(batches):
-        loss, _ = train.dpo_loss(scorer, lone, batch, videos, reference, cfg)
+        # each pair in a row of its own, as on its process (pair_logps would pack pairs of one video
+        # into one row: the same numbers up to rounding, which Adam's steps amplify past the tolerance)
+        loss = sum(train.dpo_loss(scorer, lone, [pair], videos, reference, cfg)[0] for pair in batch) / len(batch)
         loss.backward()
         if step == 0:
             grads = {n: p.grad.clone() for n, p in lone.model.named_parameters() if p.grad is not None}
