@@ -105,7 +105,7 @@ def main() -> None:
         tr = [i for i in range(args.train) if labels[i][fact] is not None]
         te = [i for i in range(args.train, len(scenes)) if labels[i][fact] is not None]
         y_tr, y_te = [labels[i][fact] for i in tr], [labels[i][fact] for i in te]
-        values, counts = np.unique(y_te, return_counts=True)
+        _, counts = np.unique(y_te, return_counts=True)
         result["probes"][fact] = {"train": len(tr), "test": len(te), "classes": len(set(y_tr) | set(y_te)),
                                   "probe_accuracy": probe(x[tr], y_tr, x[te], y_te), "chance": float(counts.max() / len(y_te))}
     # the policy's own greedy answers to the test clips' questions, by kind
