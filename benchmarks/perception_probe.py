@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from capdpo.media.synthetic import draw_frame, random_scene, scene_questions
 from capdpo.models.load import load_policy
@@ -98,7 +99,7 @@ def main() -> None:
     started = time.perf_counter()
     policy = load_policy(args.model, args.cache_dir, "cpu", "float32")
     scenes = [random_scene(SEED * 100_000 + i) for i in range(args.train + args.test)]
-    x = np.stack([embed(policy, s, args.frames) for s in scenes])
+    x = np.stack([embed(policy, s, args.frames) for s in tqdm(scenes, desc="embed clips", unit="clip")])
     labels = [facts(s) for s in scenes]
     result = {"model": args.model, "train_clips": args.train, "test_clips": args.test, "probes": {}, "policy_answers": {}}
     for fact in labels[0]:
@@ -110,7 +111,7 @@ def main() -> None:
                                   "probe_accuracy": probe(x[tr], y_tr, x[te], y_te), "chance": float(counts.max() / len(y_te))}
     # the policy's own greedy answers to the test clips' questions, by kind
     right: dict[str, list[float]] = {}
-    for scene in scenes[args.train:args.train + args.answer_clips]:
+    for scene in tqdm(scenes[args.train:args.train + args.answer_clips], desc="policy answers", unit="clip"):
         frames = [draw_frame(scene, round(k * (scene.n_frames - 1) / (args.frames - 1))) for k in range(args.frames)]
         with torch.inference_mode():
             video = policy.encode(policy.preprocess(frames))

@@ -56,6 +56,7 @@ from capdpo.losses import needs_reference, preference_loss
 from capdpo.policy.base import EncodedVideo, PairLogprobs, VideoInputs, VideoPolicy
 from capdpo.policy.embed_cache import EmbeddingCache
 from capdpo.policy.logps import TokenizedPair, by_video, pair_logps, tokenize_pair
+from capdpo.policy.packing import video_grouped_order
 from capdpo.policy.reference_logps import append_reference, load_reference, pairs_to_score, reference_fingerprint
 from capdpo.policy.video import VideoEncoder
 from capdpo.records import PreferencePair, RecordFile, ReferenceLogps, Video
@@ -386,22 +387,16 @@ class VideoGroupedSampler(Sampler[int]):
     replays it."""
 
     def __init__(self, video_ids: Sequence[str], seed: int):
-        self.seed, self.epoch = seed, 0
-        self.groups: dict[str, list[int]] = {}
-        for i, video_id in enumerate(video_ids):
-            self.groups.setdefault(video_id, []).append(i)
+        self.video_ids, self.seed, self.epoch = list(video_ids), seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        rng = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        groups = list(self.groups.values())
-        for g in torch.randperm(len(groups), generator=rng).tolist():
-            yield from (groups[g][i] for i in torch.randperm(len(groups[g]), generator=rng).tolist())
+        return iter(video_grouped_order(self.video_ids, self.seed * 1_000_003 + self.epoch))
 
     def __len__(self) -> int:
-        return sum(map(len, self.groups.values()))
+        return len(self.video_ids)
 
 
 # -- checkpoints and metrics ------------------------------------------------------------------------------

@@ -289,7 +289,8 @@ def test_sft_trains_projector_and_lora_then_merges(family_dir, cache_dir):
 
 
 def test_sft_packs_a_video_s_examples_in_one_row_with_the_numbers_of_one_row_each(policy):
-    from capdpo.models.sft import SFTExample, example_logps, video_grouped_order
+    from capdpo.models.sft import SFTExample, example_logps
+    from capdpo.policy.packing import video_grouped_order
 
     pixels = {"a": policy.preprocess(frames(7)), "b": policy.preprocess(frames(8, n=2))}
     batch = [SFTExample("a", "What is shown?", "A red square."), SFTExample("b", "Describe it.", "Two circles."),

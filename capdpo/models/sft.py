@@ -7,7 +7,6 @@ LLM through LoRA adapters that are merged back, so the result is a plain checkpo
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,7 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from capdpo.policy.base import VideoInputs, VideoPolicy
-from capdpo.policy.packing import Branch, common_prefix_length
+from capdpo.policy.packing import behind_shared_prefix, video_grouped_order
 
 
 @dataclass(frozen=True)
@@ -24,22 +23,6 @@ class SFTExample:
     video_key: str  # key of the preprocessed video handed to `supervised_finetune`
     prompt: str
     response: str
-
-
-def video_grouped_order(video_keys: list[str], seed: int) -> list[int]:
-    """Example indices with each video's examples together: videos in a seeded random order, and
-    a video's examples in a random order of their own. Batches cut from it hold whole videos."""
-    rng = random.Random(seed)
-    groups: dict[str, list[int]] = {}
-    for i, key in enumerate(video_keys):
-        groups.setdefault(key, []).append(i)
-    keys = list(groups)
-    rng.shuffle(keys)
-    order = []
-    for key in keys:
-        rng.shuffle(groups[key])
-        order += groups[key]
-    return order
 
 
 def example_logps(policy: VideoPolicy, pixels: dict[str, VideoInputs], batch: list[SFTExample],
@@ -57,9 +40,7 @@ def example_logps(policy: VideoPolicy, pixels: dict[str, VideoInputs], batch: li
     rows = []
     for k in keys:
         members = [i for i, e in enumerate(batch) if e.video_key == k]
-        shared = common_prefix_length([prompts[i] for i in members])
-        rows.append((prompts[members[0]][:shared],
-                     [Branch(prompts[i][shared:] + responses[i], len(prompts[i]) - shared) for i in members]))
+        rows.append(behind_shared_prefix([prompts[i] for i in members], [[responses[i]] for i in members]))
     return policy.branch_logps([videos[k] for k in keys], rows)
 
 

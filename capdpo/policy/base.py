@@ -36,7 +36,7 @@ from PIL import Image
 from transformers import GenerationMixin, LogitsProcessorList
 
 from capdpo.errors import OverBudgetError
-from capdpo.policy.packing import TREE_MASK_ATTENTION, Branch, common_prefix_length, pack_branches, tree_mask
+from capdpo.policy.packing import TREE_MASK_ATTENTION, Branch, behind_shared_prefix, pack_branches, tree_mask
 from capdpo.policy.sampling import RowSampler
 
 logger = logging.getLogger(__name__)
@@ -384,8 +384,7 @@ class VideoPolicy:
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         if temperature > 0:
-            row_seeds = [None if seeds is None else seed * 1_000_003 + k for seed in (seeds or [None] * len(requests))
-                         for k in range(n)]
+            row_seeds = [None] * (len(requests) * n) if seeds is None else [seed * 1_000_003 + k for seed in seeds for k in range(n)]
             sampling = {"do_sample": False, "logits_processor": LogitsProcessorList([RowSampler(row_seeds, temperature, top_p)])}
         else:
             sampling = {"do_sample": False}
@@ -458,15 +457,9 @@ class VideoPolicy:
         groups: dict[int, list[int]] = {}
         for i, video in enumerate(videos):
             groups.setdefault(id(video), []).append(i)
-        rows, order = [], []
-        for members in groups.values():
-            shared = common_prefix_length([prompts[i] for i in members])
-            branches = []
-            for i in members:
-                rest = prompts[i][shared:]
-                branches += [Branch(rest + chosen[i], len(rest)), Branch(rest + rejected[i], len(rest))]
-            rows.append((prompts[members[0]][:shared], branches))
-            order += members
+        rows = [behind_shared_prefix([prompts[i] for i in members], [[chosen[i], rejected[i]] for i in members])
+                for members in groups.values()]
+        order = [i for members in groups.values() for i in members]
         logps, counts = self.branch_logps([videos[members[0]] for members in groups.values()], rows)
         slot = torch.empty(n, dtype=torch.long, device=logps.device)
         slot[torch.tensor(order, device=logps.device)] = torch.arange(n, device=logps.device)  # pair i's branches: 2 slot[i], +1

@@ -29,6 +29,7 @@ its own question, behind a prefix shared by several questions of one video).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -105,6 +106,32 @@ def common_prefix_length(seqs: Sequence[Sequence[int]], max_len: int | None = No
     while n < limit and all(s[n] == seqs[0][n] for s in seqs):
         n += 1
     return n
+
+
+def behind_shared_prefix(prompts: Sequence[list[int]], answers: Sequence[Sequence[list[int]]]
+                         ) -> tuple[list[int], list[Branch]]:
+    """One row for prompts that share a start (the questions of one video): the common prefix, then
+    per prompt and per answer of it a branch of the prompt's rest (run, not scored) and the answer."""
+    shared = common_prefix_length(prompts)
+    branches = [Branch(p[shared:] + a, len(p) - shared) for p, group in zip(prompts, answers) for a in group]
+    return list(prompts[0][:shared]), branches
+
+
+def video_grouped_order(video_keys: Sequence[str], seed: int) -> list[int]:
+    """Item indices with each video's items together: videos in a seeded random order, a video's
+    items in a random order of their own. Batches cut from it hold whole videos, whose items then
+    share one packed row."""
+    rng = random.Random(seed)
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(video_keys):
+        groups.setdefault(key, []).append(i)
+    keys = list(groups)
+    rng.shuffle(keys)
+    order = []
+    for key in keys:
+        rng.shuffle(groups[key])
+        order += groups[key]
+    return order
 
 
 def tree_mask(segment: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
