@@ -449,8 +449,9 @@ def write_report(top: Path, results: dict) -> Path:
         "# Miniature reproduction",
         "",
         f"{d['train_videos']} train clips ({d['train_questions']} questions, {d['candidates']} sampled answers), "
-        f"{d['test_videos']} held-out clips ({d['test_questions']} questions); SFT start on {d['sft_videos']} other clips. "
-        f"Run time {results['run_time_s'] / 60:.1f} min"
+        f"{d['test_videos']} held-out clips ({d['test_questions']} questions); "
+        + (f"SFT start on {d['sft_videos']} other clips. " if d["sft_videos"] else "SFT start: the policy as configured (no further SFT). ")
+        + f"Run time {results['run_time_s'] / 60:.1f} min"
         + (f" over {results['invocations']} invocations (resumed)." if results["invocations"] > 1 else "."),
         "",
         f"## Claim 1: scorers against the oracle ({c1['oracle_accuracy']:.1%} of the {c1['answers']} sampled answers correct)",
