@@ -45,11 +45,15 @@ def facts(scene) -> dict[str, str | None]:
             "first colour": one.colour if one else None}
 
 
+def draw_frames(scene, num_frames: int) -> list:
+    """``num_frames`` frames evenly spread over the clip, drawn from the scene (no video decoding)."""
+    return [draw_frame(scene, round(k * (scene.n_frames - 1) / (num_frames - 1))) for k in range(num_frames)]
+
+
 def embed(policy, scene, num_frames: int) -> np.ndarray:
     """Per-frame mean and max of the clip's visual tokens, as one vector."""
-    frames = [draw_frame(scene, round(k * (scene.n_frames - 1) / (num_frames - 1))) for k in range(num_frames)]
     with torch.inference_mode():
-        video = policy.encode(policy.preprocess(frames))
+        video = policy.encode(policy.preprocess(draw_frames(scene, num_frames)))
     tokens = video.embeds.float().reshape(num_frames, -1, video.embeds.shape[-1])
     return torch.cat([tokens.mean(1), tokens.amax(1)], -1).flatten().cpu().numpy()
 
@@ -112,9 +116,8 @@ def main() -> None:
     # the policy's own greedy answers to the test clips' questions, by kind
     right: dict[str, list[float]] = {}
     for scene in tqdm(scenes[args.train:args.train + args.answer_clips], desc="policy answers", unit="clip"):
-        frames = [draw_frame(scene, round(k * (scene.n_frames - 1) / (args.frames - 1))) for k in range(args.frames)]
         with torch.inference_mode():
-            video = policy.encode(policy.preprocess(frames))
+            video = policy.encode(policy.preprocess(draw_frames(scene, args.frames)))
         questions = scene_questions(scene)
         answers = policy.generate_batch([(video, q.question) for q in questions], max_new_tokens=24)
         for q, [answer] in zip(questions, answers):

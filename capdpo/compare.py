@@ -239,7 +239,8 @@ def _num(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}"
 
 
-def _signed(d: Difference, scale: float, digits: int) -> str:
+def signed_difference(d: Difference, scale: float, digits: int) -> str:
+    """``d`` times ``scale`` with its interval, e.g. "+4.00 [-1.20, +9.50]"."""
     if d.value is None:
         return "–"
 
@@ -284,8 +285,8 @@ def format_markdown(table: Comparison) -> str:
         diff_rows = []
         for s in table.systems[1:]:
             acc, score = table.accuracy_diff[s.label], table.score_diff[s.label]
-            cells = [f"{_signed(acc[d], 100, 2)} / {_signed(score[d], 1, 2)}{_pairing(acc[d])}" for d in table.datasets]
-            diff_rows.append([s.label, *cells, _signed(acc[MEAN], 100, 2) + _pairing(acc[MEAN])])
+            cells = [f"{signed_difference(acc[d], 100, 2)} / {signed_difference(score[d], 1, 2)}{_pairing(acc[d])}" for d in table.datasets]
+            diff_rows.append([s.label, *cells, signed_difference(acc[MEAN], 100, 2) + _pairing(acc[MEAN])])
         lines += _table(["model", *titles, "mean acc"], diff_rows)
     lines += ["", "Coverage: judged / questions (failed judgments, questions skipped for missing media), evaluation used.", ""]
     lines += _table(["model", *titles], [[s.label, *(_coverage(s.results.get(d)) for d in table.datasets)]

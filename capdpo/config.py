@@ -173,7 +173,34 @@ class PairsConfig(Section):
     per_question: int = Field(1, ge=1, description="Most pairs per question: best vs worst first, then the next-widest gaps, each answer text used once before any is reused.")
 
 
+class RewardTerm(Section):
+    """One reward function of online GRPO and its weight in the sum."""
+
+    name: Literal["caption_judge", "exact_match", "numeric"] = Field(description="caption_judge: the judge's caption-grounded score mapped to 0-1; exact_match: 1 when the answer equals the reference (case, punctuation and articles aside); numeric: 1 when the answer's first number equals the reference's (only questions whose reference holds a number).")
+    weight: float = Field(1.0, description="Weight of this reward in the sum whose group-normalised value is the advantage.")
+
+
+class GRPOConfig(Section):
+    """Online GRPO (``train.algorithm: grpo``): answers sampled from the policy being trained, rewarded as they come."""
+
+    num_generations: int = Field(8, ge=2, description="G: answers sampled per question; advantages are normalised within each question's group.")
+    questions_per_step: int = Field(2, ge=1, description="Questions per optimizer step (per process), each with its G answers.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the groups' answers.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling of the groups' answers.")
+    max_completion_length: int = Field(64, ge=1, description="Longest sampled answer in tokens (and dr_grpo's normaliser).")
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = Field("dapo", description="Normalisation of the token losses (TRL's): grpo per answer, bnpo per batch, dr_grpo by a constant, dapo by the generation batch's tokens.")
+    beta: float = Field(0.0, ge=0, description="Weight of the KL term to the reference (LoRA adapters off, or a frozen copy); 0 = no reference forward (TRL's default).")
+    kl_ratio_correction: bool = Field(True, description="Multiply the KL term by the importance ratio (unbiased reverse-KL gradient; TRL's use_bias_correction_kl).")
+    epsilon_low: float = Field(0.2, ge=0, description="Lower clipping range of the probability ratio.")
+    epsilon_high: float = Field(0.2, ge=0, description="Upper clipping range (DAPO's clip-higher: 0.28).")
+    scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Divide advantages by the group's reward std, the batch's, or nothing (Dr. GRPO).")
+    rewards: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="caption_judge")], min_length=1,
+                                      description="Reward functions and weights, summed (a function that does not apply to a question gives no reward there).")
+
+
 class TrainConfig(Section):
+    algorithm: Literal["dpo", "grpo"] = Field("dpo", description="dpo: offline DPO on the run's preference pairs (the paper); grpo: online GRPO on the train questions, rewards from the judge and/or rules (train.grpo).")
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig, description="Online GRPO's settings (train.algorithm: grpo).")
     loss: str | list[tuple[str, float]] = Field("sigmoid", description="Preference loss: sigmoid, robust, hinge, ipo, simpo, sft, or a weighted mix [[name, weight], ...] (MPO).")
     beta: float = Field(0.1, description="DPO temperature beta.")
     label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="Label-flip rate eps of cDPO (sigmoid), robust DPO and SimPO.")
@@ -215,6 +242,9 @@ class TrainConfig(Section):
             raise ValueError(f"train.loss: unknown loss {unknown or self.loss!r}; known: {sorted(PREFERENCE_LOSSES)}")
         if self.freeze_vision and self.freeze_projector and self.freeze_llm:
             raise ValueError("train.freeze_llm: nothing to train (freeze_vision, freeze_projector and freeze_llm all true)")
+        if self.algorithm == "grpo" and self.grpo.beta > 0 and self.lora and not (self.freeze_vision and self.freeze_projector):
+            raise ValueError("train.grpo.beta: the LoRA reference is the policy with its adapters off, which needs the vision "
+                             "tower and projector frozen (or train.lora=false for a frozen copy, or beta 0)")
         return self
 
 

@@ -2,6 +2,9 @@
 
     data -> frames -> qa -> sample -> judge -> pairs -> evaluate(before) -> train -> evaluate(after) -> report
 
+With ``train.algorithm: grpo`` the round is evaluate(before) -> grpo -> evaluate(after): online GRPO
+samples and judges the train questions' answers inside its loop.
+
 With ``rounds: k`` (iterative DPO) the part from ``sample`` to ``evaluate(after)`` runs k times, each
 round starting from the policy the previous round trained. Round 1 fills the run folder itself
 (the layout of a one-round run); round k >= 2 fills ``round-k/`` with its own candidates,
@@ -185,12 +188,22 @@ class Run:
         return [self.evaluate(tag)] + [self.evaluate(tag, suite) for suite in self.cfg.evaluate.suites]
 
     def train(self) -> Path:
-        from capdpo.train import run_train
+        """DPO on the round's pairs, or online GRPO on the train questions (``train.algorithm``)."""
+        if self.cfg.train.algorithm == "grpo":
+            from capdpo.grpo import run_grpo
 
-        require("train", self.paths.pairs)
-        out = run_train(self.paths.pairs, self.paths.videos, self.policy, self.cfg.train, self.cfg.frames,
-                        self.paths.train, embed_cache=self.embedding_cache, reference_file=self.paths.reference,
-                        fail_fast=self.cfg.fail_fast)
+            require("train", self.paths.videos, self.paths.qa)
+            needs_judge = any(r.name == "caption_judge" for r in self.cfg.train.grpo.rewards)
+            out = run_grpo(self.paths.qa, self.paths.videos, self.policy, self.cfg.train, self.cfg.frames, self.paths.train,
+                           judge=self.judge if needs_judge else None, embed_cache=self.embedding_cache,
+                           fail_fast=self.cfg.fail_fast)
+        else:
+            from capdpo.train import run_train
+
+            require("train", self.paths.pairs)
+            out = run_train(self.paths.pairs, self.paths.videos, self.policy, self.cfg.train, self.cfg.frames,
+                            self.paths.train, embed_cache=self.embedding_cache, reference_file=self.paths.reference,
+                            fail_fast=self.cfg.fail_fast)
         self.use_policy(str(out))  # the next stages use the trained checkpoint, loaded as any user checkpoint would be
         return out
 
@@ -216,9 +229,10 @@ class Run:
         "before": a later round starts where the previous round's "after" was measured."""
         self.enter_round(k)
         log.info("round %d of %d: %s", k, self.cfg.rounds, self.paths.root)
-        self.sample()
-        self.judge_candidates()
-        self.pairs()
+        if self.cfg.train.algorithm == "dpo":  # GRPO samples and judges inside its training loop
+            self.sample()
+            self.judge_candidates()
+            self.pairs()
         if k == 1:
             self.evaluate_all("before")
         self.train()

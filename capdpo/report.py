@@ -222,14 +222,19 @@ def pairs_section(rounds: list[RoundData]) -> dict | None:
 
 TRAIN_PANELS = {"loss": ["loss"], "rewards/accuracies": ["rewards/accuracies"], "rewards/margins": ["rewards/margins"],
                 "rewards/chosen & rejected": ["rewards/chosen", "rewards/rejected"]}
+GRPO_PANELS = {"loss": ["loss"], "reward (group mean)": ["reward"], "KL to the reference": ["kl"],
+               "answer length (tokens)": ["completions/mean_length"]}
 
 
 def training_section(rounds: list[RoundData]) -> dict | None:
+    """DPO's curves and last values, or GRPO's (reward, KL, answer length) when the metrics are GRPO's."""
     trained = [r for r in rounds if r.metrics]
     if not trained:
         return None
-    fig, axes = figure(len(TRAIN_PANELS), width=3.2)
-    for ax, (title, keys) in zip(axes, TRAIN_PANELS.items()):
+    online = any("reward" in m for r in trained for m in r.metrics)
+    panels = GRPO_PANELS if online else TRAIN_PANELS
+    fig, axes = figure(len(panels), width=3.2)
+    for ax, (title, keys) in zip(axes, panels.items()):
         for r in trained:
             for key in keys:
                 _plot_metric(ax, r.metrics, key, " ".join(filter(None, [r.label if len(rounds) > 1 else "",
@@ -237,17 +242,18 @@ def training_section(rounds: list[RoundData]) -> dict | None:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
-        if len(keys) > 1 or len(trained) > 1:
+        if (len(keys) > 1 or len(trained) > 1) and ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    last_of = ("reward", "kl") if online else ("rewards/accuracies", "rewards/margins")
     rows = []
     for r in trained:
         last = r.metrics[-1]
-        rows.append((r.label, len(r.metrics), fmt(last.get("epoch")), fmt(last.get("loss")),
-                     fmt(last.get("rewards/accuracies")), fmt(last.get("rewards/margins"))))
-    head = ["steps logged", "last epoch", "last loss", "last accuracy", "last margin"]
+        rows.append((r.label, len(r.metrics), fmt(last.get("epoch")), fmt(last.get("loss")), *(fmt(last.get(k)) for k in last_of)))
+    head = ["steps logged", "last epoch", "last loss", *(("last reward", "last KL") if online else ("last accuracy", "last margin"))]
+    title = "GRPO training" if online else "DPO training"
     if len(rounds) == 1:
-        return {"head": head, "rows": [row[1:] for row in rows], "chart": png(fig)}
-    return {"head": ["round", *head], "rows": rows, "chart": png(fig)}
+        return {"title": title, "head": head, "rows": [row[1:] for row in rows], "chart": png(fig)}
+    return {"title": title, "head": ["round", *head], "rows": rows, "chart": png(fig)}
 
 
 def _plot_metric(ax, rows: list[dict], key: str, label: str) -> None:
@@ -272,7 +278,34 @@ def _eval_order(summaries) -> list:
     return sorted(summaries, key=lambda s: (_dataset_rank(s.dataset), s.round, rank.get(s.tag or s.id.rsplit("/", 1)[-1], 1)))
 
 
-def eval_section(summaries) -> dict | None:
+def eval_difference(run_dir: Path) -> dict | None:
+    """After minus before on each dataset, with the 95% bootstrap interval over its questions (paired
+    when both judged the same ones), as `capdpo evaluate compare` gives it: whether DPO changed
+    anything beyond noise. None until both evaluations exist."""
+    from capdpo.compare import compare, load_system, signed_difference
+
+    try:
+        before, after = load_system(f"before={run_dir}@before"), load_system(f"after={run_dir}")
+    except (FileNotFoundError, ValueError):
+        return None
+    if not any("after" in r.evaluation for r in after.results.values()):
+        return None
+    table = compare([before, after])
+    acc, score = table.accuracy_diff["after"], table.score_diff["after"]
+    rows = []
+    for d in table.datasets:
+        a, b = before.results.get(d), after.results.get(d)
+        if a is None or b is None:
+            continue
+        rows.append((suite_title(d), f"{b.evaluation} vs {a.evaluation}", len(a.correct.keys() & b.correct.keys()),
+                     fmt(a.accuracy, ".1%"), fmt(b.accuracy, ".1%"), signed_difference(acc[d], 100, 1),
+                     signed_difference(score[d], 1, 2), "paired" if acc[d].paired else "unpaired"))
+    head = ["dataset", "evaluations", "questions in both", "accuracy before", "accuracy after",
+            "difference, points [95% CI]", "mean score difference [95% CI]", "bootstrap"]
+    return {"head": head, "rows": rows, "resamples": table.resamples} if rows else None
+
+
+def eval_section(summaries, difference: dict | None = None) -> dict | None:
     if not summaries:
         return None
     summaries = _eval_order(summaries)
@@ -297,7 +330,7 @@ def eval_section(summaries) -> dict | None:
     c.set_ylim(0, 1.4 * max([1, *(s.failed for s in summaries)]))
     head = ["dataset", "round", "evaluation", "model", "protocol", "questions", "judged", "failed", "skipped", "accuracy",
             "mean score", "judge model", "template hash"]
-    return {"head": head, "rows": rows, "chart": png(fig)}
+    return {"head": head, "rows": rows, "chart": png(fig), "difference": difference}
 
 
 # -- judge agreement --------------------------------------------------------------------------
@@ -468,7 +501,7 @@ def write_report(paths: RunPaths, cfg: RunConfig) -> Path:
         scores=scores_section(rounds),
         pairs=pairs_section(rounds),
         training=training_section(rounds),
-        evaluation=eval_section(summaries),
+        evaluation=eval_section(summaries, eval_difference(paths.root)),
         agreement=agreement_section(paths.agreement, distilled_judge_studies(cfg)),
         browser=pair_browser(paths, rounds, {v.id: v for v in videos}),
         examples=eval_examples(rounds, summaries, {q.id: q for q in qa}),

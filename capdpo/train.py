@@ -27,45 +27,51 @@ uninterrupted run. The result is a plain checkpoint (LoRA adapters merged)
 in ``out_dir/policy`` that the next stage loads like any other model.
 
 ``run_train`` reads as the recipe: set-up functions (checks, accelerator, videos and tokens,
-reference, trainable parts, optimiser and data, resume), then ``train_loop``, then ``save_policy``.
+reference, trainable parts, optimiser and data, resume), then the steps (``capdpo.training.run_steps``,
+the loop the DPO and GRPO stages share, around ``dpo_step``), then ``finish`` (the saved policy).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import resource
-import shutil
-import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, DistributedType
-from peft import LoraConfig, PeftModel, get_peft_model
-from torch.utils.data import DataLoader, Sampler
+from accelerate import Accelerator
+from peft import PeftModel
+from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from capdpo.config import FramesConfig, TrainConfig
 from capdpo.errors import ITEM_ERRORS, ItemErrors
 from capdpo.losses import needs_reference, preference_loss
-from capdpo.policy.base import EncodedVideo, PairLogprobs, VideoInputs, VideoPolicy
+from capdpo.policy.base import EncodedVideo, PairLogprobs, VideoPolicy
 from capdpo.policy.embed_cache import EmbeddingCache
 from capdpo.policy.logps import TokenizedPair, by_video, pair_logps, tokenize_pair
-from capdpo.policy.packing import video_grouped_order
 from capdpo.policy.reference_logps import append_reference, load_reference, pairs_to_score, reference_fingerprint
 from capdpo.policy.video import VideoEncoder
 from capdpo.records import PreferencePair, RecordFile, ReferenceLogps, Video
+from capdpo.training import (
+    DONE,
+    PreparedVideo,
+    VideoGroupedSampler,
+    check_setup,
+    encode_once,
+    finish,
+    frozen_encoder,
+    make_accelerator,
+    prepare_optimisation,
+    run_steps,
+    set_trainable,
+    start_steps,
+)
 
 log = logging.getLogger(__name__)
-DONE = ".complete"
-STATE_FILE = "trainer_state.json"
 
-PreparedVideo = EncodedVideo | VideoInputs  # embeddings of a frozen encoder, or pixels an encoder that trains encodes
 
 
 # -- the recipe --------------------------------------------------------------------------------------------
@@ -96,59 +102,14 @@ def run_train(pairs_file: RecordFile[PreferencePair], videos_file: RecordFile[Vi
     reference.lora = peft_model  # without precomputed rows, LoRA's reference is the policy with adapters off
     if cfg.gradient_checkpointing:
         policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    optimisation = prepare_optimisation(accelerator, policy, cfg, tokenized)
+    optimisation = prepare_optimisation(accelerator, PairScorer(policy, cfg.shared_prefix), pair_loader(tokenized, cfg), cfg)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoints = out_dir / "checkpoints"
-    progress = resume(accelerator, checkpoints)
-    metrics_path = open_metrics(accelerator, cfg, out_dir / "metrics.jsonl", progress)
-    train_loop(accelerator, optimisation, videos, reference, cfg, progress, metrics_path, checkpoints)
-    if cfg.report_to:
-        accelerator.end_training()
-
-    policy.model = save_policy(accelerator, optimisation.scorer, peft_model, policy, out_dir)
-    if accelerator.is_main_process:
-        shutil.rmtree(checkpoints, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    progress = start_steps(accelerator, cfg, out_dir)
+    run_steps(accelerator, optimisation, cfg, progress, out_dir,
+              lambda batch, _: dpo_step(optimisation.scorer, batch, videos, reference, cfg, accelerator, optimisation.trainable),
+              desc="train", postfix={"loss": "loss", "acc": "rewards/accuracies"})
+    policy.model = finish(accelerator, cfg, optimisation, peft_model, policy, out_dir)
     return final
-
-
-def train_loop(accelerator: Accelerator, optimisation: Optimisation, videos: dict[str, PreparedVideo],
-               reference: Reference, cfg: TrainConfig, progress: Progress, metrics_path: Path, checkpoints: Path) -> None:
-    """Optimizer steps from ``progress`` to ``optimisation.total``; a checkpoint every ``save_every``."""
-    scorer, loader, total = optimisation.scorer, optimisation.loader, optimisation.total
-    scorer.train()
-    bar = tqdm(total=total, initial=progress.step, desc="train", unit="step", disable=not accelerator.is_local_main_process)
-    step_start, tokens = time.perf_counter(), 0
-    while progress.step < total and progress.epoch < cfg.epochs:
-        loader.set_epoch(progress.epoch)  # the shuffle depends on seed and epoch only: resumable
-        batches = accelerator.skip_first_batches(loader, progress.batch) if progress.batch else loader
-        for batch in batches:
-            with accelerator.accumulate(scorer):
-                metrics = dpo_step(scorer, batch, videos, reference, cfg, accelerator, optimisation.trainable)
-                optimisation.optimizer.step()
-                optimisation.scheduler.step()
-                optimisation.optimizer.zero_grad(set_to_none=True)
-            progress.batch += 1
-            tokens += sum(t.tokens for t in batch)
-            if not accelerator.sync_gradients:  # gradients still accumulating: no optimizer step yet
-                continue
-            progress.step += 1
-            elapsed = time.perf_counter() - step_start
-            metrics.update({"step_time_s": elapsed, "tokens_per_s": tokens * accelerator.num_processes / elapsed,
-                            "peak_memory_mb": peak_memory_mb(accelerator.device)})
-            metrics = gather_metrics(accelerator, metrics)
-            bar.update()
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['rewards/accuracies']:.2f}")
-            write_metrics(accelerator, cfg, metrics_path, progress, len(loader), optimisation.scheduler.get_last_lr()[0], metrics)
-            if cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < total:
-                save_checkpoint(accelerator, checkpoints, progress, cfg.keep_checkpoints)
-            if progress.step >= total:
-                break
-            step_start, tokens = time.perf_counter(), 0
-        else:
-            progress.epoch, progress.batch = progress.epoch + 1, 0
-    bar.close()
 
 
 def dpo_step(scorer: PairScorer, batch: list[TokenizedPair], videos: dict[str, PreparedVideo], reference: Reference,
@@ -158,7 +119,8 @@ def dpo_step(scorer: PairScorer, batch: list[TokenizedPair], videos: dict[str, P
     loss, metrics = dpo_loss(scorer, policy, batch, videos, reference, cfg, accelerator.autocast)
     accelerator.backward(loss)
     grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm) if accelerator.sync_gradients else None
-    return {"loss": loss.item(), **metrics, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+    return {"loss": loss.item(), **metrics, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens": sum(t.tokens for t in batch)}
 
 
 def dpo_loss(scorer: torch.nn.Module, policy: VideoPolicy, batch: Sequence[TokenizedPair], videos: dict[str, PreparedVideo],
@@ -198,15 +160,6 @@ class PairScorer(torch.nn.Module):
         return pair_logps(self.policy, encode_once(self.policy, videos), batch, self.shared_prefix)
 
 
-def encode_once(policy: VideoPolicy, videos: Sequence[PreparedVideo]) -> list[EncodedVideo]:
-    """The batch's videos encoded, each distinct one once (its pairs then share one packed row)."""
-    encoded: dict[int, EncodedVideo] = {}
-    for v in videos:
-        if id(v) not in encoded:
-            encoded[id(v)] = v if isinstance(v, EncodedVideo) else policy.encode(v)
-    return [encoded[id(v)] for v in videos]
-
-
 @dataclass
 class Reference:
     """Where a batch's reference log-probs come from: the precomputed ``rows``, else a forward
@@ -238,38 +191,7 @@ class Reference:
         return rc, rr
 
 
-@dataclass
-class Optimisation:
-    """The prepared (engine-wrapped) module, optimizer, scheduler and loader, and the step count."""
-
-    scorer: PairScorer
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    loader: DataLoader
-    trainable: list[torch.nn.Parameter]  # the wrapped ones: FSDP clips its own flat parameters
-    total: int  # optimizer steps of the whole run
-
-
 # -- set-up --------------------------------------------------------------------------------------------
-def make_accelerator(cfg: TrainConfig, out_dir: Path) -> Accelerator:
-    return Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
-                       log_with=cfg.report_to or None, project_dir=str(out_dir),
-                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-
-
-def check_setup(cfg: TrainConfig, accelerator: Accelerator) -> None:
-    """Refuse an engine the settings cannot train on, before any work (the settings alone are
-    checked when the config loads: config.TrainConfig)."""
-    if cfg.lora and sharded_engine(accelerator):
-        raise ValueError("train.lora=true needs the whole LLM in each process to merge the adapters: use DDP or "
-                         "DeepSpeed ZeRO-2 (configs/accelerate/); ZeRO-3 and FSDP are for full fine-tuning (train.lora=false)")
-
-
-def frozen_encoder(cfg: TrainConfig) -> bool:
-    """Vision tower and projector frozen: a video's embeddings never change, so they can be cached."""
-    return cfg.freeze_vision and cfg.freeze_projector
-
-
 def prepare_pairs(pairs_file: RecordFile[PreferencePair], videos_file: RecordFile[Video], encoder: VideoEncoder,
                   cfg: TrainConfig, fail_fast: bool) -> tuple[dict[str, PreparedVideo], list[TokenizedPair]]:
     """Every pair's video, once, and the token ids of every pair whose video is ready."""
@@ -340,183 +262,15 @@ def precompute_reference(accelerator: Accelerator, policy: VideoPolicy, cfg: Tra
         return load_reference(reference_file, pairs, fingerprint, cfg.max_response_tokens)
 
 
-def set_trainable(policy: VideoPolicy, cfg: TrainConfig) -> PeftModel | None:
-    """Freeze what the config freezes; wrap the LLM in LoRA if asked. Returns the PEFT model or None.
-    The parts (vision tower, projector, LLM) come from the policy's family adapter."""
-    model, parts = policy.model, policy.parts
-    for p in model.parameters():
-        p.requires_grad_(False)
-    peft_model = None
-    if cfg.lora and not cfg.freeze_llm:  # PEFT leaves only the adapters trainable
-        peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                      lora_dropout=cfg.lora_dropout, target_modules=parts.lora_targets()))
-    trains = {"vision": not cfg.freeze_vision, "projector": not cfg.freeze_projector,
-              "llm": not cfg.lora and not cfg.freeze_llm}
-    for name, p in model.named_parameters():
-        part = parts.part_of(name)
-        if part is not None and trains[part]:
-            p.requires_grad_(True)
-    return peft_model
-
-
-def prepare_optimisation(accelerator: Accelerator, policy: VideoPolicy, cfg: TrainConfig,
-                         tokenized: list[TokenizedPair]) -> Optimisation:
-    """AdamW on the trainable parameters, a linear warm-up schedule, a loader shuffled by seed and
-    epoch; all wrapped by the accelerator's engine."""
-    scorer = PairScorer(policy, cfg.shared_prefix)
-    optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+def pair_loader(tokenized: list[TokenizedPair], cfg: TrainConfig) -> DataLoader:
+    """Batches of pairs shuffled by seed and epoch; with ``group_by_video`` a video's pairs together."""
     if cfg.group_by_video:
-        loader = DataLoader(tokenized, batch_size=cfg.batch_size, collate_fn=list,
-                            sampler=VideoGroupedSampler([t.pair.video_id for t in tokenized], cfg.seed))
-    else:
-        loader = DataLoader(tokenized, batch_size=cfg.batch_size, shuffle=True, collate_fn=list,
-                            generator=torch.Generator().manual_seed(cfg.seed))
-    steps_per_epoch = -(-len(loader) // (cfg.grad_accum * accelerator.num_processes))
-    total = min(cfg.max_steps or 10**12, max(1, cfg.epochs * steps_per_epoch))
-    # accelerate steps a prepared scheduler once per process per optimizer step: count in those units
-    ticks = total * accelerator.num_processes
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * ticks), ticks)
-    scorer, optimizer, loader, scheduler = accelerator.prepare(scorer, optimizer, loader, scheduler)
-    return Optimisation(scorer, optimizer, scheduler, loader, list(scorer.parameters()), total)
+        return DataLoader(tokenized, batch_size=cfg.batch_size, collate_fn=list,
+                          sampler=VideoGroupedSampler([t.pair.video_id for t in tokenized], cfg.seed))
+    return DataLoader(tokenized, batch_size=cfg.batch_size, shuffle=True, collate_fn=list,
+                      generator=torch.Generator().manual_seed(cfg.seed))
 
 
-class VideoGroupedSampler(Sampler[int]):
-    """Pair indices in a seeded random order of videos, each video's pairs together (in a random
-    order of their own): consecutive batches then hold whole videos, whose pairs share one packed
-    row. The order depends on the seed and the epoch only (``set_epoch``), so a resumed run
-    replays it."""
-
-    def __init__(self, video_ids: Sequence[str], seed: int):
-        self.video_ids, self.seed, self.epoch = list(video_ids), seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(video_grouped_order(self.video_ids, self.seed * 1_000_003 + self.epoch))
-
-    def __len__(self) -> int:
-        return len(self.video_ids)
 
 
-# -- checkpoints and metrics ------------------------------------------------------------------------------
-@dataclass
-class Progress:
-    """Where training is: optimizer steps done, and the epoch and batch the next step starts at."""
 
-    step: int = 0
-    epoch: int = 0
-    batch: int = 0  # batches of ``epoch`` already consumed
-
-    @classmethod
-    def load(cls, checkpoint: Path) -> Progress:
-        return cls(**json.loads((checkpoint / STATE_FILE).read_text()))
-
-
-def latest_checkpoint(checkpoints: Path) -> Path | None:
-    done = [d for d in checkpoints.glob("step-*") if (d / STATE_FILE).exists()]
-    return max(done, key=lambda d: int(d.name.removeprefix("step-")), default=None)
-
-
-def resume(accelerator: Accelerator, checkpoints: Path) -> Progress:
-    """Restore the newest checkpoint's state and return its position; a fresh run starts at zero."""
-    latest = latest_checkpoint(checkpoints)
-    if latest is None:
-        return Progress()
-    accelerator.load_state(str(latest))
-    progress = Progress.load(latest)
-    log.info("train: resuming from %s (step %d)", latest, progress.step)
-    return progress
-
-
-def save_checkpoint(accelerator: Accelerator, checkpoints: Path, progress: Progress, keep: int) -> None:
-    """accelerate's full state (model, optimizer, scheduler, RNG of every process) plus the data
-    position; the state file is written last, so a half-written checkpoint is never resumed."""
-    path = checkpoints / f"step-{progress.step}"
-    accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        (path / STATE_FILE).write_text(json.dumps(progress.__dict__))
-        done = sorted((d for d in checkpoints.glob("step-*") if (d / STATE_FILE).exists()),
-                      key=lambda d: int(d.name.removeprefix("step-")))
-        for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-def open_metrics(accelerator: Accelerator, cfg: TrainConfig, path: Path, progress: Progress) -> Path:
-    """The metrics file, keeping the lines of the steps a resumed run does not redo; trackers started."""
-    if accelerator.is_main_process:
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= progress.step] \
-            if path.exists() else []
-        path.write_text("".join(line + "\n" for line in kept))
-    if cfg.report_to:
-        # trackers take scalar hyper-parameters only: lists (a loss mix) and None as JSON text
-        hparams = {k: v if isinstance(v, (bool, int, float, str)) else json.dumps(v) for k, v in cfg.model_dump(mode="json").items()}
-        accelerator.init_trackers("capdpo-train", config=hparams)
-    return path
-
-
-def write_metrics(accelerator: Accelerator, cfg: TrainConfig, path: Path, progress: Progress, batches_per_epoch: int,
-                  lr: float, metrics: dict[str, float]) -> None:
-    """One optimizer step's metrics: a line of the metrics file every ``log_every`` steps, and the trackers."""
-    if accelerator.is_main_process and progress.step % cfg.log_every == 0:
-        row = {"step": progress.step, "epoch": progress.epoch + progress.batch / batches_per_epoch, "lr": lr, **metrics}
-        with path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-    if cfg.report_to:
-        accelerator.log(metrics, step=progress.step)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory so far: the accelerator's allocator on CUDA, the process's max RSS on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def gather_metrics(accelerator: Accelerator, metrics: dict[str, float]) -> dict[str, float]:
-    """Every metric averaged over the processes (peak memory: the largest), identical on each."""
-    if accelerator.num_processes == 1:
-        return metrics
-    names = sorted(metrics)
-    values = torch.tensor([metrics[k] for k in names], device=accelerator.device, dtype=torch.float64)
-    mean = accelerator.reduce(values.clone(), "mean")
-    peak = accelerator.reduce(values.clone(), "max") if "peak_memory_mb" in metrics else mean
-    return {k: (peak if k == "peak_memory_mb" else mean)[i].item() for i, k in enumerate(names)}
-
-
-# -- the result ----------------------------------------------------------------------------------------------
-def sharded_engine(accelerator: Accelerator) -> bool:
-    """ZeRO-3 or FSDP: no process holds the whole model, the engine gathers it for saving."""
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    plugin = accelerator.state.deepspeed_plugin
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and plugin is not None and plugin.zero_stage == 3
-
-
-def save_policy(accelerator: Accelerator, scorer: torch.nn.Module, peft_model: PeftModel | None, policy: VideoPolicy,
-                out_dir: Path) -> torch.nn.Module:
-    """Write ``out_dir/policy`` (LoRA merged) from the main process, atomically; returns the model."""
-    model = accelerator.unwrap_model(scorer).model
-    state = None
-    if sharded_engine(accelerator):  # full weights gathered from every process's shard
-        state = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(scorer).items()}
-    elif peft_model is not None:
-        model = peft_model.merge_and_unload()
-    if accelerator.is_main_process:
-        write_policy(model, state, policy, out_dir / "policy")
-    accelerator.wait_for_everyone()
-    return model
-
-
-def write_policy(model: torch.nn.Module, state: dict[str, torch.Tensor] | None, policy: VideoPolicy, final: Path) -> None:
-    """A plain checkpoint in ``final``, atomically: ``model``'s config with the full weights ``state``
-    (gathered by a sharding engine; None: the model's own), the tokenizer and the vision spec."""
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.eval().save_pretrained(tmp, state_dict=state)
-    policy.tokenizer.save_pretrained(tmp)
-    policy.spec.save(tmp)
-    (tmp / DONE).write_text("")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import capdpo.train as train
+import capdpo.training as training
 from capdpo.config import FramesConfig, TrainConfig
 from capdpo.models.load import load_policy
 from capdpo.policy.embed_cache import EmbeddingCache
@@ -26,7 +27,7 @@ def recording_step(scorer, batch, *args, **kwargs):
     return step(scorer, batch, *args, **kwargs)
 
 
-gather = train.gather_metrics
+gather = training.gather_metrics
 
 
 def recording_gather(accelerator, metrics):
@@ -35,7 +36,7 @@ def recording_gather(accelerator, metrics):
     return out
 
 
-train.dpo_step, train.gather_metrics = recording_step, recording_gather
+train.dpo_step, training.gather_metrics = recording_step, recording_gather
 cfg = TrainConfig(epochs=1, batch_size=1, lr=1e-3, lora=False, save_every=0)
 policy = load_policy(policy_dir, cache, "cpu", "float32")
 train.run_train(RecordFile(pairs, PreferencePair), RecordFile(videos, Video), policy, cfg, FramesConfig(num_frames=4),

@@ -26,6 +26,7 @@ import yaml
 from transformers import AutoModelForImageTextToText
 
 import capdpo.train as train
+import capdpo.training as training
 from capdpo.config import FramesConfig, TrainConfig
 from capdpo.models.load import load_policy
 from capdpo.policy.base import VideoPolicy
@@ -45,7 +46,7 @@ settings = yaml.safe_load((CONFIGS / f"{engine_name}.yaml").read_text())
 # -- the data and the reference, as run_train prepares them ------------------------------------------------
 def fresh_policy() -> VideoPolicy:
     policy = load_policy(policy_dir, cache, "cpu", "float32")
-    train.set_trainable(policy, cfg)
+    training.set_trainable(policy, cfg)
     return policy
 
 
@@ -53,7 +54,7 @@ clipping = settings.get("deepspeed_config", {}).get("gradient_clipping", 1.0)
 frozen = encoder == "frozen"
 cfg = TrainConfig(epochs=1, batch_size=1, lr=1e-3, lora=False, save_every=0, max_grad_norm=clipping,
                   freeze_vision=frozen, freeze_projector=frozen)
-accelerator = train.make_accelerator(cfg, out)  # MULTI_CPU on gloo: the process group the engines share
+accelerator = training.make_accelerator(cfg, out)  # MULTI_CPU on gloo: the process group the engines share
 rank, world = accelerator.process_index, accelerator.num_processes
 policy = load_policy(policy_dir, cache, "cpu", "float32")
 videos, tokenized = train.prepare_pairs(RecordFile(pairs_path, PreferencePair), RecordFile(videos_path, Video),
@@ -233,7 +234,7 @@ for step, batch in enumerate(batches):
         run.save(out / "checkpoint")
 weights = run.full_state()
 if rank == 0:  # the trained policy as the train stage writes it: a plain checkpoint
-    train.write_policy(run.policy.model, weights, run.policy, out / "policy")
+    training.write_policy(run.policy.model, weights, run.policy, out / "policy")
 dist.barrier()
 
 # resumed: a fresh engine loads the step-1 checkpoint and runs step 2

@@ -23,7 +23,7 @@ from capdpo.errors import OverBudgetError
 from capdpo.losses import sigmoid_dpo
 from capdpo.models.load import ADAPTERS, load_policy
 from capdpo.policy.base import VideoPolicy
-from capdpo.train import set_trainable
+from capdpo.training import set_trainable
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 QWEN_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"]
@@ -307,3 +307,21 @@ def test_sft_packs_a_video_s_examples_in_one_row_with_the_numbers_of_one_row_eac
     order = video_grouped_order(["a", "b", "a", "c", "b"], 0)
     keys = [["a", "b", "a", "c", "b"][i] for i in order]
     assert sorted(order) == list(range(5)) and len([k for j, k in enumerate(keys) if j == 0 or keys[j - 1] != k]) == 3
+
+
+def test_a_group_s_answers_behind_one_prompt_give_each_answer_s_token_logps(policy):
+    """GRPO's fast path: G answers to one question in one packed row, the video and prompt run once;
+    every answer's per-token log-probs equal those of its own unpacked row."""
+    from capdpo.policy.packing import Branch, branch_matrix
+
+    if not policy.shares_prompt_prefix:
+        pytest.skip("attention without a custom 4D mask: answers run one row each")
+    video = encode(policy, 7)
+    prompt = policy.prompt_ids("What is shown?", video.layout)
+    answers = [policy.response_ids(text, 16) for text in ("A red square.", "Two circles.", "A blue square moving left.")]
+    with torch.no_grad():
+        matrix, mask = branch_matrix(*policy.branch_token_logps([video], [(prompt, [Branch(a) for a in answers])]), len(answers))
+        for k, answer in enumerate(answers):
+            alone, _ = policy._response_logps([video], [prompt], [answer])
+            torch.testing.assert_close(matrix[k, : len(answer)], alone, atol=1e-4, rtol=0)
+    assert mask.sum(1).tolist() == [len(a) for a in answers]

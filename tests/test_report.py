@@ -100,6 +100,9 @@ def test_full_report(run: RunPaths) -> None:
     assert page.count("data:image/jpeg;base64,") == 4
     assert page.count("data:image/png;base64,") >= 5  # counts, scores, pairs, training, eval charts
     assert "before: a dog" in page and "after: a cat" in page and "after reply" in page
+    # after minus before on the held-out question, with its paired bootstrap interval
+    assert "After minus before" in page
+    assert "<td>0.0%</td><td>100.0%</td><td>+100.0 [+100.0, +100.0]</td><td>+2.00 [+2.00, +2.00]</td><td>paired</td>" in page
     assert "<tr><td>4</td><td>1</td><td>0.29</td>" in page  # 4 steps: the torn last metrics line is skipped
     assert not re.search(r"https?://", page)
 
@@ -168,6 +171,7 @@ def test_rounds_and_suites_in_report(run: RunPaths) -> None:
     assert "<td>MSVD-QA</td>" in page and "video_chatgpt" in page and "round 2 after" in page
     assert "round 2: a cat" in page and "r2 reply" in page and "msvd after" in page  # examples of every evaluation
     assert "round two reply" in page  # round 2's pair in the browser, with its judge reply
+    assert "<td>round 2 after vs before</td>" in page  # the difference is to the last round's policy
     assert not re.search(r"https?://", page)
 
 

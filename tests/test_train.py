@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import capdpo.train as train
+import capdpo.training as training
 from capdpo.config import FramesConfig, TrainConfig
 from capdpo.models.load import load_policy
 from capdpo.policy.base import VideoPolicy
@@ -50,7 +51,7 @@ def test_killed_run_resumes_to_the_same_weights_and_metrics(pair_files, tiny_pol
     monkeypatch.setattr(train, "dpo_step", dies_at_the_fourth_batch)
     with pytest.raises(KeyboardInterrupt):
         train_once(pair_files, tiny_policy_dir, cache_dir, tmp_path / "resumed")
-    assert train.latest_checkpoint(tmp_path / "resumed" / "checkpoints").name == "step-3"
+    assert training.latest_checkpoint(tmp_path / "resumed" / "checkpoints").name == "step-3"
     monkeypatch.setattr(train, "dpo_step", step)
     resumed = train_once(pair_files, tiny_policy_dir, cache_dir, tmp_path / "resumed")
 
@@ -145,18 +146,18 @@ def test_two_processes_on_gloo_shard_the_data_and_gather_metrics(pair_files, tin
     assert seen[0] | seen[1] == {p.id for p in pairs.all()}
     assert ranks[0]["logged"] == ranks[1]["logged"], "metrics are gathered: every process logs the same values"
     assert len(metrics(tmp_path / "out")) == 3, "6 pairs, batch 1 per process, 2 processes: 3 optimizer steps"
-    assert (tmp_path / "out" / "policy" / train.DONE).exists()
+    assert (tmp_path / "out" / "policy" / training.DONE).exists()
 
 
 def test_video_grouped_sampler_keeps_each_video_together_in_a_seeded_order():
     videos = ["a", "b", "a", "c", "b", "a", "c"]
-    sampler = train.VideoGroupedSampler(videos, seed=3)
+    sampler = training.VideoGroupedSampler(videos, seed=3)
     first = list(sampler)
     assert sorted(first) == list(range(len(videos))) and len(sampler) == len(videos)
     runs = [videos[i] for i in first]
     assert [v for k, v in enumerate(runs) if k == 0 or runs[k - 1] != v] == sorted(set(videos), key=runs.index), \
         "each video's pairs come in one run"
-    assert list(train.VideoGroupedSampler(videos, seed=3)) == first, "the order depends on the seed only"
+    assert list(training.VideoGroupedSampler(videos, seed=3)) == first, "the order depends on the seed only"
     sampler.set_epoch(1)
     orders = {tuple(first)} | {tuple(sampler)}
     for epoch in range(2, 6):

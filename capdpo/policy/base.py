@@ -371,7 +371,14 @@ class VideoPolicy:
     @torch.inference_mode()
     def generate_batch(self, requests: Sequence[tuple[EncodedVideo, str]], *, n: int = 1, temperature: float = 0.0,
                        top_p: float = 1.0, max_new_tokens: int = 64, seeds: Sequence[int] | None = None) -> list[list[str]]:
-        """``n`` answers to each ``(video, question)`` request, all in one ``generate`` call of
+        """``generate_ids``' answers as text."""
+        groups = self.generate_ids(requests, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seeds=seeds)
+        return [[self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in group] for group in groups]
+
+    def generate_ids(self, requests: Sequence[tuple[EncodedVideo, str]], *, n: int = 1, temperature: float = 0.0,
+                     top_p: float = 1.0, max_new_tokens: int = 64, seeds: Sequence[int] | None = None) -> list[list[list[int]]]:
+        """The token ids of ``n`` answers to each ``(video, question)`` request (ending with the
+        end-of-turn token unless cut at ``max_new_tokens``), all in one ``generate`` call of
         ``len(requests) * n`` left-padded rows (each video's embeddings shared by its rows).
 
         Sampling (``temperature`` > 0) draws each row's tokens from its own generator, seeded by the
@@ -400,8 +407,16 @@ class VideoPolicy:
             self._repeat_generation_state(n)
             out = self.model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
                                       max_new_tokens=max_new_tokens, pad_token_id=pad, **{CACHE_KWARG: cache}, **sampling)
-        texts = [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
-        return [texts[i * n:(i + 1) * n] for i in range(len(requests))]
+        eos = self.tokenizer.eos_token_id
+        answers = []
+        for row in out[:, width:].tolist():  # up to and with the first end-of-turn; the rest is padding
+            if eos in row:
+                row = row[: row.index(eos) + 1]
+            else:
+                while row and row[-1] == pad:  # stopped by another stop token, padded after it
+                    row.pop()
+            answers.append(row)
+        return [answers[i * n:(i + 1) * n] for i in range(len(requests))]
 
     def _prompt_cache(self, ids: torch.Tensor, mask: torch.Tensor, videos: Sequence[EncodedVideo]):
         """The key/value cache of left-padded prompt rows, each with its video."""
@@ -471,6 +486,15 @@ class VideoPolicy:
         rows: row i is ``rows[i]``'s prefix (holding ``videos[i]``'s tokens) run once, each of its
         branches behind it (``capdpo.policy.packing.pack_branches``, tree attention mask). Needs
         ``shares_prompt_prefix``."""
+        flat, slot = self.branch_token_logps(videos, rows)
+        branches = sum(len(b) for _, b in rows)
+        sums = torch.zeros(branches, device=flat.device, dtype=flat.dtype).index_add(0, slot, flat)
+        return sums, torch.bincount(slot, minlength=branches)
+
+    def branch_token_logps(self, videos: Sequence[EncodedVideo], rows: Sequence[tuple[list[int], Sequence[Branch]]]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``branch_logps`` token by token: each scored token's log-prob, branch after branch in
+        order, and its branch's number (what GRPO's per-token ratios need)."""
         text = self.model.config.get_text_config()
         packed = pack_branches(rows, self.tokenizer.pad_token_id, self.device)
         natural = self._position_ids(packed.ids, packed.real, videos)
@@ -479,10 +503,7 @@ class VideoPolicy:
                                   position_ids=natural.gather(-1, packed.source.expand_as(natural)),
                                   mm_encoder_outputs={"video": self._video_outputs(videos)},
                                   **self._forward_kwargs(packed.ids, videos)).last_hidden_state
-        flat = self._logps_at(hidden, packed.row, packed.position, packed.target)
-        branches = sum(len(b) for _, b in rows)
-        sums = torch.zeros(branches, device=flat.device, dtype=flat.dtype).index_add(0, packed.slot, flat)
-        return sums, torch.bincount(packed.slot, minlength=branches)
+        return self._logps_at(hidden, packed.row, packed.position, packed.target), packed.slot
 
     def _logps_at(self, hidden: torch.Tensor, row: torch.Tensor, position: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Log-prob of each ``target`` under the hidden state at (``row``, ``position``). Only these

@@ -10,7 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
+
 from capdpo.policy.base import EncodedVideo, PairLogprobs, VideoLayout, VideoPolicy
+from capdpo.policy.packing import behind_shared_prefix, branch_matrix
 from capdpo.records import PreferencePair
 
 
@@ -47,6 +50,31 @@ def pair_logps(policy: VideoPolicy, videos: Sequence[EncodedVideo], batch: Seque
     logps, counts = policy.sequence_logps([*videos, *videos], prompts + prompts, chosen + rejected)
     n = len(prompts)
     return PairLogprobs(logps[:n], logps[n:], counts[:n], counts[n:])
+
+
+def group_token_logps(policy: VideoPolicy, videos: Sequence[EncodedVideo], prompts: Sequence[list[int]],
+                      answers: Sequence[Sequence[list[int]]], shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs of every answer of every group (``answers[i]`` answer ``prompts[i]`` about
+    ``videos[i]``), flattened group after group, as a right-padded ``(answers, longest)`` matrix and its
+    0/1 mask. With ``shared_prefix`` the groups of one video (consecutive entries holding the same
+    video object) share one packed row: the video and the prompts' common start run once, each
+    answer behind them (GRPO's fast path); else every answer is a row of its own, video included."""
+    if not (shared_prefix and policy.shares_prompt_prefix):
+        rows = [(v, p, a) for v, p, group in zip(videos, prompts, answers) for a in group]
+        per_answer = policy.token_logps([v for v, _, _ in rows], [p for _, p, _ in rows], [a for _, _, a in rows])
+        matrix = torch.nn.utils.rnn.pad_sequence(per_answer, batch_first=True)
+        lengths = torch.tensor([len(t) for t in per_answer], device=matrix.device)
+        return matrix, (torch.arange(matrix.shape[1], device=matrix.device)[None] < lengths[:, None]).to(matrix.dtype)
+    row_videos, rows, start = [], [], 0
+    while start < len(videos):
+        end = start
+        while end < len(videos) and videos[end] is videos[start]:
+            end += 1
+        row_videos.append(videos[start])
+        rows.append(behind_shared_prefix(prompts[start:end], answers[start:end]))
+        start = end
+    flat, slot = policy.branch_token_logps(row_videos, rows)
+    return branch_matrix(flat, slot, sum(len(group) for group in answers))
 
 
 def by_video(pairs: Iterable[PreferencePair]) -> dict[str, list[PreferencePair]]:

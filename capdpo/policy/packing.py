@@ -117,6 +117,15 @@ def behind_shared_prefix(prompts: Sequence[list[int]], answers: Sequence[Sequenc
     return list(prompts[0][:shared]), branches
 
 
+def branch_matrix(flat: torch.Tensor, slot: torch.Tensor, branches: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token values of packed branches (``VideoPolicy.branch_token_logps``: branch after branch,
+    in order) as a right-padded ``(branches, longest)`` matrix and its 0/1 mask."""
+    counts = torch.bincount(slot, minlength=branches)
+    matrix = flat.new_zeros(branches, int(counts.max()) if branches else 0)
+    mask = torch.arange(matrix.shape[1], device=flat.device)[None, :] < counts[:, None]
+    return matrix.masked_scatter(mask, flat), mask.to(flat.dtype)
+
+
 def video_grouped_order(video_keys: Sequence[str], seed: int) -> list[int]:
     """Item indices with each video's items together: videos in a seeded random order, a video's
     items in a random order of their own. Batches cut from it hold whole videos, whose items then

@@ -1,0 +1,267 @@
+"""Stage 8, online: GRPO of the video policy with the caption-grounded reward (``train.algorithm: grpo``).
+
+DPO learns from answers sampled once, before training. GRPO samples while it trains; per optimizer step:
+
+  1. ``grpo.questions_per_step`` train questions, in a seeded order that keeps a video's questions together
+  2. G answers to each from the policy being trained, in one ``generate`` call (a video's embeddings
+     computed once); each answer's row is seeded by (seed, step, question), so a resumed run samples
+     the same answers
+  3. rewards: the judge service's caption-grounded score (reply cache, retries, budget) and/or rule
+     rewards, weighted and summed (``capdpo.rewards``)
+  4. advantages normalised within each question's group (``capdpo.grpo_loss.group_advantages``)
+  5. per-token log-probs of the G answers in one packed row: the video and question run once, the
+     answers behind them under a tree mask (``capdpo.policy.logps.group_token_logps``); the
+     reference's the same way without gradients (LoRA adapters off, or a frozen copy) when ``beta`` > 0
+  6. the clipped policy-gradient loss (``capdpo.grpo_loss.grpo_loss``), backward, clip, step, metrics
+
+One update per generation batch (TRL's default ``num_iterations=1``): the sampling policy is the one
+being trained, so the "old" log-probs are the current ones detached. Checkpoints, metrics, engines and
+the saved policy are the DPO stage's (``capdpo.training``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from peft import PeftModel
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from capdpo.config import FramesConfig, GRPOConfig, TrainConfig
+from capdpo.errors import ITEM_ERRORS, BudgetExceeded, ItemErrors
+from capdpo.grpo_loss import completion_metrics, group_advantages, grpo_loss
+from capdpo.judge.judge import CaptionJudge, JudgeItem
+from capdpo.policy.base import VideoPolicy
+from capdpo.policy.embed_cache import EmbeddingCache
+from capdpo.policy.logps import group_token_logps
+from capdpo.policy.video import VideoEncoder
+from capdpo.records import QAItem, RecordFile, Video
+from capdpo.rewards import RULES, judge_rewards
+from capdpo.training import (
+    DONE,
+    PreparedVideo,
+    VideoGroupedSampler,
+    check_setup,
+    encode_once,
+    finish,
+    frozen_encoder,
+    make_accelerator,
+    prepare_optimisation,
+    run_steps,
+    save_checkpoint,
+    set_trainable,
+    sharded_engine,
+    start_steps,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Question:
+    """A train question with its video record (the judge reads the caption)."""
+
+    qa: QAItem
+    video: Video
+
+
+# -- the recipe --------------------------------------------------------------------------------------------
+def run_grpo(qa_file: RecordFile[QAItem], videos_file: RecordFile[Video], policy: VideoPolicy, cfg: TrainConfig,
+             frames: FramesConfig, out_dir: Path, *, judge: CaptionJudge | None = None,
+             embed_cache: EmbeddingCache | None = None, fail_fast: bool = False) -> Path:
+    """The online ``train`` stage; returns the trained checkpoint dir. A finished run is not redone;
+    an interrupted one resumes from its newest checkpoint (``out_dir/checkpoints``)."""
+    out_dir = Path(out_dir)
+    final = out_dir / "policy"
+    if (final / DONE).exists():
+        return final
+    rewards = Rewards(cfg.grpo, judge)
+    accelerator = make_accelerator(cfg, out_dir)
+    check_setup(cfg, accelerator)
+    if sharded_engine(accelerator):
+        raise ValueError("train.algorithm=grpo samples with the whole model in each process: use one process, DDP or "
+                         "DeepSpeed ZeRO-2 (ZeRO-3 / FSDP generation is not supported yet)")
+    if accelerator.num_processes > 1:
+        policy.model.to(accelerator.device)
+    torch.manual_seed(cfg.seed)
+
+    # the questions and their videos, each video once (embeddings cached when the encoder is frozen)
+    questions, videos = prepare_questions(qa_file, videos_file, VideoEncoder(policy, frames, embed_cache), cfg, fail_fast)
+    # the reference, before any weight moves: a frozen copy for full fine-tuning (LoRA: adapters off)
+    frozen_copy = copy.deepcopy(policy.model).eval().requires_grad_(False) if cfg.grpo.beta and not cfg.lora else None
+    peft_model = set_trainable(policy, cfg)
+    reference = GroupReference(cfg.grpo.beta > 0, peft_model, frozen_copy)
+    if cfg.gradient_checkpointing:
+        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    optimisation = prepare_optimisation(accelerator, GroupScorer(policy, cfg.shared_prefix), question_loader(questions, cfg), cfg)
+
+    progress = start_steps(accelerator, cfg, out_dir)
+
+    def step(batch: list[Question], step_number: int) -> dict[str, float]:
+        try:
+            return grpo_step(optimisation.scorer, batch, videos, rewards, reference, cfg, accelerator,
+                             optimisation.trainable, step_number)
+        except BudgetExceeded as e:  # keep what is trained; a later run with a larger budget resumes here
+            save_checkpoint(accelerator, out_dir / "checkpoints", progress, cfg.keep_checkpoints)
+            raise BudgetExceeded(f"{e}; GRPO stopped at step {progress.step} of {optimisation.total} with a checkpoint: "
+                                 "raise the judge's budget and run train again to go on") from e
+
+    run_steps(accelerator, optimisation, cfg, progress, out_dir, step, desc="grpo", postfix={"loss": "loss", "reward": "reward"})
+    policy.model = finish(accelerator, cfg, optimisation, peft_model, policy, out_dir)
+    return final
+
+
+def grpo_step(scorer: GroupScorer, batch: list[Question], videos: dict[str, PreparedVideo], rewards: Rewards,
+              reference: GroupReference, cfg: TrainConfig, accelerator: Accelerator,
+              trainable: list[torch.nn.Parameter], step: int) -> dict[str, float]:
+    """Sample, reward, score and update on one batch of questions; returns the logged metrics."""
+    g = cfg.grpo
+    policy: VideoPolicy = accelerator.unwrap_model(scorer).policy
+    batch_videos = [videos[q.video.id] for q in batch]
+    # 1-2. G answers per question from the current policy
+    answers = sample_groups(policy, batch, batch_videos, g, seed=cfg.seed, step=step)
+    texts = [[policy.tokenizer.decode(a, skip_special_tokens=True).strip() for a in group] for group in answers]
+    # 3-4. rewards, advantages within each question's group
+    per_function = rewards(batch, texts, step)
+    scored = group_advantages(per_function, rewards.weights, g.num_generations, rewards.names, g.scale_rewards)
+    # 5. per-token log-probs: the policy's (with its graph), the reference's (none)
+    prompts = [policy.prompt_ids(q.qa.question, v.layout) for q, v in zip(batch, batch_videos)]
+    logps, mask = scorer(batch_videos, prompts, answers)
+    ref_logps = reference.logps(policy, batch_videos, prompts, answers, cfg.shared_prefix, accelerator.autocast)
+    # 6. the clipped objective
+    loss, metrics = grpo_loss(logps, scored.advantages.to(logps.device, logps.dtype), mask, ref_logps=ref_logps,
+                              loss_type=g.loss_type, beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
+                              max_completion_length=g.max_completion_length, kl_ratio_correction=g.kl_ratio_correction)
+    accelerator.backward(loss)
+    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm) if accelerator.sync_gradients else None
+    eos = policy.tokenizer.eos_token_id
+    flat = [a for group in answers for a in group]
+    lengths = torch.tensor([len(a) for a in flat])
+    terminated = torch.tensor([bool(a) and a[-1] == eos for a in flat])
+    return {"loss": loss.item(), **metrics, **scored.metrics, **completion_metrics(lengths, terminated),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+
+def sample_groups(policy: VideoPolicy, batch: Sequence[Question], videos: Sequence[PreparedVideo], g: GRPOConfig, *,
+                  seed: int, step: int) -> list[list[list[int]]]:
+    """``g.num_generations`` answers (token ids) to each question, one ``generate`` call, no gradients.
+    Row seeds depend on (seed, step, question id) only: a resumed run samples the same answers."""
+    was_training = policy.model.training
+    policy.model.eval()
+    with torch.no_grad():
+        encoded = encode_once(policy, videos)
+        seeds = [zlib.crc32(f"{seed}|{step}|{q.qa.id}".encode()) for q in batch]
+        groups = policy.generate_ids([(v, q.qa.question) for v, q in zip(encoded, batch)], n=g.num_generations,
+                                     temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_completion_length,
+                                     seeds=seeds)
+    policy.model.train(was_training)
+    eos = policy.tokenizer.eos_token_id
+    return [[a or [eos] for a in group] for group in groups]  # an empty answer is scored as its end-of-turn
+
+
+# -- rewards and reference -----------------------------------------------------------------------------
+class Rewards:
+    """The configured reward functions: ``(answers, functions)`` rewards of a batch's groups, NaN
+    where a function does not apply."""
+
+    def __init__(self, g: GRPOConfig, judge: CaptionJudge | None):
+        self.names = [r.name for r in g.rewards]
+        self.weights = torch.tensor([r.weight for r in g.rewards])
+        if "caption_judge" in self.names:
+            if judge is None:
+                raise ValueError("train.grpo.rewards: caption_judge needs the run's judge")
+            if judge.cfg.protocol != "caption_reward":
+                raise ValueError(f"train.grpo.rewards: caption_judge reads 1-5 caption_reward scores; judge.protocol is {judge.cfg.protocol!r}")
+        self.judge = judge
+
+    def __call__(self, batch: Sequence[Question], texts: Sequence[Sequence[str]], step: int) -> torch.Tensor:
+        columns = []
+        for name in self.names:
+            if name == "caption_judge":
+                # target ids name the step, so the reply cache keeps each step's answers apart by text anyway
+                items = [JudgeItem.for_answer(q.video, q.qa, text, f"{q.qa.id}#grpo{step}.{k}")
+                         for q, group in zip(batch, texts) for k, text in enumerate(group)]
+                columns.append(judge_rewards(self.judge, items))
+            else:
+                columns.append([RULES[name](text, q.qa.answer) for q, group in zip(batch, texts) for text in group])
+        return torch.tensor(columns, dtype=torch.float32).T
+
+
+@dataclass
+class GroupReference:
+    """The reference's per-token log-probs of the groups' answers, when ``needed`` (beta > 0): the
+    policy with its ``lora`` adapters off, or the ``frozen_copy`` of a fully trained model."""
+
+    needed: bool
+    lora: PeftModel | None = None
+    frozen_copy: torch.nn.Module | None = None
+
+    def logps(self, policy: VideoPolicy, videos: Sequence[PreparedVideo], prompts: Sequence[list[int]],
+              answers: Sequence[Sequence[list[int]]], shared_prefix: bool, autocast) -> torch.Tensor | None:
+        if not self.needed:
+            return None
+        with torch.no_grad(), autocast():
+            encoded = encode_once(policy, videos)
+            if self.lora is not None:
+                with self.lora.disable_adapter():
+                    return group_token_logps(policy, encoded, prompts, answers, shared_prefix)[0]
+            return group_token_logps(policy.with_model(self.frozen_copy, "reference"), encoded, prompts, answers, shared_prefix)[0]
+
+
+# -- what the engines wrap --------------------------------------------------------------------------
+class GroupScorer(torch.nn.Module):
+    """The module accelerate wraps: a batch of questions' groups -> per-token log-probs of every
+    answer and their mask (``group_token_logps``), videos encoded here once when the encoder trains."""
+
+    def __init__(self, policy: VideoPolicy, shared_prefix: bool):
+        super().__init__()
+        self.model = policy.model
+        self.policy = policy
+        self.shared_prefix = shared_prefix
+        self._no_split_modules = policy.model._no_split_modules
+
+    def forward(self, videos: Sequence[PreparedVideo], prompts: Sequence[list[int]],
+                answers: Sequence[Sequence[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return group_token_logps(self.policy, encode_once(self.policy, videos), prompts, answers, self.shared_prefix)
+
+
+# -- set-up --------------------------------------------------------------------------------------------
+def prepare_questions(qa_file: RecordFile[QAItem], videos_file: RecordFile[Video], encoder: VideoEncoder,
+                      cfg: TrainConfig, fail_fast: bool) -> tuple[list[Question], dict[str, PreparedVideo]]:
+    """The train questions whose video is usable, and each video once: embeddings for a frozen
+    encoder (from the disk cache when there is one), else pixels the step encodes with autograd.
+    A bad video is recorded and its questions dropped."""
+    questions = [q for q in qa_file.all() if q.split == "train"]
+    if not questions:
+        raise ValueError(f"{qa_file.path}: no train questions to sample answers for")
+    records = videos_file.by_id()
+    prompts: dict[str, list[str]] = {}
+    for q in questions:
+        prompts.setdefault(q.video_id, []).append(q.question)
+    prepare = encoder.encode if frozen_encoder(cfg) else encoder.pixels
+    errors = ItemErrors("train", fail_fast)
+    videos: dict[str, PreparedVideo] = {}
+    for video_id in tqdm(sorted(prompts), desc="grpo: videos", unit="video"):
+        try:
+            if video_id not in records:
+                raise KeyError(f"{video_id}: questions name a video that is not in the run's videos")
+            videos[video_id] = prepare(records[video_id], prompts[video_id], cfg.grpo.max_completion_length)
+        except (*ITEM_ERRORS, KeyError) as e:
+            errors.record(video_id, e)
+    usable = [Question(q, records[q.video_id]) for q in questions if q.video_id in videos]
+    if not usable:
+        raise ValueError(f"{qa_file.path}: no train question has a usable video")
+    return usable, videos
+
+
+def question_loader(questions: list[Question], cfg: TrainConfig) -> DataLoader:
+    """Batches of ``grpo.questions_per_step`` questions, a video's questions together, in an order of seed and epoch."""
+    return DataLoader(questions, batch_size=cfg.grpo.questions_per_step, collate_fn=list,
+                      sampler=VideoGroupedSampler([q.video.id for q in questions], cfg.seed))

@@ -1,0 +1,149 @@
+"""Online GRPO (train.algorithm: grpo): rule rewards, group advantages, and the stage on the tiny policy with a
+scripted judge - exact resume after a kill, the TRL metrics, the judge budget guard, the pipeline's GRPO round."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_rounds import ScriptedJudgeLLM, scripted_run, write_config
+
+from capdpo import grpo, training
+from capdpo.config import FramesConfig, JudgeConfig, LLMConfig, TrainConfig
+from capdpo.errors import BudgetExceeded
+from capdpo.grpo_loss import group_advantages, grpo_loss
+from capdpo.judge.judge import CaptionJudge
+from capdpo.models.load import load_policy
+from capdpo.records import QAItem, RecordFile, Video
+from capdpo.rewards import exact_match, first_number, numeric
+from capdpo.rundir import RunPaths
+
+FRAMES = FramesConfig(num_frames=4)
+
+
+def test_rule_rewards():
+    assert exact_match("The cat.", "cat") == 1.0 and exact_match("a dog", "cat") == 0.0
+    assert numeric("There are three shapes.", "3 shapes") == 1.0
+    assert numeric("Two.", "There are 3.") == 0.0 and numeric("I cannot tell.", "3") == 0.0
+    assert math.isnan(numeric("red", "It is a red ball."))  # no number in the reference: does not apply
+    assert first_number("no number here") is None and first_number("about 2.5 seconds") == 2.5
+
+
+def test_a_group_of_equal_rewards_teaches_nothing_and_an_unscorable_answer_gets_no_advantage():
+    rewards = torch.tensor([[1.0], [1.0], [1.0], [1.0], [1.0], [0.0], [math.nan], [0.0]])
+    scored = group_advantages(rewards, torch.tensor([1.0]), 4, ["r"])
+    assert scored.advantages[:4].abs().max() == 0 and scored.advantages[6] == 0
+    assert scored.advantages[4] > 0 > scored.advantages[5]
+    assert scored.metrics["frac_reward_zero_std"] == 0.5
+    logps = torch.randn(8, 3, requires_grad=True)
+    loss, _ = grpo_loss(logps, torch.zeros(8), torch.ones(8, 3))
+    assert loss.item() == 0.0
+
+
+@pytest.fixture(scope="module")
+def grpo_data(tmp_path_factory) -> tuple[RecordFile[QAItem], RecordFile[Video]]:
+    """Three synthetic clips and two exact train questions each: the count question (numeric reward) and one other."""
+    from capdpo.media.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("grpo-data")
+    clips = make_synthetic_dataset(root / "clips", 3, seed=3)
+    videos, qa = RecordFile(root / "videos.jsonl", Video), RecordFile(root / "qa.jsonl", QAItem)
+    videos.write(c.video for c in clips)
+    items = []
+    for c in clips:
+        count = next(x for x in c.qa if x[2] == "count")
+        other = next(x for x in c.qa if x[2] != "count")
+        items += [QAItem(id=f"{c.video.id}_{i}", video_id=c.video.id, question=q, answer=a) for i, (q, a, _) in enumerate([count, other])]
+    qa.write(items)
+    return qa, videos
+
+
+def judge(tmp_path: Path, **limits) -> tuple[CaptionJudge, ScriptedJudgeLLM]:
+    llm = ScriptedJudgeLLM()
+    cfg = JudgeConfig(mode="generate", llm=LLMConfig(backend="openai", model="scripted-judge"), **limits)
+    return CaptionJudge(cfg, tmp_path, llm=llm), llm
+
+
+def grpo_once(grpo_data, policy_dir, cache_dir, out: Path, judge_: CaptionJudge, **overrides) -> Path:
+    questions, videos = grpo_data
+    settings = {"algorithm": "grpo", "epochs": 1, "lr": 1e-3, "lora": False, "save_every": 1,
+                "grpo": {"num_generations": 3, "questions_per_step": 2, "max_completion_length": 8, "beta": 0.04,
+                         "rewards": [{"name": "caption_judge"}, {"name": "numeric", "weight": 0.5}]}}
+    cfg = TrainConfig(**{**settings, **overrides})
+    policy = load_policy(str(policy_dir), cache_dir, "cpu", "float32")
+    return grpo.run_grpo(questions, videos, policy, cfg, FRAMES, out, judge=judge_)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_killed_grpo_resumes_to_the_same_weights_and_logs_trl_metrics(grpo_data, tiny_policy_dir, cache_dir,
+                                                                      tmp_path, monkeypatch):
+    whole = grpo_once(grpo_data, tiny_policy_dir, cache_dir, tmp_path / "whole", judge(tmp_path / "j1")[0])
+    rows = metrics(tmp_path / "whole")
+    assert [r["step"] for r in rows] == [1, 2, 3]  # 6 questions, 2 a step
+    for name in ("loss", "reward", "reward_std", "rewards/caption_judge/mean", "rewards/numeric/std", "kl",
+                 "clip_ratio/region_mean", "completions/mean_length", "completions/clipped_ratio", "frac_reward_zero_std",
+                 "grad_norm", "step_time_s"):
+        assert all(math.isfinite(r[name]) for r in rows), name
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first step's policy is the reference
+
+    step, calls = grpo.grpo_step, []
+
+    def dies_at_the_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(grpo, "grpo_step", dies_at_the_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        grpo_once(grpo_data, tiny_policy_dir, cache_dir, tmp_path / "resumed", judge(tmp_path / "j2")[0])
+    assert training.latest_checkpoint(tmp_path / "resumed" / "checkpoints").name == "step-2"
+    monkeypatch.setattr(grpo, "grpo_step", step)
+    resumed = grpo_once(grpo_data, tiny_policy_dir, cache_dir, tmp_path / "resumed", judge(tmp_path / "j3")[0])
+
+    a, b = load_file(whole / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run's"
+    assert metrics(tmp_path / "resumed")[-1]["reward"] == pytest.approx(rows[-1]["reward"])
+
+
+def test_lora_grpo_with_its_adapters_off_as_reference(grpo_data, tiny_policy_dir, cache_dir, tmp_path):
+    before = load_file(tiny_policy_dir / "model.safetensors")
+    out = grpo_once(grpo_data, tiny_policy_dir, cache_dir, tmp_path / "lora", judge(tmp_path)[0],
+                    lora=True, lr=5e-2, max_steps=2, grpo={"num_generations": 4, "questions_per_step": 3, "beta": 0.1,
+                                                           "max_completion_length": 6, "loss_type": "grpo",
+                                                           "rewards": [{"name": "caption_judge"}]})
+    after = load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before if "language_model" in k)  # merged adapters moved the LLM
+    assert all(torch.equal(before[k], after[k]) for k in before if "vision_tower" in k)
+    assert len(metrics(tmp_path / "lora")) == 2
+
+
+def test_the_judge_budget_stops_grpo_with_a_checkpoint_to_resume_from(grpo_data, tiny_policy_dir, cache_dir,
+                                                                      tmp_path):
+    limited, llm = judge(tmp_path, max_requests=8)  # one step's 6 answers fit, the second's do not
+    with pytest.raises(BudgetExceeded, match="GRPO stopped at step 1"):
+        grpo_once(grpo_data, tiny_policy_dir, cache_dir, tmp_path / "out", limited)
+    assert llm.prompts == 6
+    assert training.latest_checkpoint(tmp_path / "out" / "checkpoints").name == "step-1"
+
+
+def test_a_grpo_round_in_the_pipeline_skips_sampling_and_pairs(tiny_policy_dir, cache_dir, tmp_path):
+    config = write_config(tmp_path / "c.yaml", tmp_path / "run", tiny_policy_dir, cache_dir,
+                          train={"algorithm": "grpo", "epochs": 1, "lr": 1e-3, "lora": False,
+                                 "grpo": {"num_generations": 2, "questions_per_step": 4, "max_completion_length": 6}})
+    run, _ = scripted_run(config)
+    run.run_all()
+    paths = RunPaths(tmp_path / "run")
+    assert not paths.candidates.exists() and not paths.pairs.exists()
+    assert (paths.train / "policy" / training.DONE).exists()
+    assert {s.tag or s.id for s in paths.eval_summary.read()} == {"before", "after"}
+    assert "rewards/caption_judge/mean" in (paths.train / "metrics.jsonl").read_text()
+    page = paths.report.read_text()
+    assert "GRPO training" in page and "last reward" in page and "After minus before" in page
