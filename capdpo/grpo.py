@@ -185,7 +185,7 @@ class Rewards:
         columns = []
         for name in self.names:
             if name == "caption_judge":
-                # target ids name the step, so the reply cache keeps each step's answers apart by text anyway
+                # the reply cache keys on the prompt, so an answer judged at an earlier step (or before a kill) costs nothing again
                 items = [JudgeItem.for_answer(q.video, q.qa, text, f"{q.qa.id}#grpo{step}.{k}")
                          for q, group in zip(batch, texts) for k, text in enumerate(group)]
                 columns.append(judge_rewards(self.judge, items))
