@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 export CAPDPO_CACHE ?= $(HOME)/.cache/capdpo
 
-.PHONY: setup models demo mini-repro test test-fast clean-demo
+.PHONY: setup models demo mini-repro mini-repro-grpo test test-fast clean-demo
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,10 @@ demo: models
 # the paper's two claims in miniature, with the truth known (README "Miniature reproduction")
 mini-repro: models
 	$(VENV)/bin/capdpo repro configs/mini-repro.yaml
+
+# claim 2's online arm on the same run: GRPO with judge-mini as reward, at the DPO arm's judged answers
+mini-repro-grpo: models
+	$(VENV)/bin/capdpo repro configs/mini-repro.yaml --set "repro.grpo_seeds=[0]"
 
 test: setup
 	$(PY) -m pytest -q

@@ -196,6 +196,7 @@ class GRPOConfig(Section):
     scale_rewards: Literal["group", "batch", "none"] = Field("group", description="Divide advantages by the group's reward std, the batch's, or nothing (Dr. GRPO).")
     rewards: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="caption_judge")], min_length=1,
                                       description="Reward functions and weights, summed (a function that does not apply to a question gives no reward there).")
+    judge_overlap: Literal["auto", "on", "off"] = Field("auto", description="Send the judge's requests on a thread and score the answers' log-probs meanwhile: auto = when the judge is remote (openai backend); an in-process judge would share the policy's device.")
 
 
 class TrainConfig(Section):
@@ -290,6 +291,7 @@ class ReproConfig(Section):
     pair_sources: list[Literal["judge", "oracle", "random"]] = Field(default_factory=lambda: ["judge", "oracle", "random"], min_length=1, description="Where claim 2's pairs come from: the caption judge, the oracle (upper bound), random pairing (control).")
     equal_pairs: bool = Field(True, description="Train every source on the same number of pairs (the smallest source's count, a seeded subsample).")
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="DPO training seeds; each source is trained once per seed.")
+    grpo_seeds: list[int] = Field(default_factory=list, description="Claim 2's online arm: GRPO from the SFT start rewarded by the run's judge (train.grpo), once per seed, one epoch with G = sample.n, so it asks the judge as often as the DPO arm's sampled answers did; [] = not run.")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of the held-out questions for the confidence intervals.")
 
 

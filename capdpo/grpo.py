@@ -7,11 +7,12 @@ DPO learns from answers sampled once, before training. GRPO samples while it tra
      computed once); each answer's row is seeded by (seed, step, question), so a resumed run samples
      the same answers
   3. rewards: the judge service's caption-grounded score (reply cache, retries, budget) and/or rule
-     rewards, weighted and summed (``capdpo.rewards``)
-  4. advantages normalised within each question's group (``capdpo.grpo_loss.group_advantages``)
-  5. per-token log-probs of the G answers in one packed row: the video and question run once, the
+     rewards, weighted and summed (``capdpo.rewards``); a remote judge's requests go out on a thread
+     and are in flight while step 4 runs (``grpo.judge_overlap``)
+  4. per-token log-probs of the G answers in one packed row: the video and question run once, the
      answers behind them under a tree mask (``capdpo.policy.logps.group_token_logps``); the
      reference's the same way without gradients (LoRA adapters off, or a frozen copy) when ``beta`` > 0
+  5. advantages normalised within each question's group (``capdpo.grpo_loss.group_advantages``)
   6. the clipped policy-gradient loss (``capdpo.grpo_loss.grpo_loss``), backward, clip, step, metrics
 
 One update per generation batch (TRL's default ``num_iterations=1``): the sampling policy is the one
@@ -25,6 +26,7 @@ import copy
 import logging
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,13 +130,14 @@ def grpo_step(scorer: GroupScorer, batch: list[Question], videos: dict[str, Prep
     # 1-2. G answers per question from the current policy
     answers = sample_groups(policy, batch, batch_videos, g, seed=cfg.seed, step=step)
     texts = [[policy.tokenizer.decode(a, skip_special_tokens=True).strip() for a in group] for group in answers]
-    # 3-4. rewards, advantages within each question's group
-    per_function = rewards(batch, texts, step)
-    scored = group_advantages(per_function, rewards.weights, g.num_generations, rewards.names, g.scale_rewards)
-    # 5. per-token log-probs: the policy's (with its graph), the reference's (none)
+    # 3. rewards: a remote judge works on them while the policy scores the answers
+    pending = rewards.submit(batch, texts, step)
+    # 4. per-token log-probs: the policy's (with its graph), the reference's (none)
     prompts = [policy.prompt_ids(q.qa.question, v.layout) for q, v in zip(batch, batch_videos)]
     logps, mask = scorer(batch_videos, prompts, answers)
     ref_logps = reference.logps(policy, batch_videos, prompts, answers, cfg.shared_prefix, accelerator.autocast)
+    # 5. advantages within each question's group
+    scored = group_advantages(pending.result(), rewards.weights, g.num_generations, rewards.names, g.scale_rewards)
     # 6. the clipped objective
     loss, metrics = grpo_loss(logps, scored.advantages.to(logps.device, logps.dtype), mask, ref_logps=ref_logps,
                               loss_type=g.loss_type, beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
@@ -169,7 +172,13 @@ def sample_groups(policy: VideoPolicy, batch: Sequence[Question], videos: Sequen
 # -- rewards and reference -----------------------------------------------------------------------------
 class Rewards:
     """The configured reward functions: ``(answers, functions)`` rewards of a batch's groups, NaN
-    where a function does not apply."""
+    where a function does not apply.
+
+    ``submit`` returns a future. With overlap (a remote judge, or ``judge_overlap: on``) one worker
+    thread computes the rewards while the caller goes on: the judge's HTTP requests wait on the
+    network, not on the policy's device, and an error of the judge (a spent budget) is raised by
+    ``result()``. An in-process judge runs at once on the caller's thread (two models on one CPU or
+    GPU would only take turns). Either way the rewards are the same."""
 
     def __init__(self, g: GRPOConfig, judge: CaptionJudge | None):
         self.names = [r.name for r in g.rewards]
@@ -180,6 +189,16 @@ class Rewards:
             if judge.cfg.protocol != "caption_reward":
                 raise ValueError(f"train.grpo.rewards: caption_judge reads 1-5 caption_reward scores; judge.protocol is {judge.cfg.protocol!r}")
         self.judge = judge
+        remote = judge is not None and all(j.backend == "openai" for j in (judge.cfg.llm, *judge.cfg.ensemble))
+        overlap = g.judge_overlap == "on" or (g.judge_overlap == "auto" and remote and "caption_judge" in self.names)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpo-judge") if overlap else None
+
+    def submit(self, batch: Sequence[Question], texts: Sequence[Sequence[str]], step: int) -> Future[torch.Tensor]:
+        if self._worker is not None:
+            return self._worker.submit(self, batch, texts, step)
+        done: Future[torch.Tensor] = Future()
+        done.set_result(self(batch, texts, step))
+        return done
 
     def __call__(self, batch: Sequence[Question], texts: Sequence[Sequence[str]], step: int) -> torch.Tensor:
         columns = []

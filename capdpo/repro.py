@@ -3,7 +3,8 @@
     capdpo repro configs/mini-repro.yaml      # a run config with a ``repro`` section
 
 Claim 1: a text-only judge that reads the caption scores answers in line with the truth. Claim 2:
-DPO on pairs from that judge improves open-ended video QA. Synthetic clips make both checkable: the
+DPO on pairs from that judge improves open-ended video QA (and, optionally, online GRPO with that
+judge as its reward at the same number of judged answers). Synthetic clips make both checkable: the
 oracle (``capdpo.oracle``) decides from the scene whether any free-form answer is correct.
 
 The experiment composes the ordinary stages and writes everything under the run folder:
@@ -15,6 +16,7 @@ The experiment composes the ordinary stages and writes everything under the run 
                                           similarity and by the oracle; agreement of each with the oracle
     claim2/pairs-<source>.jsonl           pairs from the caption judge, the oracle and random pairing
     claim2/<source>-s<seed>/              DPO from the SFT start on those pairs
+    claim2/grpo-s<seed>/                  online GRPO from the SFT start, the caption judge as reward (repro.grpo_seeds)
     claim2/eval/<policy>/                 greedy answers to the test questions, judge and oracle scores
     mini-repro.md, mini-repro.json        both tables, with bootstrap confidence intervals
     repro_times.json                      seconds per stage, summed over interrupted and resumed invocations
@@ -75,6 +77,8 @@ def run_repro(cfg: RunConfig) -> Path:
     timed("sample", run.sample)
     timed("judge (caption)", run.judge_candidates)
     claim1 = timed("claim 1 scorers", claim1_agreement, run)
+    if cfg.repro.grpo_seeds:
+        timed("claim 2 online (GRPO, evaluation)", claim2_grpo, run, sft)
     claim2 = timed("claim 2 (pairs, DPO, evaluation)", claim2_dpo, run, sft)
     results = {"claim1": claim1, "claim2": claim2, "data": data_summary(run.paths, cfg.repro.sft_videos), "timings_s": times.seconds,
                "run_time_s": sum(times.seconds.values()), "invocations": times.invocations}
@@ -238,7 +242,11 @@ def claim2_dpo(run: Run, sft: Path) -> dict:
                                 run.cfg.frames, out / f"{source}-s{seed}", embed_cache=run.embedding_cache,
                                 reference_file=references[source], fail_fast=run.cfg.fail_fast)
             evals[name] = evaluate_policy(run, name, trained)
-    evals |= pooled_over_seeds(evals, pairs, cfg.seeds)
+    evals |= claim2_grpo(run, sft)
+    arms = {f"DPO ({source} pairs, {len(cfg.seeds)} seeds pooled)": [policy_name(source, seed) for seed in cfg.seeds]
+            for source in pairs}
+    arms[f"GRPO (judge reward, {len(cfg.grpo_seeds)} seeds pooled)"] = [grpo_name(seed) for seed in cfg.grpo_seeds]
+    evals |= pooled_over_seeds(evals, arms)
     rows = compare_to(evals, "SFT", cfg.bootstrap, cfg.seeds[0])
     for name, row in rows.items():
         source = next((s for s in pairs if f"({s} pairs" in name), None)
@@ -247,24 +255,60 @@ def claim2_dpo(run: Run, sft: Path) -> dict:
     return {"policies": rows, "headroom": room, "accuracy_by_kind": accuracy_by_kind(evals),
             "pairs_available": {s: len(p) for s, p in available.items()},
             "pair_orientation": {s: pair_orientation(p, oracle) for s, p in pairs.items()},
-            "test_questions": len(held_out_questions(run.paths))}
+            "test_questions": len(held_out_questions(run.paths)),
+            "answers_judged": answers_judged(run, cfg.grpo_seeds)}
+
+
+def answers_judged(run: Run, grpo_seeds: Sequence[int]) -> dict[str, int]:
+    """Answers the caption judge scored for each judge-fed arm: the judge pairs' sampled candidates,
+    and GRPO's G = ``sample.n`` answers to each train question, once per seed."""
+    out = {"DPO (judge pairs)": sum(1 for c in run.paths.candidates.read())}
+    if grpo_seeds:
+        out["GRPO (judge reward), per seed"] = sum(q.split == "train" for q in run.paths.qa.read()) * run.cfg.sample.n
+    return out
 
 
 def policy_name(source: str, seed: int) -> str:
     return f"DPO ({source} pairs, seed {seed})"
 
 
-def pooled_over_seeds(evals: Mapping[str, Mapping[str, dict]], sources: Sequence[str], seeds: Sequence[int]) -> dict[str, dict]:
-    """Per source trained with several seeds, one more row: each held-out question's oracle and
-    judge score averaged over the seeds, so its bootstrap interval (over questions) covers the
-    seeds together."""
+def grpo_name(seed: int) -> str:
+    return f"GRPO (judge reward, seed {seed})"
+
+
+def claim2_grpo(run: Run, sft: Path) -> dict[str, dict]:
+    """The online arm, per ``repro.grpo_seeds``: GRPO from the SFT start, then its held-out
+    evaluation (both resume from disk, so claim 2 collects them again at no cost)."""
+    out = run.paths.top / "claim2"
+    out.mkdir(exist_ok=True)
+    return {grpo_name(seed): evaluate_policy(run, grpo_name(seed), online_grpo(run, sft, seed, out / f"grpo-s{seed}"))
+            for seed in run.cfg.repro.grpo_seeds}
+
+
+def online_grpo(run: Run, sft: Path, seed: int, out_dir: Path) -> Path:
+    """GRPO from the SFT start on the run's train questions, rewarded by the run's caption judge
+    (``train.grpo``'s other settings): one epoch with G = ``sample.n`` answers a question, so it
+    judges as many answers as the DPO arm's sampling did, but each from the policy being trained."""
+    from capdpo.grpo import run_grpo
+    from capdpo.models.load import policy_from_config
+
+    g = run.cfg.train.grpo.model_copy(update={"num_generations": run.cfg.sample.n})
+    train = run.cfg.train.model_copy(update={"algorithm": "grpo", "seed": seed, "epochs": 1, "grpo": g})
+    policy = policy_from_config(run.cfg.policy.model_copy(update={"model": str(sft)}), run.cfg.cache_dir)
+    return run_grpo(run.paths.qa, run.paths.videos, policy, train, run.cfg.frames, out_dir, judge=run.judge,
+                    embed_cache=run.embedding_cache, fail_fast=run.cfg.fail_fast)
+
+
+def pooled_over_seeds(evals: Mapping[str, Mapping[str, dict]], arms: Mapping[str, Sequence[str]]) -> dict[str, dict]:
+    """Per arm trained with several seeds (``{pooled row's name: the seeds' policy names}``), one
+    more row: each held-out question's oracle and judge score averaged over the seeds, so its
+    bootstrap interval (over questions) covers the seeds together."""
     pooled = {}
-    for source in sources:
-        names = [policy_name(source, seed) for seed in seeds]
+    for pooled_name, names in arms.items():
         if len(names) < 2:
             continue
         common = set.intersection(*(set(evals[n]) for n in names))
-        pooled[f"DPO ({source} pairs, {len(names)} seeds pooled)"] = {
+        pooled[pooled_name] = {
             q: {"oracle": float(np.mean([evals[n][q]["oracle"] for n in names])),
                 "judge": None if any(evals[n][q]["judge"] is None for n in names) else float(np.mean([evals[n][q]["judge"] for n in names])),
                 "kind": evals[names[0]][q]["kind"]} for q in sorted(common)}
@@ -471,7 +515,8 @@ def write_report(top: Path, results: dict) -> Path:
                          for pair, by_kind in st["auroc_differences"].items()]
     lines += [
         "",
-        f"## Claim 2: DPO from the SFT start, held-out questions ({c2['test_questions']}), 95% bootstrap CIs",
+        (f"## Claim 2: DPO{' and online GRPO' if any(n.startswith('GRPO') for n in c2['policies']) else ''} from the SFT start, "
+         f"held-out questions ({c2['test_questions']}), 95% bootstrap CIs"),
         "",
         "| policy | pairs | oracle accuracy | vs SFT (paired) | share of headroom closed | judge score (1-5) |",
         "|---|---|---|---|---|---|",
@@ -491,6 +536,7 @@ def write_report(top: Path, results: dict) -> Path:
               "correct or both wrong): " + "; ".join(
                   f"{s} {o['right']} right, {o['reversed']} reversed, {o['tied']} tied"
                   for s, o in c2["pair_orientation"].items()) + "."]
+    lines += ["", "Answers scored by the caption judge: " + ", ".join(f"{arm} {n}" for arm, n in c2.get("answers_judged", {}).items()) + "."]
     lines += ["", "Pairs available before equalising: " +
               ", ".join(f"{s} {n}" for s, n in c2["pairs_available"].items()) + ".",
               "", "Stage times (min): " + ", ".join(f"{k} {v / 60:.1f}" for k, v in results["timings_s"].items()) + "."]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,11 +19,14 @@ from capdpo.errors import BudgetExceeded
 from capdpo.grpo_loss import group_advantages, grpo_loss
 from capdpo.judge.judge import CaptionJudge
 from capdpo.models.load import load_policy
+from capdpo.policy.video import VideoEncoder
 from capdpo.records import QAItem, RecordFile, Video
 from capdpo.rewards import exact_match, first_number, numeric
 from capdpo.rundir import RunPaths
 
 FRAMES = FramesConfig(num_frames=4)
+GRPO = {"num_generations": 3, "questions_per_step": 2, "max_completion_length": 8, "beta": 0.04,
+        "rewards": [{"name": "caption_judge"}, {"name": "numeric", "weight": 0.5}]}
 
 
 def test_rule_rewards():
@@ -70,9 +74,7 @@ def judge(tmp_path: Path, **limits) -> tuple[CaptionJudge, ScriptedJudgeLLM]:
 
 def grpo_once(grpo_data, policy_dir, cache_dir, out: Path, judge_: CaptionJudge, **overrides) -> Path:
     questions, videos = grpo_data
-    settings = {"algorithm": "grpo", "epochs": 1, "lr": 1e-3, "lora": False, "save_every": 1,
-                "grpo": {"num_generations": 3, "questions_per_step": 2, "max_completion_length": 8, "beta": 0.04,
-                         "rewards": [{"name": "caption_judge"}, {"name": "numeric", "weight": 0.5}]}}
+    settings = {"algorithm": "grpo", "epochs": 1, "lr": 1e-3, "lora": False, "save_every": 1, "grpo": GRPO}
     cfg = TrainConfig(**{**settings, **overrides})
     policy = load_policy(str(policy_dir), cache_dir, "cpu", "float32")
     return grpo.run_grpo(questions, videos, policy, cfg, FRAMES, out, judge=judge_)
@@ -134,6 +136,48 @@ def test_the_judge_budget_stops_grpo_with_a_checkpoint_to_resume_from(grpo_data,
     assert training.latest_checkpoint(tmp_path / "out" / "checkpoints").name == "step-1"
 
 
+class WaitsForThePolicy(ScriptedJudgeLLM):
+    """A remote judge whose replies come once the policy has scored the step's answers: with the
+    overlap it is asked on a worker thread and waits; asked before the scoring, it would wait in vain."""
+
+    backend = "openai"
+
+    def __init__(self, scored: threading.Event):
+        super().__init__()
+        self.scored, self.calls = scored, []
+
+    def chat(self, prompts, **kwargs):
+        waited = self.scored.wait(timeout=30)
+        self.scored.clear()
+        self.calls.append((threading.current_thread() is threading.main_thread(), waited))
+        return super().chat(prompts, **kwargs)
+
+
+def test_a_remote_judge_works_while_the_policy_scores_the_answers(grpo_data, tiny_policy_dir, cache_dir, tmp_path,
+                                                                  monkeypatch):
+    scored = threading.Event()
+    forward = grpo.GroupScorer.forward
+
+    def scores_then_signals(self, *args):
+        out = forward(self, *args)
+        scored.set()
+        return out
+
+    monkeypatch.setattr(grpo.GroupScorer, "forward", scores_then_signals)
+    overlapped = WaitsForThePolicy(scored)
+    cfg = JudgeConfig(mode="generate", llm=LLMConfig(backend="openai", model="scripted-judge"))
+    grpo_once(grpo_data, tiny_policy_dir, cache_dir, tmp_path / "overlap", CaptionJudge(cfg, tmp_path, llm=overlapped))
+    assert overlapped.calls == [(False, True)] * 3  # each step: asked on the worker, answered after the scoring
+
+    monkeypatch.setattr(grpo.GroupScorer, "forward", forward)
+    in_turn = ScriptedJudgeLLM()
+    grpo_once(grpo_data, tiny_policy_dir, cache_dir, tmp_path / "in-turn", CaptionJudge(cfg, tmp_path / "j", llm=in_turn),
+              grpo={**GRPO, "judge_overlap": "off"})
+    same = ("reward", "rewards/caption_judge/mean", "loss", "kl")
+    assert [{k: r[k] for k in same} for r in metrics(tmp_path / "overlap")] == \
+        [{k: r[k] for k in same} for r in metrics(tmp_path / "in-turn")]
+
+
 def test_a_grpo_round_in_the_pipeline_skips_sampling_and_pairs(tiny_policy_dir, cache_dir, tmp_path):
     config = write_config(tmp_path / "c.yaml", tmp_path / "run", tiny_policy_dir, cache_dir,
                           train={"algorithm": "grpo", "epochs": 1, "lr": 1e-3, "lora": False,
@@ -147,3 +191,30 @@ def test_a_grpo_round_in_the_pipeline_skips_sampling_and_pairs(tiny_policy_dir, 
     assert "rewards/caption_judge/mean" in (paths.train / "metrics.jsonl").read_text()
     page = paths.report.read_text()
     assert "GRPO training" in page and "last reward" in page and "After minus before" in page
+
+
+@pytest.mark.slow
+def test_grpo_trains_the_mini_policy_end_to_end(grpo_data, cache_dir, tmp_path):
+    """The built-in architecture at its real size (DINOv2-S, 8 frames, SmolLM2-135M with LoRA): two
+    GRPO steps with the caption reward and the numeric rule, a policy saved that loads and answers."""
+    from capdpo.models.mini import SPEC, assemble_mini
+
+    questions, videos = grpo_data
+    cfg = TrainConfig(algorithm="grpo", epochs=1, max_steps=2, lr=1e-3, lora=True, save_every=0,
+                      grpo={"num_generations": 4, "questions_per_step": 2, "max_completion_length": 12, "beta": 0.04,
+                            "rewards": [{"name": "caption_judge"}, {"name": "numeric"}]})
+    start = assemble_mini(cache_dir)
+    before = {k: v.clone() for k, v in start.model.state_dict().items()}
+    out = grpo.run_grpo(questions, videos, start, cfg, FramesConfig(num_frames=SPEC.num_frames),
+                        tmp_path / "mini", judge=judge(tmp_path)[0])
+    rows = metrics(tmp_path / "mini")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r[k]) for r in rows for k in ("loss", "reward", "kl", "grad_norm", "completions/mean_length"))
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    policy = load_policy(str(out), cache_dir, "cpu", "float32")
+    after = policy.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if "language_model" in k)  # the merged adapters
+    assert all(torch.equal(before[k], after[k]) for k in before if "vision_tower" in k)
+    q = questions.all()[0]
+    encoded = VideoEncoder(policy, FramesConfig(num_frames=SPEC.num_frames)).encode(videos.by_id()[q.video_id], [q.question], 8)
+    assert len(policy.generate(encoded, q.question, max_new_tokens=8)) == 1

