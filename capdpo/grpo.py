@@ -25,8 +25,9 @@ from __future__ import annotations
 import copy
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,9 +88,6 @@ def run_grpo(qa_file: RecordFile[QAItem], videos_file: RecordFile[Video], policy
     rewards = Rewards(cfg.grpo, judge)
     accelerator = make_accelerator(cfg, out_dir)
     check_setup(cfg, accelerator)
-    if sharded_engine(accelerator):
-        raise ValueError("train.algorithm=grpo samples with the whole model in each process: use one process, DDP or "
-                         "DeepSpeed ZeRO-2 (ZeRO-3 / FSDP generation is not supported yet)")
     if accelerator.num_processes > 1:
         policy.model.to(accelerator.device)
     torch.manual_seed(cfg.seed)
@@ -124,46 +122,58 @@ def grpo_step(scorer: GroupScorer, batch: list[Question], videos: dict[str, Prep
               reference: GroupReference, cfg: TrainConfig, accelerator: Accelerator,
               trainable: list[torch.nn.Parameter], step: int) -> dict[str, float]:
     """Sample, reward, score and update on one batch of questions; returns the logged metrics."""
-    g = cfg.grpo
     policy: VideoPolicy = accelerator.unwrap_model(scorer).policy
+    loss, metrics = grpo_objective(scorer, policy, batch, videos, rewards, reference, cfg, step, accelerator.autocast,
+                                   sharded=sharded_engine(accelerator))
+    accelerator.backward(loss)
+    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm) if accelerator.sync_gradients else None
+    return {"loss": loss.item(), **metrics, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+
+
+def grpo_objective(scorer: torch.nn.Module, policy: VideoPolicy, batch: Sequence[Question], videos: dict[str, PreparedVideo],
+                   rewards: Rewards, reference: GroupReference, cfg: TrainConfig, step: int,
+                   autocast: Callable[[], AbstractContextManager] = nullcontext, *, sharded: bool = False
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The batch's clipped policy-gradient loss (with its graph) and metrics. ``scorer`` is the
+    engine-wrapped ``GroupScorer`` (accelerate's, or DeepSpeed's / FSDP2's directly), ``policy`` the
+    unwrapped one; ``sharded``: no process holds the whole model (ZeRO-3, FSDP)."""
+    g = cfg.grpo
     batch_videos = [videos[q.video.id] for q in batch]
     # 1-2. G answers per question from the current policy
-    answers = sample_groups(policy, batch, batch_videos, g, seed=cfg.seed, step=step)
+    answers = sample_groups(scorer, policy, batch, batch_videos, g, seed=cfg.seed, step=step, synced=sharded)
     texts = [[policy.tokenizer.decode(a, skip_special_tokens=True).strip() for a in group] for group in answers]
     # 3. rewards: a remote judge works on them while the policy scores the answers
     pending = rewards.submit(batch, texts, step)
     # 4. per-token log-probs: the policy's (with its graph), the reference's (none)
     prompts = [policy.prompt_ids(q.qa.question, v.layout) for q, v in zip(batch, batch_videos)]
     logps, mask = scorer(batch_videos, prompts, answers)
-    ref_logps = reference.logps(policy, batch_videos, prompts, answers, cfg.shared_prefix, accelerator.autocast)
+    ref_logps = reference.logps(policy, batch_videos, prompts, answers, cfg.shared_prefix, autocast)
     # 5. advantages within each question's group
     scored = group_advantages(pending.result(), rewards.weights, g.num_generations, rewards.names, g.scale_rewards)
     # 6. the clipped objective
     loss, metrics = grpo_loss(logps, scored.advantages.to(logps.device, logps.dtype), mask, ref_logps=ref_logps,
                               loss_type=g.loss_type, beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
                               max_completion_length=g.max_completion_length, kl_ratio_correction=g.kl_ratio_correction)
-    accelerator.backward(loss)
-    grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm) if accelerator.sync_gradients else None
     eos = policy.tokenizer.eos_token_id
     flat = [a for group in answers for a in group]
     lengths = torch.tensor([len(a) for a in flat])
     terminated = torch.tensor([bool(a) and a[-1] == eos for a in flat])
-    return {"loss": loss.item(), **metrics, **scored.metrics, **completion_metrics(lengths, terminated),
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
+    return loss, {**metrics, **scored.metrics, **completion_metrics(lengths, terminated)}
 
 
-def sample_groups(policy: VideoPolicy, batch: Sequence[Question], videos: Sequence[PreparedVideo], g: GRPOConfig, *,
-                  seed: int, step: int) -> list[list[list[int]]]:
-    """``g.num_generations`` answers (token ids) to each question, one ``generate`` call, no gradients.
-    Row seeds depend on (seed, step, question id) only: a resumed run samples the same answers."""
+def sample_groups(scorer: torch.nn.Module, policy: VideoPolicy, batch: Sequence[Question], videos: Sequence[PreparedVideo],
+                  g: GRPOConfig, *, seed: int, step: int, synced: bool = False) -> list[list[list[int]]]:
+    """``g.num_generations`` answers (token ids) to each question, one ``generate`` call through the
+    engine-wrapped ``scorer``, no gradients. Row seeds depend on (seed, step, question id) only: a
+    resumed run samples the same answers. ``synced``: every process runs as many forward passes as
+    the longest generation needs (a sharded model gathers its weights in each, so all take part)."""
     was_training = policy.model.training
     policy.model.eval()
     with torch.no_grad():
-        encoded = encode_once(policy, videos)
-        seeds = [zlib.crc32(f"{seed}|{step}|{q.qa.id}".encode()) for q in batch]
-        groups = policy.generate_ids([(v, q.qa.question) for v, q in zip(encoded, batch)], n=g.num_generations,
-                                     temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_completion_length,
-                                     seeds=seeds)
+        sampling = GroupSampling(questions=[q.qa.question for q in batch], n=g.num_generations, temperature=g.temperature,
+                                 top_p=g.top_p, max_new_tokens=g.max_completion_length, synced=synced,
+                                 seeds=[zlib.crc32(f"{seed}|{step}|{q.qa.id}".encode()) for q in batch])
+        groups = scorer(videos, sampling=sampling)
     policy.model.train(was_training)
     eos = policy.tokenizer.eos_token_id
     return [[a or [eos] for a in group] for group in groups]  # an empty answer is scored as its end-of-turn
@@ -235,9 +245,25 @@ class GroupReference:
 
 
 # -- what the engines wrap --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GroupSampling:
+    """What ``GroupScorer`` samples: ``n`` answers to each question, each question's rows seeded."""
+
+    questions: list[str]
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seeds: list[int]
+    synced: bool
+
+
 class GroupScorer(torch.nn.Module):
     """The module accelerate wraps: a batch of questions' groups -> per-token log-probs of every
-    answer and their mask (``group_token_logps``), videos encoded here once when the encoder trains."""
+    answer and their mask (``group_token_logps``), videos encoded here once when the encoder trains.
+
+    Sampling goes through ``forward`` too (``sampling=``): the engine's hooks around it are what
+    gather a sharded model's weights (FSDP2's root holds those outside the decoder layers)."""
 
     def __init__(self, policy: VideoPolicy, shared_prefix: bool):
         super().__init__()
@@ -246,9 +272,15 @@ class GroupScorer(torch.nn.Module):
         self.shared_prefix = shared_prefix
         self._no_split_modules = policy.model._no_split_modules
 
-    def forward(self, videos: Sequence[PreparedVideo], prompts: Sequence[list[int]],
-                answers: Sequence[Sequence[list[int]]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return group_token_logps(self.policy, encode_once(self.policy, videos), prompts, answers, self.shared_prefix)
+    def forward(self, videos: Sequence[PreparedVideo], prompts: Sequence[list[int]] = (),
+                answers: Sequence[Sequence[list[int]]] = (), *, sampling: GroupSampling | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor] | list[list[list[int]]]:
+        encoded = encode_once(self.policy, videos)
+        if sampling is not None:
+            return self.policy.generate_ids(list(zip(encoded, sampling.questions)), n=sampling.n, temperature=sampling.temperature,
+                                            top_p=sampling.top_p, max_new_tokens=sampling.max_new_tokens, seeds=sampling.seeds,
+                                            synced_gpus=sampling.synced)
+        return group_token_logps(self.policy, encoded, prompts, answers, self.shared_prefix)
 
 
 # -- set-up --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from itertools import combinations
@@ -88,26 +89,48 @@ def run_repro(cfg: RunConfig) -> Path:
 class StageTimes:
     """Seconds spent per stage, summed over every invocation of the experiment.
 
-    Kept on disk after each stage so that a run interrupted and resumed reports its whole cost:
-    stages already on disk add only the time to find that out.
+    Kept on disk so that a run interrupted and resumed reports its whole cost: a finished stage's
+    time is written when it ends, and a running stage's time so far every ``heartbeat_s`` seconds
+    (and at once when it raises), so a stage killed part-way, even by SIGKILL, keeps its minutes up
+    to the last heartbeat. Stages already on disk add only the time to find that out.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, heartbeat_s: float = 15.0):
         self.path = path
+        self.heartbeat_s = heartbeat_s
         saved = json.loads(path.read_text()) if path.exists() else {}
         self.seconds: dict[str, float] = saved.get("seconds", {})
+        if running := saved.get("running"):  # the stage an earlier invocation died in
+            self.seconds[running["stage"]] = self.seconds.get(running["stage"], 0.0) + running["seconds"]
         self.invocations: int = saved.get("invocations", 0) + 1
         self._save()
 
     def timed(self, name: str, fn: Callable[..., T], *args) -> T:
         started = time.perf_counter()
-        out = fn(*args)
+        stop = threading.Event()
+
+        def heartbeat() -> None:
+            while not stop.wait(self.heartbeat_s):
+                self._save({"stage": name, "seconds": time.perf_counter() - started})
+
+        beating = threading.Thread(target=heartbeat, name=f"stage-times-{name}", daemon=True)
+        beating.start()
+        try:
+            out = fn(*args)
+        except BaseException:
+            stop.set()
+            beating.join()
+            self._save({"stage": name, "seconds": time.perf_counter() - started})
+            raise
+        stop.set()
+        beating.join()
         self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
         self._save()
         return out
 
-    def _save(self) -> None:
-        atomic_write_text(self.path, json.dumps({"seconds": self.seconds, "invocations": self.invocations}, indent=1))
+    def _save(self, running: dict | None = None) -> None:
+        state = {"seconds": self.seconds, "invocations": self.invocations} | ({"running": running} if running else {})
+        atomic_write_text(self.path, json.dumps(state, indent=1))
 
 
 # -- the starting policy ---------------------------------------------------------------------------------

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -158,9 +161,10 @@ def test_a_remote_judge_works_while_the_policy_scores_the_answers(grpo_data, tin
     scored = threading.Event()
     forward = grpo.GroupScorer.forward
 
-    def scores_then_signals(self, *args):
-        out = forward(self, *args)
-        scored.set()
+    def scores_then_signals(self, *args, sampling=None):
+        out = forward(self, *args, sampling=sampling)
+        if sampling is None:  # the answers' log-probs, not their sampling
+            scored.set()
         return out
 
     monkeypatch.setattr(grpo.GroupScorer, "forward", scores_then_signals)
@@ -218,3 +222,23 @@ def test_grpo_trains_the_mini_policy_end_to_end(grpo_data, cache_dir, tmp_path):
     q = questions.all()[0]
     encoded = VideoEncoder(policy, FramesConfig(num_frames=SPEC.num_frames)).encode(videos.by_id()[q.video_id], [q.question], 8)
     assert len(policy.generate(encoded, q.question, max_new_tokens=8)) == 1
+
+
+def test_two_processes_on_gloo_share_the_questions_and_gather_metrics(grpo_data, tiny_policy_dir, cache_dir, tmp_path):
+    """GRPO through accelerate with DDP (tests/ddp_grpo.py): each process samples for its own questions."""
+    questions, videos = grpo_data
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "CAPDPO_CACHE": str(cache_dir)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611",
+           str(Path(__file__).with_name("ddp_grpo.py")), str(questions.path), str(videos.path), str(tiny_policy_dir),
+           str(tmp_path / "out"), str(cache_dir), str(log_dir)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((log_dir / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    seen = [set(r["seen"]) for r in ranks]
+    assert seen[0] and seen[1] and not seen[0] & seen[1], "each process samples for its own share of the questions"
+    assert seen[0] | seen[1] == {q.id for q in questions.all()}
+    assert ranks[0]["logged"] == ranks[1]["logged"], "metrics are gathered: every process logs the same values"
+    assert [r["step"] for r in metrics(tmp_path / "out")] == [1, 2, 3], "6 questions, 1 per process a step"
+    assert (tmp_path / "out" / "policy" / training.DONE).exists()

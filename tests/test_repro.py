@@ -4,12 +4,21 @@ and a second run resumes from disk instead of redoing the work."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
 from capdpo.config import load_config
 from capdpo.records import PreferencePair
-from capdpo.repro import accuracy_by_kind, compare_to, pair_orientation, pooled_over_seeds, random_pairs, run_repro
+from capdpo.repro import (
+    StageTimes,
+    accuracy_by_kind,
+    compare_to,
+    pair_orientation,
+    pooled_over_seeds,
+    random_pairs,
+    run_repro,
+)
 from capdpo.stats import bootstrap_mean
 from tests.run_configs import write_config
 
@@ -42,6 +51,24 @@ def test_seeds_pooled_average_each_question_over_the_seeds():
     rows = compare_to(evals | pooled, "SFT", 200, 0)
     assert rows["DPO (oracle pairs, 2 seeds pooled)"]["vs_base"][0] == pytest.approx(0.5)
     assert accuracy_by_kind(evals | pooled)["DPO (oracle pairs, 2 seeds pooled)"] == {"count": 0.5, "shape": 0.5}
+
+
+def test_a_stage_killed_part_way_keeps_its_minutes(tmp_path):
+    path = tmp_path / "times.json"
+    times = StageTimes(path, heartbeat_s=0.05)
+
+    def killed_in_the_middle():
+        time.sleep(0.3)  # heartbeats write the time so far; a SIGKILL here would leave the last of them
+        beat = json.loads(path.read_text())["running"]
+        assert beat["stage"] == "claim 2" and beat["seconds"] >= 0.1
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        times.timed("claim 2", killed_in_the_middle)
+    resumed = StageTimes(path)
+    assert resumed.invocations == 2 and resumed.seconds["claim 2"] >= 0.3
+    assert resumed.timed("claim 2", lambda: "done") == "done"
+    assert "running" not in json.loads(path.read_text()) and StageTimes(path).seconds["claim 2"] >= 0.3
 
 
 def test_random_pairs_per_question_are_distinct_and_keep_the_first_draw():

@@ -376,10 +376,12 @@ class VideoPolicy:
         return [[self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in group] for group in groups]
 
     def generate_ids(self, requests: Sequence[tuple[EncodedVideo, str]], *, n: int = 1, temperature: float = 0.0,
-                     top_p: float = 1.0, max_new_tokens: int = 64, seeds: Sequence[int] | None = None) -> list[list[list[int]]]:
+                     top_p: float = 1.0, max_new_tokens: int = 64, seeds: Sequence[int] | None = None,
+                     synced_gpus: bool = False) -> list[list[list[int]]]:
         """The token ids of ``n`` answers to each ``(video, question)`` request (ending with the
         end-of-turn token unless cut at ``max_new_tokens``), all in one ``generate`` call of
         ``len(requests) * n`` left-padded rows (each video's embeddings shared by its rows).
+        ``synced_gpus``: go on with forward passes until every process is done (a sharded model).
 
         Sampling (``temperature`` > 0) draws each row's tokens from its own generator, seeded by the
         request's seed and the row's index, so an answer depends on its own seed only, never on the
@@ -395,6 +397,7 @@ class VideoPolicy:
             sampling = {"do_sample": False, "logits_processor": LogitsProcessorList([RowSampler(row_seeds, temperature, top_p)])}
         else:
             sampling = {"do_sample": False}
+        sampling["synced_gpus"] = synced_gpus
         if n == 1:
             out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                       mm_encoder_outputs={"video": self._video_outputs(videos)}, pad_token_id=pad,
