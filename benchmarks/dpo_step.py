@@ -217,24 +217,36 @@ def main() -> None:
         print(json.dumps(run_variant(args)))
         return
 
-    rows = []
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if v is not None and k not in ("variant", "variants")]
-    for name in args.variants.split(","):
-        out = subprocess.run([sys.executable, __file__, *passthrough, "--variant", name], capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"variant {name} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{name}: {rows[-1]}", file=sys.stderr)
+    rows = run_variants(__file__, args, args.variants.split(","), skip=("variant", "variants"))
     base = rows[0]
     print(f"{args.pairs} pairs/step, {base['visual_tokens']} visual tokens ({args.frames} frames), prompt {base['prompt_tokens']} "
           f"tokens, answers {base['answer_tokens']} tokens; {args.device} {args.dtype}, preset {args.preset}, {args.init} weights; "
           f"median of {args.steps} steps after {args.warmup} warm-up\n")
+    print_table(rows)
+
+
+def run_variants(script: str, args: argparse.Namespace, names: list[str], skip: tuple[str, ...] = ("variant",)) -> list[dict]:
+    """Each variant of ``script`` in its own process (so its peak memory is its own), with the same
+    arguments; returns the JSON row each printed last."""
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if v is not None and k not in skip]
+    rows = []
+    for name in names:
+        out = subprocess.run([sys.executable, script, *passthrough, "--variant", name], check=False, capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"variant {name} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"{name}: {rows[-1]}", file=sys.stderr)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    """Step time, peak memory and loss after one update of each variant, against the first."""
+    base = rows[0]
     print("| variant | step (s) | speed-up | peak memory (MiB) | memory ratio | loss after 1 update |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['variant']} | {r['step_s']:.3f} | {base['step_s'] / r['step_s']:.2f}x | {r['peak_mb']:.0f} | "
               f"{r['peak_mb'] / base['peak_mb']:.2f} | {r['loss_after_update']:.6f} |")
-
 
 if __name__ == "__main__":
     main()

@@ -27,12 +27,10 @@ import json
 import random
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
-from dpo_step import PRESETS, WORDS, build_policy, encode
+from dpo_step import PRESETS, WORDS, build_policy, encode, print_table, run_variants
 
 VARIANTS = ("baseline", "fast")
 
@@ -122,24 +120,12 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args)))
         return
-    rows = []
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if v is not None and k != "variant"]
-    for name in VARIANTS:
-        out = subprocess.run([sys.executable, __file__, *passthrough, "--variant", name], check=False, capture_output=True, text=True)
-        if out.returncode:
-            sys.exit(f"variant {name} failed:\n{out.stderr[-3000:]}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"{name}: {rows[-1]}", file=sys.stderr)
+    rows = run_variants(__file__, args, list(VARIANTS))
     base = rows[0]
     print(f"G = {args.group} answers of {base['answer_tokens']} tokens, {base['visual_tokens']} visual tokens ({args.frames} frames), "
           f"prompt {base['prompt_tokens']} tokens; {args.device} {args.dtype}, preset {args.preset}, {args.init} weights; "
           f"median of {args.steps} steps after {args.warmup} warm-up\n")
-    print("| variant | step (s) | speed-up | peak memory (MiB) | memory ratio | loss after 1 update |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['variant']} | {r['step_s']:.3f} | {base['step_s'] / r['step_s']:.2f}x | {r['peak_mb']:.0f} | "
-              f"{r['peak_mb'] / base['peak_mb']:.2f} | {r['loss_after_update']:.6f} |")
-
+    print_table(rows)
 
 if __name__ == "__main__":
     main()
