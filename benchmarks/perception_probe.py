@@ -1,7 +1,7 @@
 """What do the mini policy's visual tokens tell about a synthetic clip? Linear probes on them.
 
 DPO can only sharpen what a policy already half-sees. This asks whether the built-in policy's
-video embeddings (DINOv2-S/14 + 2x2 pooling + its projector: the 128 tokens the LLM reads) carry
+video embeddings (DINOv2-S/14 + average pooling + its projector: the tokens the LLM reads) carry
 the facts the miniature's questions ask about, and compares with what the policy says:
 
 * for each fact (number of shapes; and, on one-shape clips, the shape's kind, its direction of
