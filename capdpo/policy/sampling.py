@@ -15,6 +15,28 @@ import torch
 from transformers import LogitsProcessor
 
 
+def nucleus(probs: torch.Tensor, top_p: float, candidates: int = 256) -> torch.Tensor:
+    """``probs`` (rows x vocab) with every token outside each row's nucleus set to 0: the most likely
+    tokens whose mass reaches ``top_p``, always at least the top one, as HF's TopPLogitsWarper.
+
+    A row's nucleus almost always lies among its few hundred likeliest tokens, so those
+    ``candidates`` are found with ``topk``; only rows whose candidates hold less than ``top_p`` of
+    the mass sort their whole vocabulary. The tokens kept are those of a full sort (sorting a 49k
+    vocabulary for 64 rows at every decoding step is costly on a CPU: BENCHMARKS.md)."""
+    top, order = probs.topk(min(candidates, probs.shape[-1]), dim=-1)
+    kept = torch.zeros_like(probs).scatter(-1, order, _nucleus_of_sorted(top, top_p))
+    short = top.sum(-1) < top_p
+    if short.any():
+        ranked, ranked_order = probs[short].sort(dim=-1, descending=True)
+        kept[short] = torch.zeros_like(ranked).scatter(-1, ranked_order, _nucleus_of_sorted(ranked, top_p))
+    return kept
+
+
+def _nucleus_of_sorted(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Probabilities sorted high to low, zeroed where the mass before them already reaches ``top_p``."""
+    return sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= top_p, 0.0)
+
+
 class RowSampler(LogitsProcessor):
     def __init__(self, seeds: Sequence[int | None], temperature: float, top_p: float = 1.0):
         if temperature <= 0:
@@ -27,10 +49,14 @@ class RowSampler(LogitsProcessor):
             raise ValueError(f"RowSampler has {len(self.generators)} seeds for {scores.shape[0]} rows")
         probs = torch.softmax(scores.float() / self.temperature, dim=-1).cpu()
         if self.top_p < 1.0:
-            # keep the most likely tokens whose mass reaches top_p (always at least the top one), as HF's TopPLogitsWarper
-            sorted_probs, order = probs.sort(dim=-1, descending=True)
-            outside = sorted_probs.cumsum(-1) - sorted_probs >= self.top_p
-            probs = probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
-        drawn = torch.stack([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, self.generators)])
+            probs = nucleus(probs, self.top_p)
+        drawn = torch.stack([_draw(row, g) for row, g in zip(probs, self.generators)])
         out = torch.full_like(scores, float("-inf"))
         return out.scatter(-1, drawn.to(scores.device), 0.0)
+
+
+def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token id drawn from a row's (unnormalised) probabilities, among the tokens it keeps only:
+    drawing over the whole vocabulary costs a random number per token, most of them outside the nucleus."""
+    support = probs.nonzero().flatten()
+    return support[torch.multinomial(probs[support], 1, generator=generator)]
