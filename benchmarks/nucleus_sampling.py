@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 from sample_throughput import QUESTIONS, clip_frames, encoded
 
-import capdpo.policy.sampling as sampling
 from capdpo.models.load import load_policy
+from capdpo.policy import sampling
 
 
 def full_sort(probs: torch.Tensor, top_p: float) -> torch.Tensor:
