@@ -56,7 +56,12 @@ class RowSampler(LogitsProcessor):
 
 
 def _draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token id drawn from a row's (unnormalised) probabilities, among the tokens it keeps only:
-    drawing over the whole vocabulary costs a random number per token, most of them outside the nucleus."""
+    """One token id drawn from a row's (unnormalised) probabilities by inverting their cumulative sum
+    over the kept tokens with one uniform number. A multinomial draw over the whole vocabulary costs
+    a random number per token; one over the kept tokens only would change all its random numbers
+    whenever float noise (another batch's padding) lets a token at the nucleus's edge in or out,
+    where one uniform number moves the draw only if it lands on that token."""
     support = probs.nonzero().flatten()
-    return support[torch.multinomial(probs[support], 1, generator=generator)]
+    cdf = probs[support].cumsum(0)
+    u = torch.rand((), generator=generator, dtype=cdf.dtype) * cdf[-1]
+    return support[torch.searchsorted(cdf, u, right=True).clamp(max=len(support) - 1)].view(1)
