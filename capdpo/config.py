@@ -210,7 +210,7 @@ class TrainConfig(Section):
     reference: Literal["precomputed", "model"] = Field("precomputed", description="'precomputed': reference log-probs computed once before training and cached on disk, no reference model in memory; 'model': a reference forward every step (LoRA adapters off, else a frozen copy).")
     shared_prefix: bool = Field(True, description="Score chosen and rejected in one packed row per pair, the video + question prefix computed once (tree attention mask).")
     group_by_video: bool = Field(True, description="Batches hold a shuffled video's pairs together (videos and pairs in a seeded random order), so the pairs of one video share one packed row, its video tokens run once; false = pairs shuffled one by one.")
-    embedding_cache: bool = Field(True, description="Keep frozen-encoder video embeddings on disk (cache_dir/embeddings), reused across epochs, runs and the reference pass.")
+    embedding_cache: bool = Field(True, description="Keep frozen-encoder video embeddings on disk (cache_dir/embeddings), reused across epochs, runs and the reference pass; with only the vision tower frozen, its features (LLaVA-NeXT-Video, Video-LLaVA, builtin:mini).")
     lr: float = Field(5e-6, gt=0, description="Peak learning rate (paper: 5e-7 full fine-tuning; LoRA needs more).")
     epochs: int = Field(3, ge=1, description="Passes over the pairs.")
     batch_size: int = Field(2, ge=1, description="Pairs per optimizer step (before accumulation).")
@@ -300,6 +300,7 @@ class DistillConfig(Section):
 
     student: str = Field(BUILTIN_LLM, description="Causal LM the student starts from: builtin:smollm2 or a local checkpoint folder.")
     layers: int | None = Field(None, ge=1, description="Keep only the student's first N decoder layers (a smaller, faster judge); None = all.")
+    train_layers: int | None = Field(None, ge=1, description="Train only the student's top N decoder layers and final norm, the rest (embeddings included) frozen: the backward pass stops there; None = every weight.")
     template: str = Field("caption_reward", description="Prompt the student learns and is used with: caption_reward (caption-grounded) or e.g. reward_no_caption (the ablation).")
     max_answer_words: int = Field(256, ge=1, description="Answers cut to this many words, as the judge does (judge.max_answer_words).")
     epochs: int = Field(1, ge=1, description="Passes over the training labels.")

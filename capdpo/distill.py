@@ -208,11 +208,13 @@ def _steps(rows: Sequence[Row], batch_answers: int, rng: random.Random) -> list[
 
 def train_student(model, rows: Sequence[Row], cfg: DistillConfig, pad: int, state_dir: Path,
                   on_step: Callable[[int, float], None] | None = None) -> list[float]:
-    """Fine-tune every weight of ``model`` on the packed rows; resumes from ``state_dir``."""
+    """Fine-tune ``model`` (every weight, or the top ``cfg.train_layers`` layers) on the packed rows;
+    resumes from ``state_dir``."""
     from transformers import get_linear_schedule_with_warmup
 
     plan = [step for epoch in range(cfg.epochs) for step in _steps(rows, cfg.batch_answers, random.Random(cfg.seed + epoch))]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    trained = trainable_weights(model, cfg.train_layers)
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=0.0)
     sched = get_linear_schedule_with_warmup(opt, max(1, len(plan) // 10), len(plan))
     losses = _resume(model, opt, sched, state_dir)
     torch.manual_seed(cfg.seed)
@@ -221,7 +223,7 @@ def train_student(model, rows: Sequence[Row], cfg: DistillConfig, pad: int, stat
         for step in range(len(losses), len(plan)):
             loss = reply_loss(model, pack_rows([rows[i] for i in plan[step]], pad, model.device))
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -234,6 +236,20 @@ def train_student(model, rows: Sequence[Row], cfg: DistillConfig, pad: int, stat
                 _save_state(model, opt, sched, losses, state_dir)
     model.eval()
     return losses
+
+
+def trainable_weights(model, top_layers: int | None) -> list[torch.nn.Parameter]:
+    """The weights the student trains: all, or only its top ``top_layers`` decoder layers and final
+    norm. Frozen lower layers (and the tied embeddings) need no backward pass of their own, which
+    is most of a step's cost."""
+    layers = model.model.layers
+    if top_layers is None or top_layers >= len(layers):
+        return list(model.parameters())
+    model.requires_grad_(False)
+    trained = [*layers[len(layers) - top_layers:], model.model.norm]
+    for module in trained:
+        module.requires_grad_(True)
+    return [p for module in trained for p in module.parameters()]
 
 
 def _save_state(model, opt, sched, losses: list[float], state_dir: Path) -> None:

@@ -54,7 +54,6 @@ from capdpo.training import (
     check_setup,
     encode_once,
     finish,
-    frozen_encoder,
     make_accelerator,
     prepare_optimisation,
     run_steps,
@@ -62,6 +61,7 @@ from capdpo.training import (
     set_trainable,
     sharded_engine,
     start_steps,
+    video_preparer,
 )
 
 log = logging.getLogger(__name__)
@@ -296,7 +296,7 @@ def prepare_questions(qa_file: RecordFile[QAItem], videos_file: RecordFile[Video
     prompts: dict[str, list[str]] = {}
     for q in questions:
         prompts.setdefault(q.video_id, []).append(q.question)
-    prepare = encoder.encode if frozen_encoder(cfg) else encoder.pixels
+    prepare = video_preparer(encoder, cfg)
     errors = ItemErrors("train", fail_fast)
     videos: dict[str, PreparedVideo] = {}
     for video_id in tqdm(sorted(prompts), desc="grpo: videos", unit="video"):

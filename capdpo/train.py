@@ -49,7 +49,7 @@ from tqdm import tqdm
 from capdpo.config import FramesConfig, TrainConfig
 from capdpo.errors import ITEM_ERRORS, ItemErrors
 from capdpo.losses import needs_reference, preference_loss
-from capdpo.policy.base import EncodedVideo, PairLogprobs, VideoPolicy
+from capdpo.policy.base import PairLogprobs, VideoPolicy
 from capdpo.policy.embed_cache import EmbeddingCache
 from capdpo.policy.logps import TokenizedPair, by_video, pair_logps, tokenize_pair
 from capdpo.policy.reference_logps import append_reference, load_reference, pairs_to_score, reference_fingerprint
@@ -62,12 +62,13 @@ from capdpo.training import (
     check_setup,
     encode_once,
     finish,
-    frozen_encoder,
     make_accelerator,
     prepare_optimisation,
     run_steps,
     set_trainable,
     start_steps,
+    to_embeddings,
+    video_preparer,
 )
 
 log = logging.getLogger(__name__)
@@ -208,11 +209,10 @@ def prepare_pairs(pairs_file: RecordFile[PreferencePair], videos_file: RecordFil
 
 def prepare_videos(pairs: list[PreferencePair], videos: dict[str, Video], encoder: VideoEncoder, cfg: TrainConfig,
                    errors: ItemErrors) -> dict[str, PreparedVideo]:
-    """Each pair's video, planned for all its pairs' prompts: embeddings for a frozen encoder
-    (from the encoder's disk cache when it has one), else pixels that the step encodes with
-    autograd. A bad video is recorded and its pairs dropped."""
+    """Each pair's video, planned for all its pairs' prompts, as ``video_preparer`` holds it. A bad
+    video is recorded and its pairs dropped."""
     prompts = {video_id: [p.prompt for p in group] for video_id, group in by_video(pairs).items()}
-    prepare = encoder.encode if frozen_encoder(cfg) else encoder.pixels
+    prepare = video_preparer(encoder, cfg)
     out: dict[str, PreparedVideo] = {}
     for video_id in tqdm(sorted(prompts), desc="train: videos", unit="video"):
         try:
@@ -251,10 +251,8 @@ def precompute_reference(accelerator: Accelerator, policy: VideoPolicy, cfg: Tra
 
             def encoded_pairs():
                 for video_id, group in by_video(todo).items():
-                    video = videos[video_id]
-                    if not isinstance(video, EncodedVideo):  # pixels of an encoder that trains: encoded once here
-                        with torch.no_grad():
-                            video = policy.encode(video)
+                    with torch.no_grad():  # features or pixels of an encoder that trains: encoded once here
+                        video = to_embeddings(policy, videos[video_id])
                     yield from ((tokens[p.id], video) for p in group)
 
             with tqdm(total=len(todo), desc="reference", unit="pair") as bar:

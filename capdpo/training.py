@@ -26,14 +26,17 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from capdpo.config import TrainConfig
-from capdpo.policy.base import EncodedVideo, VideoInputs, VideoPolicy
+from capdpo.policy.base import EncodedVideo, TowerFeatures, VideoInputs, VideoPolicy
 from capdpo.policy.packing import video_grouped_order
+from capdpo.policy.video import VideoEncoder
 
 log = logging.getLogger(__name__)
 DONE = ".complete"
 STATE_FILE = "trainer_state.json"
 
-PreparedVideo = EncodedVideo | VideoInputs  # embeddings of a frozen encoder, or pixels an encoder that trains encodes
+# embeddings of a frozen encoder, a frozen tower's features that a training projector projects, or
+# pixels a training vision tower encodes
+PreparedVideo = EncodedVideo | TowerFeatures | VideoInputs
 
 
 # -- set-up --------------------------------------------------------------------------------------------
@@ -56,12 +59,32 @@ def frozen_encoder(cfg: TrainConfig) -> bool:
     return cfg.freeze_vision and cfg.freeze_projector
 
 
+def video_preparer(encoder: VideoEncoder, cfg: TrainConfig) -> Callable[..., PreparedVideo]:
+    """How a training run holds each video before its steps: embeddings when vision tower and
+    projector are frozen; the tower's features when only the tower is and the family splits its
+    encoder there (the step then runs the projector alone); else pixels. Each from the encoder's
+    disk cache when it has one (pixels excepted)."""
+    if frozen_encoder(cfg):
+        return encoder.encode
+    if cfg.freeze_vision and encoder.policy.splits_projector:
+        return encoder.tower
+    return encoder.pixels
+
+
+def to_embeddings(policy: VideoPolicy, video: PreparedVideo) -> EncodedVideo:
+    """A prepared video's embeddings, with autograd where the caller allows it: as they are, the
+    projector on tower features, or the whole encoder on pixels."""
+    if isinstance(video, EncodedVideo):
+        return video
+    return policy.project(video) if isinstance(video, TowerFeatures) else policy.encode(video)
+
+
 def encode_once(policy: VideoPolicy, videos: Sequence[PreparedVideo]) -> list[EncodedVideo]:
     """The batch's videos encoded, each distinct one once (its pairs or questions then share one packed row)."""
     encoded: dict[int, EncodedVideo] = {}
     for v in videos:
         if id(v) not in encoded:
-            encoded[id(v)] = v if isinstance(v, EncodedVideo) else policy.encode(v)
+            encoded[id(v)] = to_embeddings(policy, v)
     return [encoded[id(v)] for v in videos]
 
 

@@ -112,6 +112,21 @@ def test_training_resumes_exactly_after_a_crash(smollm2, tmp_path):
         assert torch.equal(p, q)
 
 
+def test_train_layers_trains_the_top_layers_only(smollm2, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    rows = StudentTokens(tok, "caption_reward", 256).rows(synthetic_labels(6, 1, 3), group_size=4)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                    intermediate_size=64, vocab_size=len(tok)), attn_implementation="sdpa")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_student(model, rows, DistillConfig(train_layers=1, batch_answers=6, lr=1e-2, save_every=0), tok.pad_token_id, tmp_path)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and moved == {n for n in before if n.startswith(("model.layers.2.", "model.norm."))}
+
+
 def test_diverse_selection_spreads_over_answers():
     items = [JudgeItem(f"q{q}#{k}", f"q{q}", "c", f"question {q}", "r", f"answer {q}") for q in range(5) for k in range(6)]
     chosen = select_items(items, 5, "diverse", seed=0)

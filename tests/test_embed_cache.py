@@ -64,7 +64,7 @@ def test_hit_skips_the_vision_tower_and_equals_a_fresh_encode(policy, clip, tmp_
     miss = VideoEncoder(policy, FRAMES, first).encode(clip, ["What moves?"], 8)
     assert_same(miss, fresh)
     assert not miss.embeds.is_inference() and not miss.embeds.requires_grad  # a training forward may use it
-    assert (first.hits, first.misses) == (0, 1) and calls
+    assert (first.hits, first.misses) == (0, 2) and calls  # the embeddings, then the tower features (kept too)
     calls.clear()
     again = EmbeddingCache(tmp_path / "emb")  # a later run: the entry comes from disk
     for _ in range(2):
@@ -72,7 +72,7 @@ def test_hit_skips_the_vision_tower_and_equals_a_fresh_encode(policy, clip, tmp_
         assert_same(hit, fresh)
         assert not hit.embeds.is_inference() and not hit.embeds.requires_grad
     assert (again.hits, again.misses) == (2, 0) and not calls
-    assert len(list((tmp_path / "emb").rglob("*.safetensors"))) == 1 and not list((tmp_path / "emb").rglob("*.tmp"))
+    assert len(list((tmp_path / "emb").rglob("*.safetensors"))) == 2 and not list((tmp_path / "emb").rglob("*.tmp"))
 
 
 def layout_of(policy: VideoPolicy, video: Video, frames: FramesConfig = FRAMES) -> VideoLayout:
@@ -102,17 +102,38 @@ def test_key_follows_video_bytes_frame_count_and_vision_weights(policy, clip, ti
 
     assert entry_key(perturbed("vision"), clip.video, layout_of(policy, clip)) != key
     assert entry_key(perturbed("llm"), clip.video, layout_of(policy, clip)) == key  # a DPO-trained LLM reuses entries
+    assert entry_key(perturbed("projector"), clip.video, layout_of(policy, clip)) != key
+    tower_key = entry_key(policy, clip.video, layout_of(policy, clip), "tower")
+    assert tower_key != key and entry_key(perturbed("projector"), clip.video, layout_of(policy, clip), "tower") == tower_key
+    assert entry_key(perturbed("vision"), clip.video, layout_of(policy, clip), "tower") != tower_key
+
+
+def test_a_checkpoint_whose_projector_trained_projects_cached_tower_features(policy, clip, tiny_policy_dir, cache_dir, tmp_path):
+    cache = EmbeddingCache(tmp_path / "emb")
+    VideoEncoder(policy, FRAMES, cache).encode(clip, ["What moves?"], 8)  # the base: embeddings and tower features
+    trained = load_policy(str(tiny_policy_dir), cache_dir, device="cpu")
+    with torch.no_grad():
+        for name, p in trained.model.named_parameters():
+            if trained.parts.part_of(name) == "projector":
+                p.mul_(1.5)
+    runs = []
+    trained.vision_module().register_forward_hook(lambda *_: runs.append(1))
+    encoded = VideoEncoder(trained, FRAMES, cache).encode(clip, ["What moves?"], 8)
+    assert not runs and (cache.hits, cache.misses) == (1, 3)  # its embeddings missed, the tower features hit
+    assert_same(encoded, VideoEncoder(trained, FRAMES).encode(clip, ["What moves?"], 8))  # as a fresh encode
+    assert not torch.equal(encoded.embeds, VideoEncoder(policy, FRAMES).encode(clip, ["What moves?"], 8).embeds)
 
 
 def test_damaged_entry_is_logged_and_encoded_again(policy, tmp_path, caplog):
     video = frame_folder(tmp_path / "v", seed=1)
     cache = EmbeddingCache(tmp_path / "emb")
     fresh = VideoEncoder(policy, FRAMES, cache).encode(video)
-    (entry,) = (tmp_path / "emb").rglob("*.safetensors")
-    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # e.g. a disk that filled up
+    entries = list((tmp_path / "emb").rglob("*.safetensors"))  # the embeddings and the tower features
+    for entry in entries:
+        entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])  # e.g. a disk that filled up
     with caplog.at_level(logging.WARNING, logger="capdpo"):
         assert_same(VideoEncoder(policy, FRAMES, cache).encode(video), fresh)
-    assert str(entry) in caplog.text and (cache.hits, cache.misses) == (0, 2)
+    assert len(entries) == 2 and all(str(e) in caplog.text for e in entries) and (cache.hits, cache.misses) == (0, 4)
     assert_same(VideoEncoder(policy, FRAMES, cache).encode(video), fresh)  # rewritten whole
     assert cache.hits == 1
 

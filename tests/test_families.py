@@ -215,6 +215,17 @@ def test_generate_matches_the_model_own_pixel_path(policy):
     assert ours == policy.tokenizer.decode(out[0, raw["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
+def test_the_projector_on_tower_features_is_the_encoder(policy):
+    inputs = policy.preprocess(frames(3))
+    if not policy.splits_projector:  # OneVision pools after its projector; Qwen's merger sits inside the tower
+        with pytest.raises(NotImplementedError):
+            policy.tower_features(inputs)
+        return
+    with torch.no_grad():
+        whole, split = policy.encode(inputs), policy.project(policy.tower_features(inputs))
+    assert split.layout == whole.layout and torch.equal(split.embeds, whole.embeds)
+
+
 def test_one_dpo_step_trains_the_llm_only(family_dir, cache_dir):
     policy = load_policy(str(family_dir[1]), cache_dir, device=DEVICE, dtype=DTYPE, processor="capdpo")
     reference = policy.with_model(copy.deepcopy(policy.model).requires_grad_(False), "reference")

@@ -148,7 +148,8 @@ def test_cli_two_shards_merge_to_the_unsharded_pass(tiny_policy_dir, tmp_path):
     assert [r.id for r in out.all()] == [p.id for p in RunPaths(tmp_path / "split").pairs.all()]
     assert values(out.all()) == pytest.approx(values(expected), abs=1e-5)
     assert {r.fingerprint for r in out.all()} == {r.fingerprint for r in expected}
-    assert len(list((tmp_path / "split" / "cache" / "embeddings").rglob("*.safetensors"))) == 3
+    # each of the 3 videos encoded once over both shards: its embeddings and its tower features
+    assert len(list((tmp_path / "split" / "cache" / "embeddings").rglob("*.safetensors"))) == 3 * 2
 
 
 def row(pair: PreferencePair, fingerprint: str = "fp", max_response_tokens: int = 8) -> ReferenceLogps:

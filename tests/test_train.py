@@ -79,17 +79,45 @@ def test_fast_path_matches_the_standard_formulation(pair_files, tiny_policy_dir,
     assert max((wf[k] - wp[k]).abs().max().item() for k in wf) < 1e-4
 
 
-def test_embeddings_are_encoded_once_across_runs(pair_files, tiny_policy_dir, cache_dir, tmp_path, monkeypatch):
-    encodes = []
-    real = VideoPolicy.encode
-    monkeypatch.setattr(VideoPolicy, "encode", lambda self, inputs: encodes.append(1) or real(self, inputs))
+def tower_runs(policy: VideoPolicy, runs: list[int]) -> VideoPolicy:
+    """``policy``, each run of its vision tower counted in ``runs``."""
+    policy.vision_module().register_forward_hook(lambda *_: runs.append(1))
+    return policy
+
+
+def test_embeddings_are_encoded_once_across_runs(pair_files, tiny_policy_dir, cache_dir, tmp_path):
+    runs = []
     cache = tmp_path / "shared-cache"
     pairs, videos = pair_files
     for out in ("first", "second"):
-        policy = load_policy(str(tiny_policy_dir), cache_dir, "cpu", "float32")
+        policy = tower_runs(load_policy(str(tiny_policy_dir), cache_dir, "cpu", "float32"), runs)
         train.run_train(pairs, videos, policy, TrainConfig(epochs=2, batch_size=2, lora=False, save_every=0),
                         FRAMES, tmp_path / out, embed_cache=EmbeddingCache(cache))
-    assert len(encodes) == 3, "each of the 3 videos is encoded once, for both runs, every epoch and the reference"
+    assert len(runs) == 3, "each of the 3 videos is encoded once, for both runs, every epoch and the reference"
+
+
+def test_a_training_projector_starts_from_the_frozen_tower_s_cached_features(pair_files, tiny_policy_dir, cache_dir, tmp_path,
+                                                                             monkeypatch):
+    """With the projector training, each video's tower runs once for both runs, both epochs and the
+    reference, and the run trains as the pixel path does (tower + projector every step)."""
+    runs = []
+    pairs, videos = pair_files
+    settings = TrainConfig(epochs=2, batch_size=2, lora=True, freeze_projector=False, save_every=0)
+    for out in ("first", "second"):
+        policy = tower_runs(load_policy(str(tiny_policy_dir), cache_dir, "cpu", "float32"), runs)
+        train.run_train(pairs, videos, policy, settings, FRAMES, tmp_path / out, embed_cache=EmbeddingCache(tmp_path / "cache"))
+    assert len(runs) == 3, "the 3 videos' tower features serve both runs, every step and the reference"
+
+    monkeypatch.setattr(type(policy), "splits_projector", False)  # the pixel path: tower + projector each step
+    policy = tower_runs(load_policy(str(tiny_policy_dir), cache_dir, "cpu", "float32"), runs)
+    train.run_train(pairs, videos, policy, settings, FRAMES, tmp_path / "pixels", embed_cache=None)
+    assert len(runs) > 3 + 6
+    for a, b in zip(metrics(tmp_path / "first"), metrics(tmp_path / "pixels"), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    base, features, pixels = weights(tiny_policy_dir), weights(tmp_path / "first" / "policy"), weights(tmp_path / "pixels" / "policy")
+    projector = [k for k in base if "multi_modal_projector" in k]
+    assert projector and all(not torch.equal(base[k], features[k]) for k in projector), "the projector trained"
+    assert max((features[k] - pixels[k]).abs().max().item() for k in features) < 1e-5
 
 
 @pytest.mark.parametrize("loss", ["hinge", "ipo", "simpo", [["sigmoid", 0.8], ["sft", 0.2]]])

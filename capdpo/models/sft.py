@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from capdpo.policy.base import VideoInputs, VideoPolicy
+from capdpo.policy.base import TowerFeatures, VideoInputs, VideoPolicy
 from capdpo.policy.packing import behind_shared_prefix, video_grouped_order
 
 
@@ -25,14 +25,14 @@ class SFTExample:
     response: str
 
 
-def example_logps(policy: VideoPolicy, pixels: dict[str, VideoInputs], batch: list[SFTExample],
+def example_logps(policy: VideoPolicy, inputs: dict[str, VideoInputs | TowerFeatures], batch: list[SFTExample],
                   max_response_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs and token counts of the batch's responses, grouped by video (the loss only
-    sums them). Each video is encoded once (with
-    autograd: the projector learns) and its examples share one packed row: the video tokens and
-    the prompts' common start run once, each example's question rest and response behind them."""
+    sums them). Each video is encoded once (with autograd: the projector learns), from its pixels
+    or its tower features, and its examples share one packed row: the video tokens and the
+    prompts' common start run once, each example's question rest and response behind them."""
     keys = list(dict.fromkeys(e.video_key for e in batch))
-    videos = {k: policy.encode(pixels[k]) for k in keys}
+    videos = {k: policy.project(inputs[k]) if isinstance(inputs[k], TowerFeatures) else policy.encode(inputs[k]) for k in keys}
     prompts = [policy.prompt_ids(e.prompt, videos[e.video_key].layout) for e in batch]
     responses = [policy.response_ids(e.response, max_response_tokens) for e in batch]
     if not policy.shares_prompt_prefix:  # attention without a custom 4D mask: one row per example
@@ -62,6 +62,10 @@ def supervised_finetune(policy: VideoPolicy, pixels: dict[str, VideoInputs], exa
         if policy.parts.part_of(name) == "projector":
             p.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    inputs: dict[str, VideoInputs | TowerFeatures] = dict(pixels)
+    if policy.splits_projector:  # the frozen tower runs once per video, the projector every step
+        with torch.no_grad():
+            inputs = {k: policy.tower_features(v) for k, v in pixels.items()}
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
     sched = get_linear_schedule_with_warmup(opt, max(1, steps // 10), steps)
@@ -72,7 +76,7 @@ def supervised_finetune(policy: VideoPolicy, pixels: dict[str, VideoInputs], exa
             order = video_grouped_order([e.video_key for e in examples], seed * 1_000_003 + epoch)
             for start in range(0, len(order), batch_size):
                 batch = [examples[i] for i in order[start : start + batch_size]]
-                logps, n_tokens = example_logps(policy, pixels, batch, max_response_tokens)
+                logps, n_tokens = example_logps(policy, inputs, batch, max_response_tokens)
                 loss = -(logps.sum() / n_tokens.sum())  # mean token NLL over the batch
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)

@@ -8,6 +8,8 @@ Qwen2-VL, Qwen2.5-VL, Qwen3-VL). Every adapter offers the same operations:
     layout = policy.layout(num_frames=8, height=480, width=640)   # token cost, before running anything
     inputs = policy.preprocess(frames, layout)                    # the family's own resize/normalise/patchify
     video = policy.encode(inputs)                                 # vision tower + projector, once per video
+    features = policy.tower_features(inputs)                      # LLaVA-NeXT-Video, Video-LLaVA: the frozen
+    video = policy.project(features)                              # tower's output, then the projector alone
     answers = policy.generate(video, question, n=4, temperature=1.0, top_p=0.95, seed=7)
     logps, counts = policy.sequence_logps([video, video], prompts, responses)
     pair = policy.pair_logps([video], [prompt], [chosen], [rejected])  # one row: both answers share the prompt
@@ -136,6 +138,15 @@ class PairLogprobs(NamedTuple):
     rejected_tokens: torch.Tensor
 
 
+@dataclass
+class TowerFeatures:
+    """One video through the vision tower only: the projector's input. With the tower frozen and the
+    projector training, it is all a training step needs to encode the video again."""
+
+    layout: VideoLayout
+    features: torch.Tensor  # the projector's input, as the family's model hands it over
+
+
 @dataclass(frozen=True)
 class ModelParts:
     """Parameter-name prefixes of the three parts, for freezing and LoRA targets. The projector is
@@ -165,6 +176,9 @@ class VideoPolicy:
     through ``_forward_kwargs``."""
 
     model_class: ClassVar[str]  # transformers class of the family
+    # the projector is the encoder's last step (tower_features + project): a frozen tower's output can
+    # be kept while the projector trains
+    splits_projector: ClassVar[bool] = False
     uses_frame_times: ClassVar[bool] = False  # Qwen models encode when each frame was taken
     inline_video: ClassVar[str] = "{video}\n{question}"  # user turn when the chat template takes plain text only
     # Used only when neither the tokenizer nor the checkpoint has a chat template. Video-LLaVA and
@@ -288,6 +302,16 @@ class VideoPolicy:
 
     def _encode(self, pixels: torch.Tensor, layout: VideoLayout) -> EncodedVideo:
         raise NotImplementedError
+
+    def tower_features(self, inputs: VideoInputs) -> TowerFeatures:
+        """The vision tower's output for one video, which ``project`` turns into what ``encode``
+        returns (families with ``splits_projector``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its encoder at the projector")
+
+    def project(self, features: TowerFeatures) -> EncodedVideo:
+        """The projector on a video's tower features, with autograd when the caller allows it:
+        ``project(tower_features(x))`` is ``encode(x)``."""
+        raise NotImplementedError(f"{type(self).__name__} does not split its encoder at the projector")
 
     def _video_outputs(self, videos: Sequence[EncodedVideo]):
         """``mm_encoder_outputs["video"]`` for a batch with one video per row, in the model's format."""

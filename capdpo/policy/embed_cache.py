@@ -20,6 +20,10 @@ An entry's key is the sha256 of everything that decides the embeddings:
   (so weights changed in place after the first call are not seen: frozen parts never change).
 
 The LLM's weights are not part of the key: a DPO-trained checkpoint reuses its base's entries.
+Families whose projector is the encoder's last step (``VideoPolicy.splits_projector``) also keep
+each video's *tower features* (the projector's input) under a key with the vision tower's weights
+only: a training run whose projector learns reads them instead of running the tower every step, and
+its trained checkpoint, whose projector changed, encodes from them with the projector alone.
 The layout is planned (frames decoded) before every lookup, hit or miss, so the key is exact for
 the prompts and budget at hand; a hit skips preprocessing, vision tower and projector.
 
@@ -45,7 +49,7 @@ from safetensors.torch import save
 
 from capdpo.hashing import file_hash, sha256_json
 from capdpo.media.frames import list_frame_files
-from capdpo.policy.base import EncodedVideo, VideoLayout, VideoPolicy, read_processor_config, spec_from_dict
+from capdpo.policy.base import EncodedVideo, TowerFeatures, VideoLayout, VideoPolicy, read_processor_config, spec_from_dict
 from capdpo.records import Video, atomic_path
 
 log = logging.getLogger("capdpo")
@@ -82,9 +86,10 @@ def weights_hash(policy: VideoPolicy, parts: tuple[str, ...] | None = None) -> s
     return memo[parts]
 
 
-def encoder_fingerprint(policy: VideoPolicy) -> str:
+def encoder_fingerprint(policy: VideoPolicy, stage: str = "embeddings") -> str:
     """What turns sampled frames into embeddings: adapter, model class, preprocessing, dtype and
-    the vision tower's and projector's weights (not the LLM's)."""
+    the vision tower's and projector's weights (not the LLM's). ``stage="tower"``: into tower
+    features, the vision tower's weights only."""
     hf_processor = policy.hf_video_processor() is not None
     return sha256_json({
         "adapter": type(policy).__name__,
@@ -92,14 +97,15 @@ def encoder_fingerprint(policy: VideoPolicy) -> str:
         "spec": asdict(policy.spec),
         "processor": read_processor_config(policy.path) if hf_processor else "capdpo",
         "dtype": str(policy.model.dtype),
-        "weights": weights_hash(policy, ("vision", "projector")),
-    })
+        "weights": weights_hash(policy, ("vision", "projector") if stage == "embeddings" else ("vision",)),
+    } | ({} if stage == "embeddings" else {"stage": stage}))
 
 
-def entry_key(policy: VideoPolicy, video_path: str | os.PathLike, layout: VideoLayout) -> str:
-    """The cache key of one video encoded with ``layout`` by ``policy``'s encoder."""
+def entry_key(policy: VideoPolicy, video_path: str | os.PathLike, layout: VideoLayout, stage: str = "embeddings") -> str:
+    """The cache key of one video encoded with ``layout`` by ``policy``'s encoder (``stage``
+    "embeddings"), or by its vision tower only ("tower")."""
     return sha256_json({"format": ENTRY_FORMAT, "content": content_hash(video_path), "layout": asdict(layout),
-                        "encoder": encoder_fingerprint(policy)})
+                        "encoder": encoder_fingerprint(policy, stage)})
 
 
 class EmbeddingCache:
@@ -137,6 +143,25 @@ class EmbeddingCache:
     def put(self, policy: VideoPolicy, video: Video, encoded: EncodedVideo) -> None:
         """Store ``video`` as ``policy``'s encoder encoded it (with ``encoded.layout``)."""
         self._write(self.path(entry_key(policy, video.video, encoded.layout)), encoded, video)
+
+    def get_tower(self, policy: VideoPolicy, video: Video, layout: VideoLayout) -> TowerFeatures | None:
+        """``video``'s tower features (``VideoPolicy.tower_features``) with ``layout``, or None."""
+        path = self.path(entry_key(policy, video.video, layout, "tower"))
+        if path.exists():
+            try:
+                stored = self._read(path, layout)
+            except (OSError, SafetensorError, ValueError, KeyError, TypeError) as e:
+                log.warning("embedding cache: unreadable entry %s (%s); running the vision tower again", path, e)
+            else:
+                self.hits += 1
+                return TowerFeatures(layout, stored.embeds.to(policy.device, policy.model.dtype))
+        self.misses += 1
+        return None
+
+    def put_tower(self, policy: VideoPolicy, video: Video, features: TowerFeatures) -> None:
+        """Store ``video``'s tower features (with ``features.layout``)."""
+        self._write(self.path(entry_key(policy, video.video, features.layout, "tower")),
+                    EncodedVideo(features.layout, features.features), video)
 
     @staticmethod
     def _read(path: Path, layout: VideoLayout) -> EncodedVideo:

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from capdpo.policy.base import EncodedVideo, ModelParts, VideoLayout, VideoPolicy, VisionSpec
+from capdpo.policy.base import EncodedVideo, ModelParts, TowerFeatures, VideoInputs, VideoLayout, VideoPolicy, VisionSpec
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -72,8 +72,34 @@ class LlavaPolicy(VideoPolicy):
         return normalise(self.sized_frames(frames, layout), self.spec.mean, self.spec.std)
 
     def _encode(self, pixels: torch.Tensor, layout: VideoLayout) -> EncodedVideo:
+        if self.splits_projector:  # one path: encode is the projector on the tower's output
+            return self.project(self._tower_features(pixels, layout))
         features = self.model.model.get_video_features(pixel_values_videos=pixels.unsqueeze(0)).pooler_output
         return EncodedVideo(layout, features.reshape(-1, features.shape[-1]))
+
+    def tower_features(self, inputs: VideoInputs) -> TowerFeatures:
+        if not self.splits_projector:
+            return super().tower_features(inputs)
+        return self._tower_features(inputs.pixel_values.to(self.device, self.model.dtype), inputs.layout)
+
+    def _tower_features(self, pixels: torch.Tensor, layout: VideoLayout) -> TowerFeatures:
+        # transformers' own get_video_features up to the projector (layer choice, CLS drop, pooling),
+        # its input caught by a hook and the projector's run discarded: a small MLP on a few tokens
+        projector, caught = self.model.model.multi_modal_projector, []
+        hook = projector.register_forward_pre_hook(lambda module, args: caught.append(args[0]))
+        try:
+            self.model.model.get_video_features(pixel_values_videos=pixels.unsqueeze(0))
+        finally:
+            hook.remove()
+        return TowerFeatures(layout, caught[0])
+
+    def project(self, features: TowerFeatures) -> EncodedVideo:
+        if not self.splits_projector:
+            return super().project(features)
+        # the projector is the last step of both families' get_video_features: its output rows in
+        # order are the video's tokens (frames, then each frame's tokens)
+        embeds = self.model.model.multi_modal_projector(features.features.to(self.device, self.model.dtype))
+        return EncodedVideo(features.layout, embeds.reshape(-1, embeds.shape[-1]))
 
     def _video_outputs(self, videos: Sequence[EncodedVideo]) -> BaseModelOutputWithPooling:
         # One (1, N, hidden) tensor for the whole batch: each LLaVA forward flattens it and scatters
@@ -83,6 +109,7 @@ class LlavaPolicy(VideoPolicy):
 
 class LlavaNextVideoPolicy(LlavaPolicy):
     model_class = "LlavaNextVideoForConditionalGeneration"
+    splits_projector = True
 
     def tokens_per_frame(self) -> int:
         grid = self.spec.image_size // self.config.vision_config.patch_size
@@ -96,6 +123,7 @@ class LlavaNextVideoPolicy(LlavaPolicy):
 
 class VideoLlavaPolicy(LlavaPolicy):
     model_class = "VideoLlavaForConditionalGeneration"
+    splits_projector = True
 
     def tokens_per_frame(self) -> int:
         return (self.spec.image_size // self.config.vision_config.patch_size) ** 2 + 1  # video features keep CLS

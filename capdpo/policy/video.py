@@ -3,7 +3,8 @@
     encoder = VideoEncoder(policy, frames_cfg, embed_cache)   # embed_cache: None, or an EmbeddingCache
     images, layout = encoder.plan(video, prompts, new_tokens)  # frames and the layout that fits
     encoded = encoder.encode(video, prompts, new_tokens)      # vision tower + projector (or a cache hit)
-    inputs = encoder.pixels(video, prompts, new_tokens)       # pixels, for an encoder that trains
+    features = encoder.tower(video, prompts, new_tokens)      # the tower's output, for a projector that trains
+    inputs = encoder.pixels(video, prompts, new_tokens)       # pixels, for a vision tower that trains
 
 ``plan_video`` decodes the frames and picks the layout (frame count, frame size) that fits the
 policy's context for the longest prompt plus the tokens to generate. sample, reference, train,
@@ -22,7 +23,7 @@ from PIL import Image
 from capdpo.config import FramesConfig
 from capdpo.errors import OverBudgetError
 from capdpo.media.frames import count_frames, frame_rate, sample_frames, sample_indices
-from capdpo.policy.base import EncodedVideo, VideoInputs, VideoLayout, VideoPolicy
+from capdpo.policy.base import EncodedVideo, TowerFeatures, VideoInputs, VideoLayout, VideoPolicy
 from capdpo.policy.embed_cache import EmbeddingCache
 from capdpo.records import Video
 
@@ -82,12 +83,31 @@ class VideoEncoder:
 
     def encode(self, video: Video, prompts: Sequence[str] = (), new_tokens: int = 0) -> EncodedVideo:
         """The video's embeddings on the policy's device, without autograd history (plain tensors,
-        not inference-mode ones: a training forward may save them), from the cache when it holds them."""
+        not inference-mode ones: a training forward may save them), from the cache when it holds
+        them; on a miss, a family that splits its encoder projects cached tower features (a
+        trained projector's checkpoint runs no vision tower for videos its base has seen)."""
         images, layout = self.plan(video, prompts, new_tokens)
         if self.cache is not None and (hit := self.cache.get(self.policy, video, layout)) is not None:
             return hit
         with torch.no_grad():
-            encoded = self.policy.encode(self.policy.preprocess(images, layout))
+            if self.cache is not None and self.policy.splits_projector:
+                encoded = self.policy.project(self._tower(video, images, layout))
+            else:
+                encoded = self.policy.encode(self.policy.preprocess(images, layout))
         if self.cache is not None:
             self.cache.put(self.policy, video, encoded)
         return encoded
+
+    def tower(self, video: Video, prompts: Sequence[str] = (), new_tokens: int = 0) -> TowerFeatures:
+        """The video's tower features (``VideoPolicy.tower_features``), without autograd history,
+        from the cache when it holds them: what a step whose projector trains starts from."""
+        return self._tower(video, *self.plan(video, prompts, new_tokens))
+
+    def _tower(self, video: Video, images, layout: VideoLayout) -> TowerFeatures:
+        if self.cache is not None and (hit := self.cache.get_tower(self.policy, video, layout)) is not None:
+            return hit
+        with torch.no_grad():
+            features = self.policy.tower_features(self.policy.preprocess(images, layout))
+        if self.cache is not None:
+            self.cache.put_tower(self.policy, video, features)
+        return features
