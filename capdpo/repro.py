@@ -17,7 +17,8 @@ The experiment composes the ordinary stages and writes everything under the run 
     claim2/pairs-<source>.jsonl           pairs from the caption judge, the oracle and random pairing
     claim2/<source>-s<seed>/              DPO from the SFT start on those pairs
     claim2/grpo-s<seed>/                  online GRPO from the SFT start, the caption judge as reward (repro.grpo_seeds)
-    claim2/eval/<policy>/                 greedy answers to the test questions, judge and oracle scores
+    claim2/eval/<policy>/                 greedy answers to the test questions and their oracle grades
+    claim2/eval/judgments.jsonl           every policy's answers scored by the caption judge, in one pass
     mini-repro.md, mini-repro.json        both tables, with bootstrap confidence intervals
     repro_times.json                      seconds per stage, summed over interrupted and resumed invocations
 
@@ -251,8 +252,9 @@ def claim2_dpo(run: Run, sft: Path) -> dict:
         pair_files[source] = RecordFile(out / f"pairs-{source}.jsonl", PreferencePair)
         pair_files[source].write(rows)
 
-    # seed by seed, each policy evaluated as soon as it is trained: the first seed's rows are on
-    # disk (claim2/eval/) long before the last seed has trained
+    # seed by seed, each policy answers the held-out questions as soon as it is trained: the first
+    # seed's oracle grades are on disk (claim2/eval/) long before the last seed has trained; the
+    # caption judge scores every policy's answers together at the end
     room = headroom(run, sft)
     evals = {"SFT": evaluate_policy(run, "SFT", sft)}
     # the reference (the SFT start) scores a source's pairs the same for every seed: computed once per source
@@ -266,6 +268,7 @@ def claim2_dpo(run: Run, sft: Path) -> dict:
                                 reference_file=references[source], fail_fast=run.cfg.fail_fast)
             evals[name] = evaluate_policy(run, name, trained)
     evals |= claim2_grpo(run, sft)
+    judge_evaluations(run, evals)
     arms = {f"DPO ({source} pairs, {len(cfg.seeds)} seeds pooled)": [policy_name(source, seed) for seed in cfg.seeds]
             for source in pairs}
     arms[f"GRPO (judge reward, {len(cfg.grpo_seeds)} seeds pooled)"] = [grpo_name(seed) for seed in cfg.grpo_seeds]
@@ -448,21 +451,49 @@ def headroom_closed(row: dict, sft: dict, room: dict) -> float | None:
 
 
 def evaluate_policy(run: Run, name: str, model_dir: Path) -> dict[str, dict]:
-    """Greedy answers of one policy to the test questions: ``{qa id: {"oracle": 0/1, "judge": score}}``."""
-    from capdpo.evaluate import run_evaluate
+    """Greedy answers of one policy to the test questions, graded by the oracle: ``{qa id: {"oracle":
+    0/1, "kind": kind}}``. The caption judge scores them later, with every other policy's
+    (``judge_evaluations``)."""
+    from capdpo.errors import ItemErrors
+    from capdpo.evaluate import predict
     from capdpo.oracle import load_answers, oracle_scores
+    from capdpo.policy.video import VideoEncoder
 
-    d = run.paths.top / "claim2" / "eval" / slug(name)
+    d = eval_dir(run, name)
     d.mkdir(parents=True, exist_ok=True)
     questions = held_out_questions(run.paths)
     run.use_policy(str(model_dir))
-    run_evaluate(slug(name), run.paths.videos.by_id(), questions, run.policy, run.eval_judge(run.cfg.judge.protocol),
-                 RecordFile(d / "predictions.jsonl", Prediction), RecordFile(d / "judgments.jsonl", Judgment),
-                 run.cfg.evaluate, run.cfg.frames, embed_cache=run.embedding_cache, fail_fast=run.cfg.fail_fast)
+    predict(run.paths.videos.by_id(), questions, VideoEncoder(run.policy, run.cfg.frames, run.embedding_cache),
+            RecordFile(d / "predictions.jsonl", Prediction), run.cfg.evaluate, ItemErrors(f"evaluate {name}", run.cfg.fail_fast))
     oracle = oracle_scores(load_answers(d / "predictions.jsonl"), {q.id: q for q in questions}, scenes(run.paths))
     oracle.write(d / "oracle.jsonl")
-    judged = {j.id: j.score for j in RecordFile(d / "judgments.jsonl", Judgment).read()}
-    return {r["qa_id"]: {"oracle": r["score"], "judge": judged.get(r["id"]), "kind": r.get("kind")} for r in oracle.rows}
+    return {r["qa_id"]: {"oracle": r["score"], "kind": r.get("kind")} for r in oracle.rows}
+
+
+def judge_evaluations(run: Run, evals: Mapping[str, dict[str, dict]]) -> None:
+    """Every evaluated policy's held-out answers scored by the caption judge in one pass, ordered by
+    question: the policies' answers to one question then share one prompt prefix (instructions,
+    caption, question, reference), run once in the judge's prefix tree, and equal answers are
+    judged once - several times cheaper than judging policy by policy. Adds each row's "judge"
+    score (None when the judge failed on it)."""
+    from capdpo.judge.judge import JudgeItem, judge_items
+
+    questions = {q.id: q for q in held_out_questions(run.paths)}
+    videos = run.paths.videos.by_id()
+    items = [JudgeItem.for_answer(videos[p.video_id], questions[p.qa_id], p.answer, f"{slug(name)}/{p.qa_id}")
+             for name in evals for p in RecordFile(eval_dir(run, name) / "predictions.jsonl", Prediction).read()
+             if p.qa_id in questions]
+    items.sort(key=lambda item: item.qa_id)  # stable: question by question, the policies in order
+    out = RecordFile(run.paths.top / "claim2" / "eval" / "judgments.jsonl", Judgment)
+    judge_items(run.eval_judge(run.cfg.judge.protocol), items, out, desc="claim 2: caption judge on the held-out answers")
+    scores = {j.target_id: j.score for j in out.read()}
+    for name, rows in evals.items():
+        for qa_id, row in rows.items():
+            row["judge"] = scores.get(f"{slug(name)}/{qa_id}")
+
+
+def eval_dir(run: Run, name: str) -> Path:
+    return run.paths.top / "claim2" / "eval" / slug(name)
 
 
 def slug(name: str) -> str:

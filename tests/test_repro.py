@@ -116,6 +116,10 @@ def test_tiny_reproduction_writes_both_claims(tmp_path, tiny_policy_dir, cache_d
         assert set(answers["auroc_differences"]) == {"caption judge - judge without caption", "caption judge - MiniLM similarity"}
     policies = results["claim2"]["policies"]
     assert "SFT" in policies and policies["SFT"]["questions"] == 2
+    # the caption judge scored every policy's answers in one pass, question by question
+    judged = [json.loads(line) for line in (run_dir / "claim2" / "eval" / "judgments.jsonl").read_text().splitlines()]
+    assert len(judged) == 2 * len(policies) and all(r["judge_score"] is not None for r in policies.values())
+    assert [j["qa_id"] for j in judged] == sorted(j["qa_id"] for j in judged)
     assert any(name.startswith("DPO (random pairs") for name in policies)
     for source, graded in results["claim2"]["pair_orientation"].items():
         assert sum(graded.values()) == next(r["pairs"] for n, r in policies.items() if f"({source} pairs" in n)

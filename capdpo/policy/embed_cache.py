@@ -127,18 +127,7 @@ class EmbeddingCache:
     def get(self, policy: VideoPolicy, video: Video, layout: VideoLayout) -> EncodedVideo | None:
         """``video`` as ``policy``'s encoder encodes it with ``layout``, on the policy's device and
         dtype, or None when the cache lacks it (an unreadable entry is logged and counts as missing)."""
-        path = self.path(entry_key(policy, video.video, layout))
-        if path.exists():
-            try:
-                encoded = self._read(path, layout)
-            except (OSError, SafetensorError, ValueError, KeyError, TypeError) as e:
-                log.warning("embedding cache: unreadable entry %s (%s); encoding the video again", path, e)
-            else:
-                self.hits += 1
-                return EncodedVideo(layout, encoded.embeds.to(policy.device, policy.model.dtype),
-                                    tuple(d.to(policy.device, policy.model.dtype) for d in encoded.deepstack))
-        self.misses += 1
-        return None
+        return self._lookup(policy, video, layout, "embeddings")
 
     def put(self, policy: VideoPolicy, video: Video, encoded: EncodedVideo) -> None:
         """Store ``video`` as ``policy``'s encoder encoded it (with ``encoded.layout``)."""
@@ -146,22 +135,28 @@ class EmbeddingCache:
 
     def get_tower(self, policy: VideoPolicy, video: Video, layout: VideoLayout) -> TowerFeatures | None:
         """``video``'s tower features (``VideoPolicy.tower_features``) with ``layout``, or None."""
-        path = self.path(entry_key(policy, video.video, layout, "tower"))
-        if path.exists():
-            try:
-                stored = self._read(path, layout)
-            except (OSError, SafetensorError, ValueError, KeyError, TypeError) as e:
-                log.warning("embedding cache: unreadable entry %s (%s); running the vision tower again", path, e)
-            else:
-                self.hits += 1
-                return TowerFeatures(layout, stored.embeds.to(policy.device, policy.model.dtype))
-        self.misses += 1
-        return None
+        stored = self._lookup(policy, video, layout, "tower")
+        return None if stored is None else TowerFeatures(layout, stored.embeds)
 
     def put_tower(self, policy: VideoPolicy, video: Video, features: TowerFeatures) -> None:
         """Store ``video``'s tower features (with ``features.layout``)."""
         self._write(self.path(entry_key(policy, video.video, features.layout, "tower")),
                     EncodedVideo(features.layout, features.features), video)
+
+    def _lookup(self, policy: VideoPolicy, video: Video, layout: VideoLayout, stage: str) -> EncodedVideo | None:
+        """The ``stage`` entry of ``video`` on the policy's device and dtype, or None (counted)."""
+        path = self.path(entry_key(policy, video.video, layout, stage))
+        if path.exists():
+            try:
+                stored = self._read(path, layout)
+            except (OSError, SafetensorError, ValueError, KeyError, TypeError) as e:
+                log.warning("embedding cache: unreadable entry %s (%s); encoding the video again", path, e)
+            else:
+                self.hits += 1
+                return EncodedVideo(layout, stored.embeds.to(policy.device, policy.model.dtype),
+                                    tuple(d.to(policy.device, policy.model.dtype) for d in stored.deepstack))
+        self.misses += 1
+        return None
 
     @staticmethod
     def _read(path: Path, layout: VideoLayout) -> EncodedVideo:
