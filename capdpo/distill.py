@@ -242,9 +242,9 @@ def trainable_weights(model, top_layers: int | None) -> list[torch.nn.Parameter]
     """The weights the student trains: all, or only its top ``top_layers`` decoder layers and final
     norm. Frozen lower layers (and the tied embeddings) need no backward pass of their own, which
     is most of a step's cost."""
-    layers = model.model.layers
-    if top_layers is None or top_layers >= len(layers):
+    if top_layers is None or top_layers >= len(model.model.layers):
         return list(model.parameters())
+    layers = model.model.layers
     model.requires_grad_(False)
     trained = [*layers[len(layers) - top_layers:], model.model.norm]
     for module in trained:
