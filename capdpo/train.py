@@ -67,7 +67,6 @@ from capdpo.training import (
     run_steps,
     set_trainable,
     start_steps,
-    to_embeddings,
     video_preparer,
 )
 
@@ -252,7 +251,7 @@ def precompute_reference(accelerator: Accelerator, policy: VideoPolicy, cfg: Tra
             def encoded_pairs():
                 for video_id, group in by_video(todo).items():
                     with torch.no_grad():  # features or pixels of an encoder that trains: encoded once here
-                        video = to_embeddings(policy, videos[video_id])
+                        video = policy.embeddings(videos[video_id])
                     yield from ((tokens[p.id], video) for p in group)
 
             with tqdm(total=len(todo), desc="reference", unit="pair") as bar:

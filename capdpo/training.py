@@ -71,20 +71,12 @@ def video_preparer(encoder: VideoEncoder, cfg: TrainConfig) -> Callable[..., Pre
     return encoder.pixels
 
 
-def to_embeddings(policy: VideoPolicy, video: PreparedVideo) -> EncodedVideo:
-    """A prepared video's embeddings, with autograd where the caller allows it: as they are, the
-    projector on tower features, or the whole encoder on pixels."""
-    if isinstance(video, EncodedVideo):
-        return video
-    return policy.project(video) if isinstance(video, TowerFeatures) else policy.encode(video)
-
-
 def encode_once(policy: VideoPolicy, videos: Sequence[PreparedVideo]) -> list[EncodedVideo]:
     """The batch's videos encoded, each distinct one once (its pairs or questions then share one packed row)."""
     encoded: dict[int, EncodedVideo] = {}
     for v in videos:
         if id(v) not in encoded:
-            encoded[id(v)] = to_embeddings(policy, v)
+            encoded[id(v)] = policy.embeddings(v)
     return [encoded[id(v)] for v in videos]
 
 

@@ -32,7 +32,7 @@ def example_logps(policy: VideoPolicy, inputs: dict[str, VideoInputs | TowerFeat
     or its tower features, and its examples share one packed row: the video tokens and the
     prompts' common start run once, each example's question rest and response behind them."""
     keys = list(dict.fromkeys(e.video_key for e in batch))
-    videos = {k: policy.project(inputs[k]) if isinstance(inputs[k], TowerFeatures) else policy.encode(inputs[k]) for k in keys}
+    videos = {k: policy.embeddings(inputs[k]) for k in keys}
     prompts = [policy.prompt_ids(e.prompt, videos[e.video_key].layout) for e in batch]
     responses = [policy.response_ids(e.response, max_response_tokens) for e in batch]
     if not policy.shares_prompt_prefix:  # attention without a custom 4D mask: one row per example
@@ -62,10 +62,8 @@ def supervised_finetune(policy: VideoPolicy, pixels: dict[str, VideoInputs], exa
         if policy.parts.part_of(name) == "projector":
             p.requires_grad_(True)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    inputs: dict[str, VideoInputs | TowerFeatures] = dict(pixels)
-    if policy.splits_projector:  # the frozen tower runs once per video, the projector every step
-        with torch.no_grad():
-            inputs = {k: policy.tower_features(v) for k, v in pixels.items()}
+    with torch.no_grad():  # the frozen tower runs once per video, the projector every step
+        inputs = {k: policy.tower_features(v) for k, v in pixels.items()} if policy.splits_projector else pixels
     opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
     steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
     sched = get_linear_schedule_with_warmup(opt, max(1, steps // 10), steps)

@@ -313,6 +313,13 @@ class VideoPolicy:
         ``project(tower_features(x))`` is ``encode(x)``."""
         raise NotImplementedError(f"{type(self).__name__} does not split its encoder at the projector")
 
+    def embeddings(self, video: EncodedVideo | TowerFeatures | VideoInputs) -> EncodedVideo:
+        """A video's embeddings, with autograd where the caller allows it: as they are, the
+        projector on tower features, or the whole encoder on pixels."""
+        if isinstance(video, EncodedVideo):
+            return video
+        return self.project(video) if isinstance(video, TowerFeatures) else self.encode(video)
+
     def _video_outputs(self, videos: Sequence[EncodedVideo]):
         """``mm_encoder_outputs["video"]`` for a batch with one video per row, in the model's format."""
         raise NotImplementedError
