@@ -283,7 +283,7 @@ class ReproConfig(Section):
     sft_epochs: int = Field(1, ge=1, description="SFT passes over the SFT clips' QA.")
     sft_batch_size: int = Field(8, ge=1, description="SFT examples per step.")
     sft_lr: float = Field(5e-4, description="SFT learning rate (projector and LoRA on the LLM).")
-    no_caption_template: str = Field("reward_no_caption", description="Claim 1's judge without the caption: the same judge and mode with this template (question + reference + answer).")
+    no_caption_template: str | None = Field(None, description="Claim 1's judges without the caption: the same judge and mode with this template (question + reference + answer); None = the twin of each judge's own template (caption_reward -> reward_no_caption).")
     claim1_judges: list[str] = Field(default_factory=list, description="Claim 1: judge models scored besides the run's judge, each with and without the caption, in expected mode (e.g. builtin:smollm2).")
     claim1_questions: int | None = Field(None, ge=1, description="Claim 1 scores the sampled answers to at most this many train questions (a seeded sample); None = all.")
     claim1_variant_clips: int = Field(0, ge=0, description="Claim 1's second answer set: swapped-fact answers to every question (the caption-matters detail kind included) of this many of the run's scenes; 0 = none.")
@@ -294,6 +294,8 @@ class ReproConfig(Section):
     grpo_seeds: list[int] = Field(default_factory=list, description="Claim 2's online arm: GRPO from the SFT start rewarded by the run's judge (train.grpo), once per seed, one epoch with G = sample.n, so it asks the judge as often as the DPO arm's sampled answers did; [] = not run.")
     bootstrap: int = Field(2000, ge=100, description="Bootstrap resamples of the held-out questions for the confidence intervals.")
 
+    _no_caption_template = field_validator("no_caption_template")(known_template)
+
 
 class DistillConfig(Section):
     """Distilling a judge into a small local student (``capdpo judge distill``, capdpo.distill)."""
@@ -301,7 +303,7 @@ class DistillConfig(Section):
     student: str = Field(BUILTIN_LLM, description="Causal LM the student starts from: builtin:smollm2 or a local checkpoint folder.")
     layers: int | None = Field(None, ge=1, description="Keep only the student's first N decoder layers (a smaller, faster judge); None = all.")
     train_layers: int | None = Field(None, ge=1, description="Train only the student's top N decoder layers and final norm, the rest (embeddings included) frozen: the backward pass stops there; None = every weight.")
-    template: str = Field("caption_reward", description="Prompt the student learns and is used with: caption_reward (caption-grounded) or e.g. reward_no_caption (the ablation).")
+    template: str = Field("short_caption_reward", description="Prompt the student learns; a judge using the student is asked with it (distill.json): short_caption_reward (caption-grounded, 40% fewer tokens than caption_reward), caption_reward, or e.g. reward_no_caption (the ablation).")
     max_answer_words: int = Field(256, ge=1, description="Answers cut to this many words, as the judge does (judge.max_answer_words).")
     epochs: int = Field(1, ge=1, description="Passes over the training labels.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW, 10% warm-up, linear decay).")

@@ -1,9 +1,13 @@
 """Distilling the caption-grounded judge into a small local student (``capdpo judge distill``).
 
 A teacher (any judge capdpo runs - OpenAI, vLLM, hf - or the oracle of synthetic clips, or people)
-scores answers; the student, a causal LM (SmolLM2-135M by default), learns to reply to the very
-same judge prompt with the teacher's score. The result is a plain checkpoint folder that works as
-``judge.llm.model: FOLDER`` with every backend and mode: free to re-run, pinned, offline.
+scores answers; the student, a causal LM (SmolLM2-135M by default), learns to reply to a judge
+prompt with the teacher's score. The prompt need not be the teacher's: by default it is
+``short_caption_reward``, the same fields behind a two-line instruction, because a student learns
+the task from its labels and every token of instructions costs it in training and in every call.
+The result is a plain checkpoint folder that works as ``judge.llm.model: FOLDER`` with every
+backend and mode: free to re-run, pinned, offline; its ``distill.json`` names the template, which
+a judge using the folder takes when ``judge.template`` is unset.
 
     labels (TeacherLabel rows)  -> split by video -> student training -> checkpoint + agreement
 
@@ -39,7 +43,7 @@ from capdpo.config import DistillConfig, JudgeConfig, LLMConfig, RunConfig
 from capdpo.devices import resolve_device
 from capdpo.hashing import split_test_ids
 from capdpo.judge.judge import CaptionJudge, JudgeItem, judge_items, truncate_words
-from capdpo.llm.backends import local_weights
+from capdpo.llm.backends import DISTILL_SUMMARY, local_weights
 from capdpo.policy.packing import Branch as TreeBranch
 from capdpo.policy.packing import PackedRows, common_prefix_length, pack_branches, tree_mask
 from capdpo.prompts import load_template
@@ -336,7 +340,7 @@ def distill(labels: Sequence[TeacherLabel], cfg: DistillConfig, out: Path, cache
         "steps": len(losses), "loss_first": losses[:5], "loss_last": losses[-5:],
         "agreement": _summary(report), "seconds": round(time.perf_counter() - t0, 1),
     }
-    atomic_write_text(out / "distill.json", json.dumps(summary, indent=1) + "\n")  # written last: marks it done
+    atomic_write_text(out / DISTILL_SUMMARY, json.dumps(summary, indent=1) + "\n")  # written last: marks it done
     shutil.rmtree(out / STATE, ignore_errors=True)
     return summary
 
@@ -351,7 +355,7 @@ def _summary(report: AgreementReport | None) -> dict | None:
 
 def read_summary(model_dir: str | Path) -> dict | None:
     """``distill.json`` of a distilled judge's folder, or None for any other model."""
-    path = Path(model_dir) / "distill.json"
+    path = Path(model_dir) / DISTILL_SUMMARY
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -495,7 +499,9 @@ def distill_from_pool(pool: Sequence[JudgeItem], teacher: Teacher, cfg: DistillC
 JUDGE_MINI_SEED = 3  # synthetic seed of its clips: the demo uses 0, the reproduction 0 and 1, the mini SFT 7
 JUDGE_MINI_CLIPS = 32  # ~1,400 labels: ~10 minutes on 2 CPU cores
 JUDGE_MINI_ANSWERS = 8  # answers per question: the reference, the full answer and swapped-fact variants
-JUDGE_MINI = DistillConfig()  # the defaults: every layer of SmolLM2-135M, one epoch at lr 1e-4, 20% of videos held out
+# every layer of SmolLM2-135M, the short template, one epoch at lr 1e-4, 20% of videos held out; batches of
+# 8 answers: with the short prompt, 16 gave 65 updates that never learned to rank (AUROC 0.619)
+JUDGE_MINI = DistillConfig(batch_answers=8)
 
 
 def judge_mini_dir(cache_dir: str | Path) -> Path:

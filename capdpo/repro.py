@@ -170,15 +170,18 @@ def claim1_agreement(run: Run) -> dict:
     """Grade every sampled answer by the oracle (claim 2's oracle pairs read it), then score the
     claim-1 answer sets with every scorer and compare each with the oracle, per question kind:
 
-    * the run's judge with the caption (the paper's reward) and without it (``no_caption_template``);
+    * the run's judge with the caption (the paper's reward) and without it (its template's twin
+      without the caption, or ``no_caption_template``);
     * each ``repro.claim1_judges`` model, with and without the caption (expected mode);
     * MiniLM similarity of answer and reference answer.
 
     Answer sets: ``policy`` (the sampled answers to at most ``claim1_questions`` train questions) and,
     with ``claim1_variant_clips``, ``variants`` (swapped-fact answers to every question of that many
     of the run's scenes, the caption-matters ``detail`` kind included)."""
+    from capdpo.judge.judge import default_template
     from capdpo.judge_study import MINILM, policy_answers, score_answers, study, variant_answers
     from capdpo.oracle import load_answers, oracle_scores
+    from capdpo.prompts import without_caption
 
     top, cfg, rc = run.paths.top, run.cfg, run.cfg.repro
     (top / "claim1").mkdir(exist_ok=True)
@@ -189,11 +192,15 @@ def claim1_agreement(run: Run) -> dict:
     sets = {"policy": policy_answers(run.paths, rc.claim1_questions, rc.seeds[0])}
     if rc.claim1_variant_clips:
         sets["variants"] = variant_answers(cfg.data.synthetic_seed, rc.claim1_variant_clips, rc.claim1_variants_per_question)
-    judges = {CAPTION_JUDGE: cfg.judge, NO_CAPTION: cfg.judge.model_copy(update={"template": rc.no_caption_template})}
+    def without_caption_of(judge_cfg: JudgeConfig) -> str:  # the same prompt with the caption taken out
+        return rc.no_caption_template or without_caption(judge_cfg.template or default_template(judge_cfg, cfg.cache_dir))
+
+    judges = {CAPTION_JUDGE: cfg.judge, NO_CAPTION: cfg.judge.model_copy(update={"template": without_caption_of(cfg.judge)})}
     for model in rc.claim1_judges:
         llm = cfg.judge.llm.model_copy(update={"model": model})
-        for name, template in ((f"{model} with caption", "caption_reward"), (f"{model} without caption", rc.no_caption_template)):
-            judges[name] = JudgeConfig(llm=llm, mode="expected", template=template, max_answer_words=cfg.judge.max_answer_words)
+        with_caption = JudgeConfig(llm=llm, mode="expected", max_answer_words=cfg.judge.max_answer_words)
+        judges[f"{model} with caption"] = with_caption
+        judges[f"{model} without caption"] = with_caption.model_copy(update={"template": without_caption_of(with_caption)})
     differences = [(CAPTION_JUDGE, NO_CAPTION), *((f"{m} with caption", f"{m} without caption") for m in rc.claim1_judges),
                    (CAPTION_JUDGE, MINILM_ROW)]
     results = {}

@@ -199,3 +199,11 @@ def test_an_unknown_prompt_template_fails_at_load_naming_the_field(field):
         load_config(overrides=[f"{field}=no_such_template"])
     assert field in str(e.value) and "no_such_template" in str(e.value)
     assert load_config(overrides=[f"{field}=reward_no_caption"])
+
+
+def test_claim_1s_no_caption_template_must_exist():
+    from capdpo.config import ReproConfig
+
+    with pytest.raises(ValueError, match="no_such_template"):
+        ReproConfig(no_caption_template="no_such_template")
+    assert ReproConfig().no_caption_template is None  # each judge's own template's twin

@@ -26,6 +26,7 @@ from capdpo.judge.judge import CaptionJudge, JudgeItem
 from capdpo.media.answers import answer_variants
 from capdpo.media.synthetic import QUESTION_KINDS, random_scene, scene_questions
 from capdpo.oracle import judge_answer
+from capdpo.prompts import load_template
 from capdpo.records import TeacherLabel
 
 
@@ -154,9 +155,10 @@ def test_distil_a_tiny_judge_end_to_end(smollm2, cache_dir, tmp_path, transforme
     assert summary["agreement"]["auroc"] > 0.6, summary["agreement"]
     assert json.loads((student / "distill.json").read_text())["held_out"] == summary["held_out"]
     item = JudgeItem("x", "q", labels[0].caption, labels[0].question, labels[0].reference, labels[0].reference)
-    judge_cfg = JudgeConfig(llm=LLMConfig(model=str(student), max_new_tokens=8), template=str(template))
+    judge_cfg = JudgeConfig(llm=LLMConfig(model=str(student), max_new_tokens=8))  # asked with the template it learned
     (j,) = CaptionJudge(judge_cfg, cache_dir).judge([item])
     assert j.score in (1, 2, 3, 4, 5) and j.attempts == 1, j.raw_reply
+    assert j.template == "short" and j.template_hash == load_template(str(template)).hash
     with transformers_serve(student) as port:
         served = LLMConfig(backend="openai", model=str(student), base_url=f"http://127.0.0.1:{port}/v1", max_new_tokens=8,
                            timeout_s=300, concurrency=1, max_tries=2)

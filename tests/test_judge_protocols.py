@@ -88,6 +88,46 @@ def test_explicit_template_wins_over_the_protocol(tmp_path):
     assert make_judge({}).template.name == "caption_reward"
 
 
+def test_a_distilled_judge_is_asked_with_the_template_it_learned(tmp_path):
+    """A judge folder with distill.json (and builtin:judge-mini, built in the cache dir) brings its
+    template when judge.template is unset; other protocols, frames evidence, an explicit template
+    and every other model keep theirs."""
+    from capdpo.config import BUILTIN_JUDGE
+    from capdpo.judge.judge import default_template
+    from capdpo.packaged import JUDGE_MINI
+
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "distill.json").write_text('{"config": {"template": "short_caption_reward"}}')
+    (tmp_path / JUDGE_MINI).mkdir()
+    (tmp_path / JUDGE_MINI / "distill.json").write_text('{"config": {"template": "reward_no_caption"}}')
+
+    def template(model, **cfg):
+        return default_template(JudgeConfig(llm=LLMConfig(backend="openai", model=model), **cfg), tmp_path)
+
+    assert template(str(student)) == "short_caption_reward"
+    assert template(BUILTIN_JUDGE) == "reward_no_caption"
+    assert template(str(student), protocol="video_chatgpt", mode="generate") == "video_chatgpt"
+    assert template(str(student), evidence="frames") == "caption_reward_frames"
+    assert template("Qwen/Qwen2.5-7B-Instruct") == template(str(tmp_path)) == "caption_reward"
+    judge = CaptionJudge(JudgeConfig(llm=LLMConfig(backend="openai", model=str(student))), tmp_path, llm=ScriptedLLM({}))
+    assert judge.template.name == "short_caption_reward"
+    judge = CaptionJudge(JudgeConfig(llm=LLMConfig(backend="openai", model=str(student)), template="caption_reward"), tmp_path,
+                         llm=ScriptedLLM({}))
+    assert judge.template.name == "caption_reward"
+
+
+def test_each_caption_template_has_a_twin_without_the_caption():
+    from capdpo.prompts import WITHOUT_CAPTION, load_template, without_caption
+
+    for with_caption, twin in WITHOUT_CAPTION.items():
+        assert "{caption}" in load_template(with_caption).text and "{caption}" not in load_template(twin).text
+        assert load_template(with_caption).text.replace("{caption}", "").count("{") == load_template(twin).text.count("{")
+    assert without_caption("/some/dir/short_caption_reward.txt") == "short_reward_no_caption"
+    with pytest.raises(ValueError, match="repro.no_caption_template"):
+        without_caption("caption_reward_frames")
+
+
 def test_constrained_mode_needs_the_plain_caption_reward():
     for bad in ({"protocol": "video_chatgpt"}, {"samples": 3}, {"evidence": "frames"}):
         with pytest.raises(ValueError, match="needs protocol caption_reward, samples=1"):

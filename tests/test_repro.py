@@ -114,6 +114,8 @@ def test_tiny_reproduction_writes_both_claims(tmp_path, tiny_policy_dir, cache_d
     for answers in c1["sets"].values():
         assert set(answers["figures"]) == {"caption judge", "judge without caption", "MiniLM similarity"}
         assert set(answers["auroc_differences"]) == {"caption judge - judge without caption", "caption judge - MiniLM similarity"}
+    no_caption = [json.loads(line) for line in (run_dir / "claim1" / "policy-judge-without-caption.jsonl").read_text().splitlines()]
+    assert {j["template"] for j in no_caption} == {"reward_no_caption"}, "the twin of the judge's caption_reward"
     policies = results["claim2"]["policies"]
     assert "SFT" in policies and policies["SFT"]["questions"] == 2
     # the caption judge scored every policy's answers in one pass, question by question

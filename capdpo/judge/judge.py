@@ -31,7 +31,7 @@ from capdpo.config import JudgeConfig
 from capdpo.errors import BudgetExceeded, FrameError
 from capdpo.judge.budget import JudgeBudget, Usage
 from capdpo.judge.parse import PROTOCOLS, Vote, parse_pairwise
-from capdpo.llm import HFChatLLM, Reply, load_llm
+from capdpo.llm import HFChatLLM, Reply, distilled_template, load_llm
 from capdpo.media.frames import sample_frames
 from capdpo.prompts import Template, load_template, short_hash
 from capdpo.records import Judgment, QAItem, RecordFile, Video
@@ -129,6 +129,16 @@ class _Request:
 
 
 
+def default_template(cfg: JudgeConfig, cache_dir: str | Path) -> str:
+    """The template a judge uses when ``judge.template`` is unset: the one a distilled judge was
+    trained on, else the protocol's own (``caption_reward_frames`` with ``evidence=frames``)."""
+    if cfg.evidence == "frames":
+        return "caption_reward_frames"
+    if cfg.protocol == "caption_reward" and (learned := distilled_template(cfg.llm.model, cache_dir)):
+        return learned
+    return PROTOCOLS[cfg.protocol].template
+
+
 class CaptionJudge:
     """Scores answers through one or more chat LLMs; :meth:`judge` is the single entry point.
 
@@ -142,7 +152,7 @@ class CaptionJudge:
         self.cfg = cfg
         self.cache_dir = cache_dir
         self.protocol = PROTOCOLS[cfg.protocol]
-        self.template: Template = load_template(cfg.template or self._default_template())
+        self.template: Template = load_template(cfg.template or default_template(cfg, cache_dir))
         self.llm = llm if llm is not None else load_llm(cfg.llm, cache_dir, reply_cache)
         if members is None:
             members = [load_llm(m, cache_dir, reply_cache) for m in cfg.ensemble]
@@ -168,9 +178,6 @@ class CaptionJudge:
             self._by_protocol[protocol] = CaptionJudge(cfg, self.cache_dir, llm=self.llm, budget=self.budget,
                                                        members=[jl.llm for jl in self.judges[1:]])
         return self._by_protocol[protocol]
-
-    def _default_template(self) -> str:
-        return "caption_reward_frames" if self.cfg.evidence == "frames" else self.protocol.template
 
     def _check_llms(self) -> None:
         """Refuse judge LLMs that cannot do what the config asks, before any request is sent."""

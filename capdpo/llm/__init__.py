@@ -13,10 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from capdpo.config import LLMConfig
-from capdpo.llm.backends import ChatLLM, HFChatLLM, OpenAIChatLLM, Reply, VLLMChatLLM
+from capdpo.llm.backends import ChatLLM, HFChatLLM, OpenAIChatLLM, Reply, VLLMChatLLM, distilled_template
 from capdpo.llm.cache import CachedLLM, LLMCache
 
-__all__ = ["ChatLLM", "CachedLLM", "HFChatLLM", "LLMCache", "OpenAIChatLLM", "Reply", "VLLMChatLLM", "load_llm"]
+__all__ = ["ChatLLM", "CachedLLM", "HFChatLLM", "LLMCache", "OpenAIChatLLM", "Reply", "VLLMChatLLM", "distilled_template", "load_llm"]
 
 
 def load_llm(cfg: LLMConfig, cache_dir: str | Path, cache_path: Path | None = None) -> ChatLLM | CachedLLM:

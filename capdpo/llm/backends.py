@@ -63,6 +63,23 @@ def local_weights(model: str, cache_dir: str | Path) -> str | Path:
     return model
 
 
+DISTILL_SUMMARY = "distill.json"  # written last into a distilled judge's folder by capdpo.distill
+
+
+def distilled_template(model: str, cache_dir: str | Path) -> str | None:
+    """The prompt template a distilled judge (a ``capdpo judge distill`` folder, or
+    builtin:judge-mini) learned to answer, which it must be asked with; None for any other model."""
+    if model == BUILTIN_JUDGE:
+        from capdpo.packaged import JUDGE_MINI
+
+        summary = Path(cache_dir) / JUDGE_MINI / DISTILL_SUMMARY
+    else:
+        summary = Path(model) / DISTILL_SUMMARY
+    if not summary.is_file():
+        return None
+    return json.loads(summary.read_text())["config"]["template"]
+
+
 class HFChatLLM:
     """A local chat model; ``chat`` is batched greedy or sampled generation."""
 

@@ -36,3 +36,16 @@ def load_template(name_or_path: str) -> Template:
         known = ", ".join(sorted(p.stem for p in TEMPLATE_DIR.glob("*.txt")))
         raise FileNotFoundError(f"{name_or_path}: no such prompt template (built-in: {known})")
     return Template(path.stem, path.read_text(encoding="utf-8"))
+
+
+# each caption-grounded reward template's twin without the caption (claim 1's ablation)
+WITHOUT_CAPTION = {"caption_reward": "reward_no_caption", "short_caption_reward": "short_reward_no_caption"}
+
+
+def without_caption(name: str) -> str:
+    """The no-caption twin of a caption-grounded template (``caption_reward`` -> ``reward_no_caption``)."""
+    try:
+        return WITHOUT_CAPTION[Path(name).stem]
+    except KeyError:
+        raise ValueError(f"template {name} has no twin without the caption (known: {', '.join(WITHOUT_CAPTION)}); "
+                         "set repro.no_caption_template") from None
