@@ -43,7 +43,7 @@ from capdpo.config import DistillConfig, JudgeConfig, LLMConfig, RunConfig
 from capdpo.devices import resolve_device
 from capdpo.hashing import split_test_ids
 from capdpo.judge.judge import CaptionJudge, JudgeItem, judge_items, truncate_words
-from capdpo.llm.backends import DISTILL_SUMMARY, local_weights
+from capdpo.llm.backends import DISTILL_SUMMARY, local_weights, read_summary
 from capdpo.policy.packing import Branch as TreeBranch
 from capdpo.policy.packing import PackedRows, common_prefix_length, pack_branches, tree_mask
 from capdpo.prompts import load_template
@@ -351,12 +351,6 @@ def _summary(report: AgreementReport | None) -> dict | None:
     keys = ("n_common", "auroc", "pairwise_agreement_strict", "n_pairs_strict", "spearman", "pearson",
             "exact_agreement", "mean_a", "mean_b")
     return {k: getattr(report, k) for k in keys}
-
-
-def read_summary(model_dir: str | Path) -> dict | None:
-    """``distill.json`` of a distilled judge's folder, or None for any other model."""
-    path = Path(model_dir) / DISTILL_SUMMARY
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 # -- labels from synthetic clips: the oracle as teacher ----------------------------------------------

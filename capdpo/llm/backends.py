@@ -66,18 +66,21 @@ def local_weights(model: str, cache_dir: str | Path) -> str | Path:
 DISTILL_SUMMARY = "distill.json"  # written last into a distilled judge's folder by capdpo.distill
 
 
+def read_summary(model_dir: str | Path) -> dict | None:
+    """``distill.json`` of a distilled judge's folder, or None for any other model."""
+    path = Path(model_dir) / DISTILL_SUMMARY
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def distilled_template(model: str, cache_dir: str | Path) -> str | None:
     """The prompt template a distilled judge (a ``capdpo judge distill`` folder, or
     builtin:judge-mini) learned to answer, which it must be asked with; None for any other model."""
     if model == BUILTIN_JUDGE:
         from capdpo.packaged import JUDGE_MINI
 
-        summary = Path(cache_dir) / JUDGE_MINI / DISTILL_SUMMARY
-    else:
-        summary = Path(model) / DISTILL_SUMMARY
-    if not summary.is_file():
-        return None
-    return json.loads(summary.read_text())["config"]["template"]
+        model = str(Path(cache_dir) / JUDGE_MINI)
+    summary = read_summary(model)
+    return summary["config"]["template"] if summary else None
 
 
 class HFChatLLM:
