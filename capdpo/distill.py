@@ -355,23 +355,29 @@ def _summary(report: AgreementReport | None) -> dict | None:
 
 # -- labels from synthetic clips: the oracle as teacher ----------------------------------------------
 
-def synthetic_labels(seed: int, n_clips: int, answers_per_question: int) -> list[TeacherLabel]:
+def synthetic_labels(seed: int, n_clips: int, answers_per_question: int, detail_answers: int = 0) -> list[TeacherLabel]:
     """Oracle-labelled answers about ``n_clips`` synthetic scenes (scene seed ``seed * 100_000 + i``,
     as ``make_synthetic_dataset`` numbers them): every question of each scene, its reference answer
-    and variants with swapped facts (:func:`capdpo.media.answers.answer_variants`), each graded
-    by the oracle. No video is rendered: the caption and the questions come from the scene."""
-    from capdpo.media.answers import answer_variants
+    and variants with swapped facts (:func:`capdpo.media.answers.answer_variants`), plus
+    ``detail_answers`` more to each ``detail`` question that only the caption decides
+    (:func:`capdpo.media.answers.detail_variants`), each graded by the oracle. No video is rendered:
+    the caption and the questions come from the scene."""
+    from capdpo.media.answers import answer_variants, detail_variants
     from capdpo.media.synthetic import caption_scene, random_scene, scene_questions
     from capdpo.oracle import judge_answer
 
     rng = random.Random(seed)
+    detail_rng = random.Random(seed + 1)  # its own draws: the other answers stay those of detail_answers=0
     labels = []
     for i in range(n_clips):
         scene = random_scene(seed * 100_000 + i)
         video_id, caption = f"synth{seed}_{i:04d}", caption_scene(scene)
         for q_index, question in enumerate(scene_questions(scene)):
             qa_id = f"{video_id}_{q_index}"
-            for k, answer in enumerate(answer_variants(question, answers_per_question, rng)):
+            answers = answer_variants(question, answers_per_question, rng)
+            if question.kind == "detail" and detail_answers:
+                answers += [a for a in detail_variants(question, detail_answers, detail_rng) if a not in answers]
+            for k, answer in enumerate(answers):
                 correct = judge_answer(question.facts, question.kind, answer).correct
                 labels.append(TeacherLabel(id=f"{qa_id}#{k}", qa_id=qa_id, video_id=video_id, caption=caption,
                                            question=question.question, reference=question.answer, answer=answer,
@@ -493,6 +499,9 @@ def distill_from_pool(pool: Sequence[JudgeItem], teacher: Teacher, cfg: DistillC
 JUDGE_MINI_SEED = 3  # synthetic seed of its clips: the demo uses 0, the reproduction 0 and 1, the mini SFT 7
 JUDGE_MINI_CLIPS = 32  # ~1,400 labels: ~10 minutes on 2 CPU cores
 JUDGE_MINI_ANSWERS = 8  # answers per question: the reference, the full answer and swapped-fact variants
+# and 6 more to each detail question that only the caption decides: without them the short-prompt student
+# judged detail answers from the reference alone (the caption added +0.003 AUROC; with them +0.031)
+JUDGE_MINI_DETAIL_ANSWERS = 6
 # every layer of SmolLM2-135M, the short template, one epoch at lr 1e-4, 20% of videos held out; batches of
 # 8 answers: with the short prompt, 16 gave 65 updates that never learned to rank (AUROC 0.619)
 JUDGE_MINI = DistillConfig(batch_answers=8)
@@ -505,7 +514,8 @@ def judge_mini_dir(cache_dir: str | Path) -> Path:
     from capdpo.packaged import cached_build
 
     def build(tmp: Path) -> None:
-        distill(synthetic_labels(JUDGE_MINI_SEED, JUDGE_MINI_CLIPS, JUDGE_MINI_ANSWERS), JUDGE_MINI, tmp, cache_dir)
+        labels = synthetic_labels(JUDGE_MINI_SEED, JUDGE_MINI_CLIPS, JUDGE_MINI_ANSWERS, JUDGE_MINI_DETAIL_ANSWERS)
+        distill(labels, JUDGE_MINI, tmp, cache_dir)
     return cached_build(Path(cache_dir), NAME, build)
 
 

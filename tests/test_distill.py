@@ -23,7 +23,7 @@ from capdpo.distill import (
     train_student,
 )
 from capdpo.judge.judge import CaptionJudge, JudgeItem
-from capdpo.media.answers import answer_variants
+from capdpo.media.answers import answer_variants, detail_variants
 from capdpo.media.synthetic import QUESTION_KINDS, random_scene, scene_questions
 from capdpo.oracle import judge_answer
 from capdpo.prompts import load_template
@@ -54,6 +54,28 @@ def test_answer_variants_are_mostly_wrong_but_graded_right_by_the_oracle():
             kinds.add(q.kind)
     assert kinds == set(QUESTION_KINDS)
     assert 0.15 < right / (right + wrong) < 0.5  # both classes, enough of each to learn from
+
+
+def test_detail_variants_keep_the_motion_and_leave_the_extra_details_to_the_caption():
+    """Every detail variant states the reference's motion, so the reference alone cannot grade it;
+    the oracle finds both right and wrong ones among them."""
+    rng = random.Random(0)
+    verdicts = []
+    for seed in range(30):
+        q = next(q for q in scene_questions(random_scene(seed)) if q.kind == "detail")
+        variants = detail_variants(q, 6, rng)
+        assert len(variants) == len(set(variants)) >= 4 and q.full_answer not in variants
+        motion = q.answer.removeprefix("It ").removesuffix(".")
+        assert all(motion in v for v in variants)
+        verdicts += [judge_answer(q.facts, q.kind, v).correct for v in variants]
+    assert 0.3 < sum(verdicts) / len(verdicts) < 0.7
+
+
+def test_detail_answers_add_to_detail_questions_only():
+    plain, more = synthetic_labels(5, 6, 4), synthetic_labels(5, 6, 4, detail_answers=5)
+    added = [lab for lab in more if lab.id not in {p.id for p in plain}]
+    assert added and {lab.kind for lab in added} == {"detail"}
+    assert [(p.id, p.answer) for p in plain] == [(m.id, m.answer) for m in more if m.id in {p.id for p in plain}]
 
 
 def test_split_is_by_video():

@@ -86,3 +86,30 @@ def answer_variants(question: SceneQuestion, n: int, rng: random.Random) -> list
         if text not in out:
             out.append(text)
     return out[:n]
+
+
+def detail_variants(question: SceneQuestion, n: int, rng: random.Random) -> list[str]:
+    """Up to ``n`` distinct answers to a ``detail`` question that all state its motion right and
+    differ only in the extra details they add - some of the shape's size, colour and colour change,
+    each kept or swapped (ungraded: grade them with the oracle). Only the caption decides these, so a
+    judge taught on them must read it; :func:`answer_variants` gives each question at most a few."""
+    head, _, tail = question.full_answer.rstrip(".").partition(", and ")
+    facts = question.facts
+    out: list[str] = []
+    for _ in range(8 * n):
+        if len(out) >= n:
+            break
+        text = head
+        if rng.random() < 0.5:
+            text = text.replace(f" {facts['size']} ", " ", 1)
+        if rng.random() < 0.5:
+            text = text.replace(f" {facts['colour']} ", " ", 1)
+        if rng.random() < 0.6:
+            text = f"{text}, and {tail}"
+        if rng.random() < 0.5:  # one extra detail made wrong (or, rarely, another true one)
+            swap = rng.choice((_swap_word, _swap_change))
+            text = swap(text, rng) or text
+        text += "."
+        if text not in out and text != question.full_answer:
+            out.append(text)
+    return out
