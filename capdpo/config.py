@@ -303,7 +303,7 @@ class DistillConfig(Section):
     student: str = Field(BUILTIN_LLM, description="Causal LM the student starts from: builtin:smollm2 or a local checkpoint folder.")
     layers: int | None = Field(None, ge=1, description="Keep only the student's first N decoder layers (a smaller, faster judge); None = all.")
     train_layers: int | None = Field(None, ge=1, description="Train only the student's top N decoder layers and final norm, the rest (embeddings included) frozen: the backward pass stops there; None = every weight.")
-    template: str = Field("short_caption_reward", description="Prompt the student learns; a judge using the student is asked with it (distill.json): short_caption_reward (caption-grounded, 26% fewer tokens than caption_reward, but students of it barely use the caption on detail questions: docs/mini-repro.md point 8), caption_reward, or e.g. reward_no_caption (the ablation).")
+    template: str = Field("short_caption_reward", description="Prompt the student learns; a judge using the student is asked with it (distill.json): short_caption_reward (caption-grounded, 26% fewer tokens than caption_reward; a student reads its caption only if its labels hold answers that only the caption decides: docs/judge-distill.md, builtin:judge-mini), caption_reward, or e.g. reward_no_caption (the ablation).")
     max_answer_words: int = Field(256, ge=1, description="Answers cut to this many words, as the judge does (judge.max_answer_words).")
     epochs: int = Field(1, ge=1, description="Passes over the training labels.")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW, 10% warm-up, linear decay).")
