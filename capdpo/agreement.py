@@ -25,7 +25,8 @@ from pathlib import Path
 from pydantic import ValidationError
 from scipy import stats
 
-from capdpo.records import Judgment, RecordError, atomic_write_text, read_jsonl
+from capdpo.ids import BadId, check_id
+from capdpo.records import Judgment, RecordError, atomic_write_text, finite_or_null, first_error, read_jsonl
 
 # Fields only a Judgment record has: a row with any of them is validated as a full Judgment.
 _JUDGMENT_FIELDS = frozenset({"judge_backend", "judge_model", "template", "template_hash", "prompt_hash"})
@@ -34,7 +35,8 @@ _JUDGMENT_FIELDS = frozenset({"judge_backend", "judge_model", "template", "templ
 # ---------------------------------------------------------------------------------------- loading
 
 
-def load_scores(path: str | os.PathLike) -> dict[str, float | None]:
+def load_scores(path: str | os.PathLike, scale: tuple[float, float] | None = None, *,
+                check_ids: bool = False) -> dict[str, float | None]:
     """Read ``{answer id: score}`` from a JSONL file; ``None`` marks a failed judgment.
 
     Two row shapes are accepted, and may be mixed:
@@ -44,8 +46,10 @@ def load_scores(path: str | os.PathLike) -> dict[str, float | None]:
     * a simple row ``{"target_id" | "id": str, "score": number | bool | null, ...}`` from another
       tool (extra fields are ignored; ``true``/``false`` read as 1/0 for oracle correctness).
 
-    A malformed row, a non-finite score or an id seen twice raises
-    :class:`~capdpo.records.RecordError` naming ``file:line``.
+    A malformed row, a non-finite score, a score outside ``scale`` (``(lowest, highest)``, when
+    given; a Judgment's own protocol scale always holds), an id seen twice or, with ``check_ids``
+    (a file whose ids become records, e.g. a distillation's teacher), an id off the answer-id rule
+    of :mod:`capdpo.ids` raises :class:`~capdpo.records.RecordError` naming ``file:line``.
     """
     path = Path(path)
     scores: dict[str, float | None] = {}
@@ -56,9 +60,7 @@ def load_scores(path: str | os.PathLike) -> dict[str, float | None]:
             try:
                 j = Judgment.model_validate(row)
             except ValidationError as e:
-                err = e.errors()[0]
-                loc = ".".join(str(p) for p in err.get("loc", ())) or "row"
-                raise RecordError(f"{where}: malformed Judgment row: {loc}: {err.get('msg', 'invalid')}") from None
+                raise RecordError(f"{where}: malformed Judgment row: {first_error(e)}") from None
             key, score = j.target_id, j.score
         else:
             key = row.get("target_id", row.get("id"))
@@ -73,6 +75,13 @@ def load_scores(path: str | os.PathLike) -> dict[str, float | None]:
             score = float(score)
             if not math.isfinite(score):
                 raise RecordError(f"{where}: score must be finite, got {score}")
+            if scale is not None and not scale[0] <= score <= scale[1]:
+                raise RecordError(f"{where}: score {score:g} is outside the scale {scale[0]:g}-{scale[1]:g}")
+        if check_ids:
+            try:
+                check_id(key, "answer id")
+            except BadId as e:
+                raise RecordError(f"{where}: {e}") from None
         if key in scores:
             raise RecordError(f"{where}: id {key!r} already scored on line {first_line[key]}")
         scores[key], first_line[key] = score, lineno
@@ -88,9 +97,11 @@ def round_score(x: float) -> int:
 
 
 def default_group(answer_id: str) -> str:
-    """The question of an answer derived from its id: the part before ``'#'``
-    (Candidate ids are ``<qa_id>#<k>``); an id without ``'#'`` is its own group."""
-    return answer_id.split("#", 1)[0]
+    """The question of an answer derived from its id: the part before the last ``'#'``
+    (Candidate ids are ``<qa_id>#<k>``, and a question id has no ``'#'`` of its own, capdpo.ids;
+    splitting at the last one keeps another tool's question ids whole even if they do); an id
+    without ``'#'`` is its own group."""
+    return answer_id.rsplit("#", 1)[0]
 
 
 def auroc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
@@ -385,7 +396,7 @@ def save_agreement(path: Path, report: AgreementReport, name_a: str, name_b: str
     study of the same two judges."""
     studies = [s for s in read_agreement(path) if (s.get("name_a"), s.get("name_b")) != (name_a, name_b)]
     studies.append({"name_a": name_a, "name_b": name_b, "report": dataclasses.asdict(report)})
-    atomic_write_text(path, json.dumps(studies, indent=1))
+    atomic_write_text(path, json.dumps(finite_or_null(studies), indent=1, allow_nan=False))  # an undefined statistic as null
 
 
 def read_agreement(path: Path) -> list[dict]:

@@ -6,6 +6,7 @@
     capdpo sample --run-dir runs/demo --shard 0/4        # one of 4 machines; then `capdpo sample merge --shards 4`
     capdpo judge --run-dir runs/demo
     capdpo reference --run-dir runs/demo                 # reference log-probs for DPO, before `capdpo train`
+    capdpo sft --run-dir runs/demo -c configs/sft-mini.yaml   # caption pretraining + instruction tuning (sft.phases)
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from capdpo.config import ConfigError, RunConfig, describe, load_config
-from capdpo.errors import ITEM_ERRORS, BudgetExceeded
+from capdpo.errors import ITEM_ERRORS, BudgetExceeded, RewardsMissing
+from capdpo.ids import check_id
+from capdpo.records import STORAGE_ERRNOS, WriteError
 
 
 def _save_run_config(*_) -> None:
@@ -183,16 +186,19 @@ def distill_judge(out: Annotated[Path, typer.Option("--out", "-o", help="Folder 
                   teacher_scale: Annotated[str, typer.Option(help="Scale of a score file's scores: 1-5 (a judge) or 0-1 (right/wrong).")] = "1-5",
                   labels: Annotated[Optional[Path], typer.Option(help="Distil from a TeacherLabel JSONL (docs/judge-distill.md) instead of a run's answers.")] = None,
                   teacher_budget: Annotated[Optional[int], typer.Option(min=1, help="Teacher labels to ask for (distill.teacher_budget).")] = None,
-                  select: Annotated[Optional[str], typer.Option(help="random | diverse | uncertain (distill.select).")] = None) -> None:
+                  select: Annotated[Optional[str], typer.Option(help="random | diverse | uncertain (distill.select).")] = None,
+                  fresh: Annotated[bool, typer.Option("--fresh", help="Start over: delete the student, the interrupted training and the first student capdpo distilled into --out (nothing else).")] = False) -> None:
     """Distil the judge into a small local student: teacher labels -> a plain checkpoint that works
-    as judge.llm.model with every backend, and its held-out agreement with the teacher."""
+    as judge.llm.model with every backend, and its held-out agreement with the teacher. --out is
+    tied to its teacher, labels and settings: other ones are refused there unless --fresh."""
     from capdpo.distill import run_distill
 
     _setup_logging()
     overrides = list(set_ or []) + ([f"distill.teacher_budget={teacher_budget}"] if teacher_budget else [])
     overrides += [f"distill.select={select}"] if select else []
-    summary = run_distill(_config(config, run_dir, overrides, False), out, teacher, teacher_scale, labels)
-    typer.echo(json.dumps({k: summary[k] for k in ("labels", "train", "held_out", "agreement", "seconds")}, indent=1))
+    summary = run_distill(_config(config, run_dir, overrides, False), out, teacher, teacher_scale, labels, fresh=fresh)
+    shown = ("labels", "dropped_teacher_ids", "train", "held_out", "agreement", "seconds")
+    typer.echo(json.dumps({k: summary[k] for k in shown if k in summary}, indent=1))
     held = f"; held-out agreement in {out / 'agreement.md'}" if summary["held_out"] else ""
     typer.echo(f"-> {out} (judge.llm.model: {out}){held}")
 
@@ -277,6 +283,14 @@ def reference_merge(shards: Annotated[int, typer.Option(min=1, help="Number of s
 
 
 @app.command()
+def sft(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None, fail_fast: FailFastOpt = False) -> None:
+    """Caption pretraining and instruction tuning of the policy (sft.phases) into RUN/sft/policy; it
+    sets sft.enabled, so the later stages of this run start from the result."""
+    out = _run(config, run_dir, [*(set_ or []), "sft.enabled=true"], fail_fast).sft()
+    typer.echo(f"sft: {out}")
+
+
+@app.command()
 def train(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None, fail_fast: FailFastOpt = False) -> None:
     """DPO of the policy on the run's preference pairs."""
     _run(config, run_dir, set_, fail_fast).train()
@@ -308,6 +322,7 @@ def evaluate(ctx: typer.Context, config: ConfigOpt = None, run_dir: RunDirOpt = 
 
     if (suite is None) != (data is None):
         raise typer.BadParameter("--suite and --data go together")
+    check_id(tag, "tag")  # it names the evaluation's files: refused before any model loads
     run = _run(config, run_dir, set_, fail_fast)
     run.enter_round(round_)
     if model:
@@ -353,18 +368,21 @@ def export(fmt: Annotated[str, typer.Argument(help="trl | paper-dpo | paper-qa |
     """Export the run's records in another tool's row format."""
     from capdpo import formats
     from capdpo.records import write_jsonl
-    from capdpo.rundir import RunPaths
+    from capdpo.rundir import RunPaths, require
 
     paths = RunPaths(run_dir)
-    rows = {
-        "trl": lambda: formats.trl_rows(paths.pairs.read()),
-        "paper-dpo": lambda: formats.paper_dpo_rows(paths.pairs.read()),
-        "paper-qa": lambda: formats.paper_qa_rows(paths.qa.read(), paths.videos.by_id()),
-        "sharegpt-captions": lambda: formats.sharegpt_caption_rows(paths.videos.read()),
+    rows = {  # format -> (the run's files it reads, its rows)
+        "trl": ((paths.pairs,), lambda: formats.trl_rows(paths.pairs.read())),
+        "paper-dpo": ((paths.pairs,), lambda: formats.paper_dpo_rows(paths.pairs.read())),
+        "paper-qa": ((paths.qa, paths.videos), lambda: formats.paper_qa_rows(paths.qa.read(), paths.videos.by_id())),
+        "sharegpt-captions": ((paths.videos,), lambda: formats.sharegpt_caption_rows(paths.videos.read())),
     }
     if fmt not in rows:
         raise typer.BadParameter(f"unknown format {fmt!r}; choose from {', '.join(rows)}")
-    typer.echo(f"{write_jsonl(out, rows[fmt]())} rows -> {out}")
+    inputs, make_rows = rows[fmt]
+    formats.check_export_target(paths, out)
+    require("export", *inputs)
+    typer.echo(f"{write_jsonl(out, make_rows())} rows -> {out}")
 
 
 @app.command()
@@ -393,11 +411,16 @@ def show_config() -> None:
 def main() -> None:
     try:
         app()
-    except BudgetExceeded as e:
+    except (BudgetExceeded, RewardsMissing) as e:  # stopped cleanly, work saved: running again goes on
         console.print(f"[bold yellow]stopped:[/] {e}")
         sys.exit(3)
-    except (ConfigError, ValueError, *ITEM_ERRORS) as e:
-        console.print(f"[bold red]error:[/] {e}")
+    except (ConfigError, ValueError, WriteError, *ITEM_ERRORS) as e:
+        console.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # one line, however long its path
+        sys.exit(2)
+    except OSError as e:  # a storage failure where no writer named its file: name what the OS named
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        console.print(f"[bold red]error:[/] {e.filename or 'a file'}: cannot write: {STORAGE_ERRNOS[e.errno]}", soft_wrap=True)
         sys.exit(2)
 
 

@@ -197,6 +197,7 @@ class GRPOConfig(Section):
     rewards: list[RewardTerm] = Field(default_factory=lambda: [RewardTerm(name="caption_judge")], min_length=1,
                                       description="Reward functions and weights, summed (a function that does not apply to a question gives no reward there).")
     judge_overlap: Literal["auto", "on", "off"] = Field("auto", description="Send the judge's requests on a thread and score the answers' log-probs meanwhile: auto = when the judge is remote (openai backend); an in-process judge would share the policy's device.")
+    max_failed_steps: int = Field(3, ge=1, description="A step with nothing to learn from (the judge scored none of its answers - endpoint down - or no reward applies to any) is not taken; this many in a row stop GRPO with an error and a checkpoint to resume from.")
 
 
 class TrainConfig(Section):
@@ -246,6 +247,88 @@ class TrainConfig(Section):
         if self.algorithm == "grpo" and self.grpo.beta > 0 and self.lora and not (self.freeze_vision and self.freeze_projector):
             raise ValueError("train.grpo.beta: the LoRA reference is the policy with its adapters off, which needs the vision "
                              "tower and projector frozen (or train.lora=false for a frozen copy, or beta 0)")
+        return self
+
+
+SFT_PARTS = ("vision", "projector", "llm")  # the parameter groups an SFT phase trains (capdpo.policy.base.ModelParts)
+
+
+class SFTSource(Section):
+    """One source of an SFT phase's examples and its share of the phase's epochs (capdpo.sft)."""
+
+    kind: Literal["captions", "qa", "conversations"] = Field(description="captions: the run's train videos' captions (videos.jsonl), each video asked one of `prompts` (a seeded choice per video); qa: the run's train questions (qa.jsonl, split train); conversations: a file of {id, video, conversations: [{from: human, value}, {from: gpt, value}, ...]} rows (ShareGPTVideo caption rows, the paper's QA/SFT rows), each human/gpt turn one example.")
+    ratio: float = Field(1.0, gt=0, description="Weight of this source in the phase's mixture: its share of each epoch's examples is ratio / the sum of the phase's ratios.")
+    path: str | None = Field(None, description="conversations: the JSONL file of rows (relative paths: to the working directory).")
+    video_root: str | None = Field(None, description="conversations: folder the rows' video paths are relative to; None = the file's folder.")
+    prompts: list[str] | None = Field(None, min_length=1, description="captions: the detailed-description prompts a video's caption answers; None = capdpo.sft.DESCRIBE_PROMPTS (LLaVA's detailed-description instructions, for a video).")
+    question_kinds: list[str] | None = Field(None, min_length=1, description="qa: keep only the synthetic clips' questions of these kinds (colour, shape, count, motion, order, change, detail); None = every question.")
+
+    @model_validator(mode="after")
+    def _fields_of_its_kind(self) -> SFTSource:
+        if (self.kind == "conversations") != (self.path is not None):
+            raise ValueError(f"sft.phases.sources.path: a {self.kind} source "
+                             f"{'needs the rows file' if self.kind == 'conversations' else 'reads the run folder and takes no path'}")
+        if self.video_root is not None and self.kind != "conversations":
+            raise ValueError("sft.phases.sources.video_root: only a conversations source has rows with video paths")
+        if self.prompts is not None and self.kind != "captions":
+            raise ValueError("sft.phases.sources.prompts: only a captions source asks its own prompts")
+        if self.question_kinds is not None and self.kind != "qa":
+            raise ValueError("sft.phases.sources.question_kinds: only a qa source has question kinds")
+        if unknown := [k for k in self.question_kinds or [] if k not in SYNTHETIC_KINDS]:
+            raise ValueError(f"sft.phases.sources.question_kinds: unknown question kind {unknown}; known: {list(SYNTHETIC_KINDS)}")
+        return self
+
+
+class SFTPhase(Section):
+    """One phase of ``capdpo sft``: what trains at which learning rate, on which mixture, for how long."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The phase's name: its folder sft/<name>/ and the `phase` of its metrics lines.")
+    sources: list[SFTSource] = Field(min_length=1, description="Where the phase's examples come from, each with its mixing ratio.")
+    lr: dict[Literal["vision", "projector", "llm"], float] = Field(min_length=1, description="The parts that train and each one's peak learning rate, e.g. {projector: 1.0e-3} or {projector: 2.0e-5, llm: 2.0e-4}; parts not named stay frozen. llm trains through LoRA adapters when lora is true.")
+    lora: bool = Field(True, description="The LLM (when lr names it) trains through LoRA adapters, merged into its weights when the phase ends; false = every LLM weight.")
+    lora_r: int = Field(128, ge=1, description="LoRA rank (LLaVA-1.5's LoRA recipe: 128).")
+    lora_alpha: int = Field(256, ge=1, description="LoRA alpha (LLaVA-1.5: 256).")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout.")
+    lora_modules: list[str] | None = Field(None, min_length=1, description="The LLM's linear layers that get adapters, e.g. [q_proj, v_proj]; None = all of them (q, k, v, o, gate, up, down).")
+    epochs: int = Field(1, ge=1, description="Epochs of the phase (each `examples_per_epoch` examples).")
+    examples_per_epoch: int | None = Field(None, ge=1, description="Examples drawn per epoch, split between the sources by ratio; None = as many as all the phase's sources hold together.")
+    max_steps: int | None = Field(None, ge=1, description="Stop the phase after this many optimizer steps; None = all its epochs.")
+    batch_size: int = Field(8, ge=1, description="Examples per optimizer step (before accumulation); a video's examples in one batch share one packed row.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    warmup_ratio: float = Field(0.03, ge=0, le=1, description="Share of the phase's steps spent warming up linearly (LLaVA: 0.03), then linear decay to 0.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (LLaVA: 0).")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+
+
+def default_sft_phases() -> list[SFTPhase]:
+    """LLaVA's two stages: the projector aligned on captions with the LLM frozen (lr 1e-3), then
+    instruction tuning on QA and captions, the projector at 2e-5 and LoRA on the LLM at 2e-4
+    (LLaVA-1.5's LoRA recipe; perception.md)."""
+    return [SFTPhase(name="align", sources=[SFTSource(kind="captions")], lr={"projector": 1e-3}),
+            SFTPhase(name="instruct", sources=[SFTSource(kind="captions", ratio=0.3), SFTSource(kind="qa", ratio=0.7)],
+                     lr={"projector": 2e-5, "llm": 2e-4})]
+
+
+class SFTConfig(Section):
+    """``capdpo sft``: caption pretraining and instruction tuning of the policy (the paper's steps before DPO)."""
+
+    enabled: bool = Field(False, description="`capdpo run` runs sft after qa and every later stage uses its policy (R/sft/policy) instead of policy.model; `capdpo sft` sets it.")
+    phases: list[SFTPhase] = Field(default_factory=default_sft_phases, min_length=1, description="The phases, run in order, each from the previous one's weights.")
+    max_response_tokens: int = Field(256, ge=1, description="Answers (captions included) are cut to this many tokens, end-of-turn kept; the prompt is never cut.")
+    seed: int = Field(0, description="Seed of the mixtures, their order, the caption prompts and LoRA's initial weights.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="accelerate mixed precision.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    save_every: int = Field(50, ge=0, description="Save a resumable checkpoint every this many optimizer steps of a phase; 0 = only at a phase's end.")
+    keep_checkpoints: int = Field(2, ge=1, description="Resumable checkpoints kept per phase (oldest deleted first).")
+    log_every: int = Field(1, ge=1, description="Write a metrics line every this many optimizer steps.")
+
+    @model_validator(mode="after")
+    def _distinct_phases(self) -> SFTConfig:
+        names = [p.name for p in self.phases]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"sft.phases: phase names {twice} given twice; each phase has its own folder sft/<name>/")
+        if "policy" in names:
+            raise ValueError("sft.phases: 'policy' names the stage's result folder (sft/policy/); rename the phase")
         return self
 
 
@@ -337,6 +420,7 @@ class RunConfig(Section):
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
     pairs: PairsConfig = Field(default_factory=PairsConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig, description="`capdpo sft`: caption pretraining and instruction tuning before DPO (off in `capdpo run` unless sft.enabled).")
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig, description="`capdpo judge distill`: the student judge and its training.")
     repro: ReproConfig | None = Field(None, description="The miniature reproduction (`capdpo repro CONFIG`, capdpo.repro); with this section `capdpo run` runs it instead of the plain pipeline.")
@@ -357,6 +441,42 @@ class ConfigError(ValueError):
     """A bad config file or override; the message names the file and field."""
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping that gives one key twice (plain YAML keeps the last one silently)."""
+
+    def __init__(self, key, line: int, first_line: int):
+        super().__init__(f"line {line}: key {key!r} given twice (first on line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping, so an edit lower in a
+    config file cannot silently undo (or be undone by) one above it. A merge (``<<: *base``)
+    may still be overridden by the mapping's own keys."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict = {}  # key -> the line it was first given on
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in first:
+                        raise DuplicateKeyError(key, line, first[key])
+                    first[key] = line
+                except TypeError:  # an unhashable key: the base loader reports it
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """Parse YAML text safely, refusing duplicate keys (:class:`UniqueKeyLoader`); every YAML
+    capdpo reads goes through here."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read YAML (or defaults when ``path`` is None), apply ``a.b=value`` overrides, validate."""
     raw: dict[str, Any] = {}
@@ -364,9 +484,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     if path is not None:
         where = str(path)
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
+            raw = load_yaml(Path(path).read_text()) or {}
         except FileNotFoundError:
             raise ConfigError(f"{path}: no such config file") from None
+        except DuplicateKeyError as e:
+            raise ConfigError(f"{path}:{e.line}: key {e.key!r} given twice (first on line {e.first_line}); "
+                              "keep one") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from None
         if not isinstance(raw, dict):
@@ -386,9 +509,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
 
 
 def _source(err: dict, where: str, overridden: dict[tuple[str, ...], str]) -> str:
-    """Whom to blame: the ``--set`` that wrote the failing field, else the config file (or defaults)."""
+    """Whom to blame: the ``--set`` that wrote the failing field, else the config file (or defaults).
+    A field's own error (an unknown or mistyped field, not a cross-field check) is also the
+    ``--set``'s whose path runs through that field: ``nosuch.section.x=3`` made a section ``nosuch``."""
     loc = tuple(map(str, err["loc"]))
-    culprit = next((item for key, item in overridden.items() if loc[: len(key)] == key), None)
+    own_field = err["type"] != "value_error"
+
+    def wrote(key: tuple[str, ...]) -> bool:
+        return loc[: len(key)] == key or (own_field and key[: len(loc)] == loc)
+    culprit = next((item for key, item in overridden.items() if wrote(key)), None)
     return f"--set {culprit}" if culprit is not None else where
 
 
@@ -410,7 +539,9 @@ def _apply_override(raw: dict, item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"override {item!r}: {p} is not a section")
     try:
-        node[leaf] = yaml.safe_load(value)  # YAML typing: 8 -> int, true -> bool, null -> None
+        node[leaf] = load_yaml(value)  # YAML typing: 8 -> int, true -> bool, null -> None
+    except DuplicateKeyError as e:
+        raise ConfigError(f"--set {item}: {e}") from None
     except yaml.YAMLError:
         node[leaf] = value  # not YAML (e.g. "[" or "a: b: c"): taken literally; validation names the field
 

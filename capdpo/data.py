@@ -11,6 +11,7 @@ import random
 from pathlib import Path
 
 from capdpo.config import DataConfig
+from capdpo.errors import ItemErrors
 from capdpo.formats import read_capdpo_videos
 from capdpo.hashing import split_test_ids
 from capdpo.records import QAItem, RecordFile, Video
@@ -22,7 +23,9 @@ def kept_questions(n: int, keep: int | None, seed: str) -> set[int]:
     return set(range(n)) if keep is None or keep >= n else set(random.Random(seed).sample(range(n), keep))
 
 
-def collect(cfg: DataConfig, media_dir: Path) -> list[tuple[Video, list[QAItem]]]:
+def collect(cfg: DataConfig, media_dir: Path, errors: ItemErrors | None = None) -> list[tuple[Video, list[QAItem]]]:
+    """Every source's videos with their QA. A user row whose id breaks the id rule (capdpo.ids) is
+    recorded in ``errors`` and left out, the other rows go on (without ``errors`` it raises)."""
     rows: list[tuple[Video, list[QAItem]]] = []
     if cfg.synthetic_videos:
         from capdpo.media.synthetic import make_synthetic_dataset
@@ -42,7 +45,7 @@ def collect(cfg: DataConfig, media_dir: Path) -> list[tuple[Video, list[QAItem]]
             rows.append((video, [QAItem(id=f"{video.id}_{i}", video_id=video.id, question=q, answer=a, source="given")
                                  for i, (q, a) in enumerate(qa)]))
     if cfg.videos:
-        rows += list(read_capdpo_videos(cfg.videos))
+        rows += list(read_capdpo_videos(cfg.videos, errors))
     ids = [v.id for v, _ in rows]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
@@ -50,9 +53,11 @@ def collect(cfg: DataConfig, media_dir: Path) -> list[tuple[Video, list[QAItem]]
     return rows
 
 
-def run_data(cfg: DataConfig, media_dir: Path, videos_out: RecordFile[Video], qa_out: RecordFile[QAItem]) -> int:
-    """Write the run's videos (with their split) and the QA that came with them."""
-    rows = collect(cfg, media_dir)
+def run_data(cfg: DataConfig, media_dir: Path, videos_out: RecordFile[Video], qa_out: RecordFile[QAItem],
+             errors: ItemErrors) -> int:
+    """Write the run's videos (with their split) and the QA that came with them; returns how many
+    videos. Rows left out for their id are in ``errors``."""
+    rows = collect(cfg, media_dir, errors)
     test = split_test_ids([v.id for v, _ in rows], cfg.test_fraction, cfg.split_seed)
     split = lambda vid: "test" if vid in test else "train"  # noqa: E731
     videos_out.write(v.model_copy(update={"split": split(v.id)}) for v, _ in rows)

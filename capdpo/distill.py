@@ -41,13 +41,23 @@ from tqdm import tqdm
 from capdpo.agreement import AgreementReport, agreement, format_report, save_agreement
 from capdpo.config import DistillConfig, JudgeConfig, LLMConfig, RunConfig
 from capdpo.devices import resolve_device
-from capdpo.hashing import split_test_ids
+from capdpo.hashing import file_hash, sha256_json, split_test_ids
 from capdpo.judge.judge import CaptionJudge, JudgeItem, judge_items, truncate_words
 from capdpo.llm.backends import DISTILL_SUMMARY, local_weights, read_summary
 from capdpo.policy.packing import Branch as TreeBranch
 from capdpo.policy.packing import PackedRows, common_prefix_length, pack_branches, tree_mask
 from capdpo.prompts import load_template
-from capdpo.records import Judgment, RecordFile, TeacherLabel, atomic_dir, atomic_write_text, write_jsonl
+from capdpo.records import (
+    TEACHER_SCALES,
+    Judgment,
+    RecordFile,
+    TeacherLabel,
+    atomic_dir,
+    atomic_write_text,
+    check_writable,
+    remove_own_dir,
+    write_jsonl,
+)
 from capdpo.rundir import RunPaths, require
 
 log = logging.getLogger(__name__)
@@ -55,6 +65,10 @@ log = logging.getLogger(__name__)
 SCORE_PREFIX = "Score: "
 DIGITS = ("1", "2", "3", "4", "5")
 STATE = ".distill-state"  # resume checkpoint inside the output folder, removed when training ends
+STATE_INPUTS = "inputs.json"  # in the resume checkpoint: what the interrupted training distils (distill_inputs)
+FIRST_STUDENT = "first-student"  # select=uncertain: the student that picks the budget's second half
+# settings that change where and how fast a student is made, not the student: a resume may change them
+RUN_ONLY_SETTINGS = {"device", "batch_size", "save_every"}
 
 
 # -- labels and items --------------------------------------------------------------------------
@@ -211,9 +225,9 @@ def _steps(rows: Sequence[Row], batch_answers: int, rng: random.Random) -> list[
 
 
 def train_student(model, rows: Sequence[Row], cfg: DistillConfig, pad: int, state_dir: Path,
-                  on_step: Callable[[int, float], None] | None = None) -> list[float]:
+                  on_step: Callable[[int, float], None] | None = None, inputs: Mapping | None = None) -> list[float]:
     """Fine-tune ``model`` (every weight, or the top ``cfg.train_layers`` layers) on the packed rows;
-    resumes from ``state_dir``."""
+    resumes from ``state_dir``, whose checkpoints also keep ``inputs`` (:func:`distill_inputs`)."""
     from transformers import get_linear_schedule_with_warmup
 
     plan = [step for epoch in range(cfg.epochs) for step in _steps(rows, cfg.batch_answers, random.Random(cfg.seed + epoch))]
@@ -237,7 +251,7 @@ def train_student(model, rows: Sequence[Row], cfg: DistillConfig, pad: int, stat
             if on_step:
                 on_step(step, loss.item())
             if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < len(plan):
-                _save_state(model, opt, sched, losses, state_dir)
+                _save_state(model, opt, sched, losses, state_dir, inputs)
     model.eval()
     return losses
 
@@ -256,10 +270,12 @@ def trainable_weights(model, top_layers: int | None) -> list[torch.nn.Parameter]
     return [p for module in trained for p in module.parameters()]
 
 
-def _save_state(model, opt, sched, losses: list[float], state_dir: Path) -> None:
+def _save_state(model, opt, sched, losses: list[float], state_dir: Path, inputs: Mapping | None) -> None:
     with atomic_dir(state_dir) as tmp:
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                     "losses": losses}, tmp / "state.pt")
+        if inputs is not None:
+            (tmp / STATE_INPUTS).write_text(json.dumps(inputs, indent=1) + "\n")
 
 
 def _resume(model, opt, sched, state_dir: Path) -> list[float]:
@@ -271,6 +287,80 @@ def _resume(model, opt, sched, state_dir: Path) -> list[float]:
     sched.load_state_dict(state["sched"])
     log.info("resuming the student's training at step %d", len(state["losses"]))
     return list(state["losses"])
+
+
+# -- what a student is distilled from ----------------------------------------------------------------
+
+def distill_inputs(cfg: DistillConfig, teacher: str, labels: Sequence[TeacherLabel] | None = None) -> dict:
+    """What a student is distilled from: ``teacher`` (who labelled: a judge, the oracle, a scores or
+    labels file with its content hash), the settings that shape the student and, once known, the
+    labels' hash. Kept in the resume checkpoint and in ``distill.json``: a training is resumed,
+    and a finished student returned, only for the same inputs (:func:`check_inputs`)."""
+    inputs = {"teacher": teacher, "config": cfg.model_dump(mode="json", exclude=RUN_ONLY_SETTINGS)}
+    if labels is not None:
+        inputs["labels"] = sha256_json([lab.model_dump(mode="json") for lab in labels])
+    return inputs
+
+
+def _differences(found: Mapping, inputs: Mapping) -> list[str]:
+    """What differs between recorded inputs and ``inputs``, only for the keys ``inputs`` has."""
+    differ = []
+    for key, now in inputs.items():
+        was = found.get(key)
+        if was == now:
+            continue
+        if key == "config" and isinstance(was, dict):
+            differ += [f"distill.{name} {was.get(name)!r} -> {value!r}" for name, value in now.items() if was.get(name) != value]
+        elif key == "teacher":
+            differ.append(f"teacher {was!r} -> {now!r}")
+        else:
+            differ.append(f"the {key}")
+    return differ
+
+
+def check_inputs(out: Path, inputs: Mapping) -> None:
+    """Refuse ``out`` when its finished student or its interrupted training was distilled from
+    other inputs than ``inputs`` (:func:`distill_inputs`; only the keys ``inputs`` has are
+    compared, so a check before the teacher is asked leaves out the labels). A folder distilled by
+    a capdpo that recorded no inputs is taken as it is, with a warning."""
+    summary = read_summary(out)
+    recorded = [("distilled", summary.get("inputs") if summary else None),
+                ("holds an interrupted distillation", _state_inputs(out / STATE))]
+    for what, found in recorded:
+        if found is not None and (differ := _differences(found, inputs)):
+            raise ValueError(f"{out}: {what} from other inputs ({'; '.join(differ)}); "
+                             "pass --fresh to start over (it deletes what capdpo wrote there), or choose another --out")
+    if summary is not None and "inputs" not in summary:
+        log.warning("%s: distilled by an older capdpo that recorded no inputs: taken as it is (--fresh distils again)", out)
+
+
+def _state_inputs(state_dir: Path) -> dict | None:
+    """The inputs an interrupted training recorded; None without a checkpoint (or one from a capdpo
+    that recorded none, which resumes as before)."""
+    path = state_dir / STATE_INPUTS
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _is_student(folder: Path) -> bool:
+    """A folder that holds capdpo's ``distill.json``: a student capdpo wrote, whole."""
+    summary = read_summary(folder)
+    return isinstance(summary, dict) and {"config", "labels", "steps"} <= summary.keys()
+
+
+def start_fresh(out: Path) -> None:
+    """``--fresh``: forget what capdpo distilled into ``out`` - a finished student (a folder with
+    capdpo's distill.json, removed whole), an interrupted training's checkpoint, a first student of
+    ``select: uncertain`` - so the distillation starts over. Nothing else is removed: a
+    ``distill.json`` that is not capdpo's stops it."""
+    for folder in (out / FIRST_STUDENT, out):
+        if _is_student(folder):
+            shutil.rmtree(folder)
+            log.info("%s: removed the student distilled there (--fresh)", folder)
+        elif (folder / DISTILL_SUMMARY).exists():
+            raise ValueError(f"{folder / DISTILL_SUMMARY}: not a distill.json capdpo wrote; left as it is - choose another --out")
+        elif (folder / STATE).exists():
+            remove_own_dir(folder / STATE, proof=("state.pt",))  # state.pt: a checkpoint from before capdpo's marker
+            log.info("%s: removed the interrupted distillation's checkpoint (--fresh)", folder)
 
 
 # -- the whole distillation ------------------------------------------------------------------------
@@ -302,12 +392,17 @@ def held_out_agreement(scores: Mapping[str, float], held_out: Sequence[TeacherLa
     return agreement(scores, teacher, group={lab.id: lab.qa_id for lab in held_out})
 
 
-def distill(labels: Sequence[TeacherLabel], cfg: DistillConfig, out: Path, cache_dir: str | Path) -> dict:
+def distill(labels: Sequence[TeacherLabel], cfg: DistillConfig, out: Path, cache_dir: str | Path, *,
+            teacher: str | None = None, dropped_teacher_ids: int = 0) -> dict:
     """Train a student on ``labels`` into the checkpoint folder ``out`` and measure it on the
     held-out videos' labels. ``out`` also gets ``labels.jsonl``, ``held_out_scores.jsonl``,
-    ``agreement.md`` and ``distill.json`` (returned: settings, counts, losses, agreement); a
-    finished ``out`` is left as it is."""
+    ``agreement.md`` and ``distill.json`` (returned: settings, inputs, counts, losses, agreement);
+    a finished ``out`` of the same inputs (``teacher``, by default the labels' teacher names;
+    the labels; the settings) is left as it is, one of other inputs is refused.
+    ``dropped_teacher_ids``: the teacher's scores that named no answer, counted in distill.json."""
     out = Path(out)
+    inputs = distill_inputs(cfg, teacher or ", ".join(sorted({lab.teacher for lab in labels})), labels)
+    check_inputs(out, inputs)
     if (done := read_summary(out)) is not None:
         log.info("%s is already distilled", out)
         return done
@@ -317,11 +412,16 @@ def distill(labels: Sequence[TeacherLabel], cfg: DistillConfig, out: Path, cache
     train, held_out = split_labels(labels, cfg.held_out_fraction, cfg.split_seed)
     if not train:
         raise ValueError(f"distill.held_out_fraction={cfg.held_out_fraction} leaves no video to train on")
-    out.mkdir(parents=True, exist_ok=True)
+    if cfg.held_out_fraction > 0 and not held_out:
+        videos = len({lab.video_id for lab in labels})
+        raise ValueError(f"distill.held_out_fraction={cfg.held_out_fraction} holds out none of the labels' {videos} "
+                         "video(s), so nothing would measure the student; give labels of more videos, or set "
+                         "distill.held_out_fraction=0 to distil without measuring")
+    check_writable(out)  # before the student loads
     model, tokenizer = load_student(cfg, cache_dir)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rows = StudentTokens(tokenizer, cfg.template, cfg.max_answer_words).rows(train, cfg.group_size)
-    losses = train_student(model, rows, cfg, pad, out / STATE)
+    losses = train_student(model, rows, cfg, pad, out / STATE, inputs=inputs)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_jsonl(out / "labels.jsonl", (lab.model_dump() for lab in labels))
@@ -334,14 +434,15 @@ def distill(labels: Sequence[TeacherLabel], cfg: DistillConfig, out: Path, cache
         atomic_write_text(out / "agreement.md", format_report(report, name_a="student", name_b=teachers) + "\n")
         save_agreement(out / "agreement.json", report, "student", teachers)
     summary = {
-        "config": cfg.model_dump(), "teachers": sorted({lab.teacher for lab in labels}),
-        "labels": len(labels), "train": len(train), "held_out": len(held_out), "rows": len(rows),
+        "config": cfg.model_dump(), "inputs": inputs, "teachers": sorted({lab.teacher for lab in labels}),
+        "labels": len(labels), "dropped_teacher_ids": dropped_teacher_ids,
+        "train": len(train), "held_out": len(held_out), "rows": len(rows),
         "held_out_videos": sorted({lab.video_id for lab in held_out}),
         "steps": len(losses), "loss_first": losses[:5], "loss_last": losses[-5:],
         "agreement": _summary(report), "seconds": round(time.perf_counter() - t0, 1),
     }
     atomic_write_text(out / DISTILL_SUMMARY, json.dumps(summary, indent=1) + "\n")  # written last: marks it done
-    shutil.rmtree(out / STATE, ignore_errors=True)
+    remove_own_dir(out / STATE)  # made by atomic_dir (_save_state); a folder capdpo did not make there stays
     return summary
 
 
@@ -448,10 +549,11 @@ def oracle_teacher(paths: RunPaths) -> Teacher:
 
 def score_file_teacher(path: Path, scale: str) -> Teacher:
     """Scores already given: a judgments file of any backend, or ``{id, score}`` rows (people, an
-    oracle) on ``scale``; answers without a score are not labels."""
+    oracle) on ``scale``; answers without a score are not labels. A score off ``scale`` is refused
+    naming its line."""
     from capdpo.agreement import load_scores
 
-    scores = load_scores(path)
+    scores = load_scores(path, TEACHER_SCALES[scale], check_ids=True)  # its ids become TeacherLabel ids
     name = path.stem
 
     def teach(items: list[JudgeItem]) -> list[TeacherLabel]:
@@ -476,22 +578,34 @@ def judge_teacher(judge: CaptionJudge, out: Path) -> Teacher:
 
 
 def distill_from_pool(pool: Sequence[JudgeItem], teacher: Teacher, cfg: DistillConfig, out: Path,
-                      cache_dir: str | Path) -> dict:
+                      cache_dir: str | Path, *, teacher_name: str | None = None, dropped_teacher_ids: int = 0) -> dict:
     """Choose what the teacher labels (``cfg.teacher_budget`` answers by ``cfg.select``), ask it,
-    distil. ``uncertain`` spends half the budget on diverse answers, distils a first student from
-    them (``out/first-student``), and spends the other half on the answers that student is least
-    sure of."""
+    distil (``teacher_name`` and ``dropped_teacher_ids``: as :func:`distill`'s). ``uncertain``
+    spends half the budget on diverse answers, distils a first student from them
+    (``out/first-student``), and spends the other half on the answers that student is least sure of."""
+    source = {"teacher": teacher_name, "dropped_teacher_ids": dropped_teacher_ids}
+    if teacher_name is not None:  # refused before the teacher is asked, when it can be told already
+        for folder in (out, out / FIRST_STUDENT):
+            check_inputs(folder, distill_inputs(cfg, teacher_name))
     k = cfg.teacher_budget
     if cfg.select != "uncertain" or k is None or k >= len(pool):
-        return distill(teacher(select_items(pool, k, cfg.select, cfg.seed)), cfg, out, cache_dir)
+        return distill(_labelled(teacher, select_items(pool, k, cfg.select, cfg.seed)), cfg, out, cache_dir, **source)
     first = select_items(pool, k // 2, "diverse", cfg.seed)
-    first_labels = teacher(first)
-    distill(first_labels, cfg, out / "first-student", cache_dir)
+    first_labels = _labelled(teacher, first)
+    distill(first_labels, cfg, out / FIRST_STUDENT, cache_dir, **source)
     chosen = {it.target_id for it in first}
     rest = [it for it in pool if it.target_id not in chosen]
-    scores = student_scores(out / "first-student", rest, cfg, cache_dir)
+    scores = student_scores(out / FIRST_STUDENT, rest, cfg, cache_dir)
     second = most_uncertain(rest, scores, k - len(first))
-    return distill(first_labels + teacher(second), cfg, out, cache_dir)
+    return distill(first_labels + _labelled(teacher, second), cfg, out, cache_dir, **source)
+
+
+def _labelled(teacher: Teacher, items: list[JudgeItem]) -> list[TeacherLabel]:
+    """The teacher's labels of ``items``, saying how many it left unlabelled."""
+    labels = teacher(items)
+    if len(labels) < len(items):
+        log.warning("the teacher labelled %d of the %d answers chosen; the others are left out", len(labels), len(items))
+    return labels
 
 
 # -- the built-in distilled judge ------------------------------------------------------------------
@@ -519,23 +633,48 @@ def judge_mini_dir(cache_dir: str | Path) -> Path:
     return cached_build(Path(cache_dir), NAME, build)
 
 
-def run_distill(cfg: RunConfig, out: Path, teacher: str, scale: str = "1-5", labels_file: Path | None = None) -> dict:
+def run_distill(cfg: RunConfig, out: Path, teacher: str, scale: str = "1-5", labels_file: Path | None = None,
+                fresh: bool = False) -> dict:
     """``capdpo judge distill``: the pool (a labels file, or the run's sampled answers), its teacher
-    (``judge``, ``oracle`` or a scores file on ``scale``), the budget, the student in ``out``."""
+    (``judge``, ``oracle`` or a scores file on ``scale``), the budget, the student in ``out``.
+    ``out`` is tied to its teacher, labels and settings: a finished or interrupted distillation
+    there from others is refused, unless ``fresh`` starts over (:func:`start_fresh`)."""
+    out = Path(out)
+    dropped = 0
     if labels_file is not None:  # labelled already: a budget chooses among them
         given = list(RecordFile(labels_file, TeacherLabel).read())
-        return distill_from_pool([judge_item(lab) for lab in given], labels_teacher(given), cfg.distill, out, cfg.cache_dir)
-    paths = RunPaths(Path(cfg.run_dir))
-    if teacher == "oracle":
-        teach = oracle_teacher(paths)
-    elif teacher == "judge":
-        reply_cache = paths.root / "llm_cache.sqlite" if cfg.judge.cache else None
-        teach = judge_teacher(CaptionJudge(cfg.judge, cfg.cache_dir, reply_cache=reply_cache),
-                              out.parent / f"{out.name}.teacher.jsonl")
-    elif Path(teacher).is_file():
-        if scale not in ("1-5", "0-1"):
-            raise ValueError(f"--teacher-scale must be 1-5 or 0-1, got {scale!r}")
-        teach = score_file_teacher(Path(teacher), scale)
+        pool, teach = [judge_item(lab) for lab in given], labels_teacher(given)
+        name = f"labels file sha256:{file_hash(labels_file)[:16]}"
     else:
-        raise ValueError(f"--teacher must be judge, oracle or an existing scores file, got {teacher!r}")
-    return distill_from_pool(run_items(paths), teach, cfg.distill, out, cfg.cache_dir)
+        paths = RunPaths(Path(cfg.run_dir))
+        pool = run_items(paths)
+        if teacher == "oracle":
+            teach, name = oracle_teacher(paths), "oracle"
+        elif teacher == "judge":
+            reply_cache = paths.root / "llm_cache.sqlite" if cfg.judge.cache else None
+            judge = CaptionJudge(cfg.judge, cfg.cache_dir, reply_cache=reply_cache)
+            teach, name = judge_teacher(judge, out.parent / f"{out.name}.teacher.jsonl"), f"judge {judge.model_id}"
+        elif Path(teacher).is_file():
+            if scale not in ("1-5", "0-1"):
+                raise ValueError(f"--teacher-scale must be 1-5 or 0-1, got {scale!r}")
+            teach = score_file_teacher(Path(teacher), scale)
+            name = f"scores file sha256:{file_hash(Path(teacher))[:16]} on {scale}"
+            dropped = _unmatched_scores(Path(teacher), pool)
+        else:
+            raise ValueError(f"--teacher must be judge, oracle or an existing scores file, got {teacher!r}")
+    if fresh:  # only once the inputs are read and valid: a bad one deletes nothing
+        start_fresh(out)
+    check_writable(out)  # before a teacher or a student loads
+    return distill_from_pool(pool, teach, cfg.distill, out, cfg.cache_dir, teacher_name=name, dropped_teacher_ids=dropped)
+
+
+def _unmatched_scores(path: Path, pool: Sequence[JudgeItem]) -> int:
+    """How many of a scores file's ids name no answer of the run (left out: counted and logged,
+    since a file of another run's ids would otherwise leave next to nothing to learn from)."""
+    from capdpo.agreement import load_scores
+
+    unmatched = sorted(set(load_scores(path)) - {it.target_id for it in pool})
+    if unmatched:
+        log.warning("%s: %d teacher score(s) name no answer of the run and are left out (e.g. %s)", path, len(unmatched),
+                    ", ".join(unmatched[:3]))
+    return len(unmatched)

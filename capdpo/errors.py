@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from capdpo.records import RecordError
+from capdpo.records import ForeignFolderError, RecordError
 
 log = logging.getLogger("capdpo")
 
@@ -19,17 +19,27 @@ class OverBudgetError(ValueError):
     """A video + question that does not fit the policy's token budget; the message names the item."""
 
 
+class UnsafePath(ValueError):
+    """A name from an id or a tag that would make a path outside its folder; the message names both."""
+
+
 class MissingInput(FileNotFoundError):
     """A stage's input file is absent or empty; the message names it and the stage that writes it."""
 
 
-# Errors that concern one item (a corrupt video, a malformed row, an over-budget video) and leave the others fine.
-ITEM_ERRORS = (FrameError, RecordError, FileNotFoundError, OverBudgetError)
+# Errors that concern one item (a corrupt video, a malformed row, an over-budget video, an id that cannot
+# name its folder, a folder capdpo did not make in its place) and leave the others fine.
+ITEM_ERRORS = (FrameError, RecordError, FileNotFoundError, OverBudgetError, UnsafePath, ForeignFolderError)
 
 
 class BudgetExceeded(RuntimeError):
     """A judge ceiling (requests, tokens or cost) would be passed. Raised before the request
     that would pass it is sent; everything judged before is saved, so a later run resumes."""
+
+
+class RewardsMissing(RuntimeError):
+    """Online GRPO had nothing to learn from for ``grpo.max_failed_steps`` steps in a row (the judge
+    scored none of their answers). A checkpoint is saved first, so a later run resumes there."""
 
 
 class ItemErrors:

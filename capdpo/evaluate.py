@@ -127,7 +127,9 @@ def run_evaluate(tag: str, videos: dict[str, Video], questions: list[QAItem], po
     errors = ItemErrors(f"evaluate {dataset}", fail_fast)
     predict(videos, questions, VideoEncoder(policy, frames, embed_cache), predictions, cfg, errors)
     qa = {q.id: q for q in questions}
-    items = [JudgeItem.for_answer(videos[p.video_id], qa[p.qa_id], p.answer, p.id) for p in predictions.read() if p.qa_id in qa]
+    # the video through the question: a prediction of an older capdpo may carry a suite video's former id
+    items = [JudgeItem.for_answer(videos[qa[p.qa_id].video_id], qa[p.qa_id], p.answer, p.id)
+             for p in predictions.read() if p.qa_id in qa]
     judge_items(judge, items, judgments, desc=f"evaluate: judge ({summary_id(tag, dataset)})")
     # Read from disk, not from this worker's items, and under the summaries' lock: of concurrent
     # workers, the one that summarizes last sees the most and its summary is the one kept.

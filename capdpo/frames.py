@@ -21,6 +21,7 @@ from capdpo.config import FramesConfig
 from capdpo.errors import ITEM_ERRORS, FrameError, ItemErrors
 from capdpo.media.frames import DONE_MARKER, check_exists, list_frame_files, load_frame_image, open_video, read_done_marker
 from capdpo.records import RecordFile, Video, atomic_dir
+from capdpo.rundir import inside
 
 
 def run_frames(videos: RecordFile[Video], out_dir: Path, cfg: FramesConfig, *, fail_fast: bool = False) -> ItemErrors:
@@ -29,7 +30,7 @@ def run_frames(videos: RecordFile[Video], out_dir: Path, cfg: FramesConfig, *, f
     errors = ItemErrors("frames", fail_fast)
     for v in tqdm(videos.all(), desc="frames", unit="video"):
         try:
-            extract_frame_folder(v.video, out_dir / v.id, fps=cfg.fps, width=cfg.width)
+            extract_frame_folder(v.video, inside(out_dir, v.id), fps=cfg.fps, width=cfg.width)
         except ITEM_ERRORS as e:
             errors.record(v.id, e)
     return errors
@@ -47,7 +48,8 @@ def extract_frame_folder(
     Keeps the first frame at or after each tick ``k / fps`` seconds from the stream start, resized
     to ``width`` keeping the aspect ratio. Frames go to a temporary sibling folder that is renamed
     into place at the end, so ``out_dir`` is either absent or complete; a finished folder (its
-    ``.done`` marker holds the same settings) is left as is. A frame folder as ``video_path`` has
+    ``.done`` marker holds the same settings) is left as is, and a folder capdpo did not make is
+    never replaced (:class:`~capdpo.records.ForeignFolderError`). A frame folder as ``video_path`` has
     no timestamps to pick frames by: every frame is kept, resized and written as JPEG.
     """
     video_path, out_dir = Path(video_path), Path(out_dir)
@@ -59,7 +61,8 @@ def extract_frame_folder(
     if fps <= 0 or width < 1:
         raise ValueError(f"fps and width must be positive, got fps={fps}, width={width}")
 
-    with atomic_dir(out_dir) as tmp:  # replaces an unfinished or differently-made folder
+    # replaces a folder capdpo made with other settings (.done: a frame folder made before atomic_dir's own marker)
+    with atomic_dir(out_dir, proof=(DONE_MARKER,)) as tmp:
         if video_path.is_dir():
             count = _write_folder_frames(video_path, tmp, width, quality)
         else:

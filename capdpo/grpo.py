@@ -18,6 +18,12 @@ DPO learns from answers sampled once, before training. GRPO samples while it tra
 One update per generation batch (TRL's default ``num_iterations=1``): the sampling policy is the one
 being trained, so the "old" log-probs are the current ones detached. Checkpoints, metrics, engines and
 the saved policy are the DPO stage's (``capdpo.training``).
+
+A batch with nothing to learn from - the judge scored none of its answers (its endpoint is down), or no
+reward applies to any - is not trained on: no backward, no optimizer step, no metrics line. After
+``grpo.max_failed_steps`` such batches in a row GRPO saves a checkpoint at the first of them and stops with
+:class:`~capdpo.errors.RewardsMissing`; run it again once the judge is back and it resumes there. A run
+that learned nothing never ends with a policy saved as trained.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from capdpo.config import FramesConfig, GRPOConfig, TrainConfig
-from capdpo.errors import ITEM_ERRORS, BudgetExceeded, ItemErrors
+from capdpo.errors import ITEM_ERRORS, BudgetExceeded, ItemErrors, RewardsMissing
 from capdpo.grpo_loss import completion_metrics, group_advantages, grpo_loss
 from capdpo.judge.judge import CaptionJudge, JudgeItem
 from capdpo.policy.base import VideoPolicy
@@ -50,6 +56,7 @@ from capdpo.rewards import RULES, judge_rewards
 from capdpo.training import (
     DONE,
     PreparedVideo,
+    Progress,
     VideoGroupedSampler,
     check_setup,
     encode_once,
@@ -103,15 +110,30 @@ def run_grpo(qa_file: RecordFile[QAItem], videos_file: RecordFile[Video], policy
     optimisation = prepare_optimisation(accelerator, GroupScorer(policy, cfg.shared_prefix), question_loader(questions, cfg), cfg)
 
     progress = start_steps(accelerator, cfg, out_dir)
+    unrewarded: list[Progress] = []  # where each batch of the current run of batches without rewards started
 
-    def step(batch: list[Question], step_number: int) -> dict[str, float]:
+    def step(batch: list[Question], step_number: int) -> dict[str, float] | None:
         try:
-            return grpo_step(optimisation.scorer, batch, videos, rewards, reference, cfg, accelerator,
-                             optimisation.trainable, step_number)
+            metrics = grpo_step(optimisation.scorer, batch, videos, rewards, reference, cfg, accelerator,
+                                optimisation.trainable, step_number)
         except BudgetExceeded as e:  # keep what is trained; a later run with a larger budget resumes here
             save_checkpoint(accelerator, out_dir / "checkpoints", progress, cfg.keep_checkpoints)
             raise BudgetExceeded(f"{e}; GRPO stopped at step {progress.step} of {optimisation.total} with a checkpoint: "
                                  "raise the judge's budget and run train again to go on") from e
+        if metrics is not None:
+            unrewarded.clear()
+            return metrics
+        unrewarded.append(Progress(**progress.__dict__))
+        why = rewards.missing_reason()
+        log.warning("grpo: step %d not taken: %s (%d of grpo.max_failed_steps=%d in a row)", progress.step + 1, why,
+                    len(unrewarded), cfg.grpo.max_failed_steps)
+        if len(unrewarded) >= cfg.grpo.max_failed_steps:
+            # nothing moved since the first of these batches: resuming there loses nothing and redoes them
+            save_checkpoint(accelerator, out_dir / "checkpoints", unrewarded[0], cfg.keep_checkpoints)
+            raise RewardsMissing(f"GRPO stopped: {len(unrewarded)} steps in a row had nothing to learn from ({why}). "
+                                 f"{progress.step} of {optimisation.total} steps are trained and saved in a checkpoint "
+                                 f"in {out_dir / 'checkpoints'}; bring the judge back and run train again to go on there")
+        return None
 
     run_steps(accelerator, optimisation, cfg, progress, out_dir, step, desc="grpo", postfix={"loss": "loss", "reward": "reward"})
     policy.model = finish(accelerator, cfg, optimisation, peft_model, policy, out_dir)
@@ -120,11 +142,14 @@ def run_grpo(qa_file: RecordFile[QAItem], videos_file: RecordFile[Video], policy
 
 def grpo_step(scorer: GroupScorer, batch: list[Question], videos: dict[str, PreparedVideo], rewards: Rewards,
               reference: GroupReference, cfg: TrainConfig, accelerator: Accelerator,
-              trainable: list[torch.nn.Parameter], step: int) -> dict[str, float]:
-    """Sample, reward, score and update on one batch of questions; returns the logged metrics."""
+              trainable: list[torch.nn.Parameter], step: int) -> dict[str, float] | None:
+    """Sample, reward, score and update on one batch of questions; returns the logged metrics, or
+    None - no backward run - when no process's batch has a reward to learn from."""
     policy: VideoPolicy = accelerator.unwrap_model(scorer).policy
     loss, metrics = grpo_objective(scorer, policy, batch, videos, rewards, reference, cfg, step, accelerator.autocast,
                                    sharded=sharded_engine(accelerator))
+    if on_every_process(accelerator, metrics.pop(UNREWARDED) == 1.0):
+        return None
     accelerator.backward(loss)
     grad_norm = accelerator.clip_grad_norm_(trainable, cfg.max_grad_norm) if accelerator.sync_gradients else None
     return {"loss": loss.item(), **metrics, "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
@@ -149,7 +174,8 @@ def grpo_objective(scorer: torch.nn.Module, policy: VideoPolicy, batch: Sequence
     logps, mask = scorer(batch_videos, prompts, answers)
     ref_logps = reference.logps(policy, batch_videos, prompts, answers, cfg.shared_prefix, autocast)
     # 5. advantages within each question's group
-    scored = group_advantages(pending.result(), rewards.weights, g.num_generations, rewards.names, g.scale_rewards)
+    values = pending.result()
+    scored = group_advantages(values, rewards.weights, g.num_generations, rewards.names, g.scale_rewards)
     # 6. the clipped objective
     loss, metrics = grpo_loss(logps, scored.advantages.to(logps.device, logps.dtype), mask, ref_logps=ref_logps,
                               loss_type=g.loss_type, beta=g.beta, epsilon_low=g.epsilon_low, epsilon_high=g.epsilon_high,
@@ -158,7 +184,29 @@ def grpo_objective(scorer: torch.nn.Module, policy: VideoPolicy, batch: Sequence
     flat = [a for group in answers for a in group]
     lengths = torch.tensor([len(a) for a in flat])
     terminated = torch.tensor([bool(a) and a[-1] == eos for a in flat])
-    return loss, {**metrics, **scored.metrics, **completion_metrics(lengths, terminated)}
+    return loss, {**metrics, **scored.metrics, **completion_metrics(lengths, terminated),
+                  UNREWARDED: float(nothing_to_learn(values, rewards.names))}
+
+
+UNREWARDED = "unrewarded"
+"""The key of :func:`grpo_objective`'s metrics that is 1.0 when the batch has nothing to learn from
+(:func:`nothing_to_learn`); :func:`grpo_step` takes it out before the metrics are logged."""
+
+
+def nothing_to_learn(rewards: torch.Tensor, names: Sequence[str]) -> bool:
+    """Whether a batch's ``(answers, functions)`` rewards teach nothing: the judge, when it is a
+    reward, scored none of the answers (its failure is no verdict on them), or no reward applies to any."""
+    missing = torch.isnan(rewards)
+    judge_missing = "caption_judge" in names and bool(missing[:, list(names).index("caption_judge")].all())
+    return judge_missing or bool(missing.all())
+
+
+def on_every_process(accelerator: Accelerator, flag: bool) -> bool:
+    """``flag`` holds on every process; all of them must agree before one skips a backward that the
+    others' gradients would wait for."""
+    if accelerator.num_processes == 1:
+        return flag
+    return accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), "min").item() == 1.0
 
 
 def sample_groups(scorer: torch.nn.Module, policy: VideoPolicy, batch: Sequence[Question], videos: Sequence[PreparedVideo],
@@ -199,6 +247,7 @@ class Rewards:
             if judge.cfg.protocol != "caption_reward":
                 raise ValueError(f"train.grpo.rewards: caption_judge reads 1-5 caption_reward scores; judge.protocol is {judge.cfg.protocol!r}")
         self.judge = judge
+        self.judge_failure: str | None = None  # why the judge scored none of the last batch's answers, if it did not
         remote = judge is not None and all(j.backend == "openai" for j in (judge.cfg.llm, *judge.cfg.ensemble))
         overlap = g.judge_overlap == "on" or (g.judge_overlap == "auto" and remote and "caption_judge" in self.names)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grpo-judge") if overlap else None
@@ -217,10 +266,18 @@ class Rewards:
                 # the reply cache keys on the prompt, so an answer judged at an earlier step (or before a kill) costs nothing again
                 items = [JudgeItem.for_answer(q.video, q.qa, text, f"{q.qa.id}#grpo{step}.{k}")
                          for q, group in zip(batch, texts) for k, text in enumerate(group)]
-                columns.append(judge_rewards(self.judge, items))
+                judgments = self.judge.judge(items)
+                self.judge_failure = next((j.failure for j in judgments if j.failure is not None), None)
+                columns.append(judge_rewards(judgments))
             else:
                 columns.append([RULES[name](text, q.qa.answer) for q, group in zip(batch, texts) for text in group])
         return torch.tensor(columns, dtype=torch.float32).T
+
+    def missing_reason(self) -> str:
+        """Why the last batch had nothing to learn from (:func:`nothing_to_learn`), for the log and the error."""
+        if "caption_judge" in self.names and self.judge_failure is not None:
+            return f"the judge scored none of its answers: {self.judge_failure}"
+        return f"none of the rewards {self.names} applies to any of its answers"
 
 
 @dataclass

@@ -22,13 +22,12 @@ import importlib.util
 import json
 import logging
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from capdpo.records import atomic_dir
+from capdpo.records import atomic_dir, remove_own_dir
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +61,8 @@ def cached_build(cache_dir: Path, name: str, build: Callable[[Path], None]) -> P
     if (out / MARKER).is_file():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():  # only a crash mid-rename or a hand-made dir can leave this; start over
-        log.warning("removing incomplete cache dir %s", out)
-        shutil.rmtree(out)
+    if out.exists():  # not built here (the rename is atomic): removed only if empty or capdpo's, else refused
+        remove_own_dir(out)
     with atomic_dir(out, keep_existing=True) as tmp:  # another process may win the race: its copy is as good as ours
         build(tmp)
         (tmp / MARKER).write_text(json.dumps({"name": name}) + "\n")

@@ -1,6 +1,9 @@
 """The orchestrator: a run folder and the stages that fill it, composed by ``capdpo run``.
 
-    data -> frames -> qa -> sample -> judge -> pairs -> evaluate(before) -> train -> evaluate(after) -> report
+    data -> frames -> qa [-> sft] -> sample -> judge -> pairs -> evaluate(before) -> train -> evaluate(after) -> report
+
+With ``sft.enabled`` the policy is first trained on the run's captions and QA (``capdpo sft``), and
+every later stage starts from that checkpoint.
 
 With ``train.algorithm: grpo`` the round is evaluate(before) -> grpo -> evaluate(after): online GRPO
 samples and judges the train questions' answers inside its loop.
@@ -21,8 +24,8 @@ import logging
 from functools import cached_property
 from pathlib import Path
 
-from capdpo.config import RunConfig, SuiteConfig, save_config
-from capdpo.records import EvalSummary
+from capdpo.config import PolicyConfig, RunConfig, SuiteConfig, save_config
+from capdpo.records import EvalSummary, check_writable
 from capdpo.rundir import HELD_OUT, RunPaths, require
 
 log = logging.getLogger("capdpo")
@@ -34,7 +37,7 @@ class Run:
     def __init__(self, cfg: RunConfig, *, save: bool = True):
         self.cfg = cfg
         self.paths = RunPaths(Path(cfg.run_dir))  # round 1's; enter_round moves the round stages elsewhere
-        self.paths.root.mkdir(parents=True, exist_ok=True)
+        check_writable(self.paths.root)  # a read-only or immutable run folder stops here, before any model loads
         if save:
             self.save_config()
 
@@ -46,7 +49,7 @@ class Run:
     def enter_round(self, k: int) -> None:
         """Point the round stages (sample .. evaluate) at round ``k``'s folder."""
         self.paths = self.paths.round(k)
-        self.paths.root.mkdir(parents=True, exist_ok=True)
+        check_writable(self.paths.root)
 
     def use_policy(self, model: str) -> None:
         """Evaluate (or go on with) another checkpoint than ``policy.model``, leaving the run's
@@ -55,11 +58,21 @@ class Run:
 
         self.__dict__["policy"] = policy_from_config(self.cfg.policy.model_copy(update={"model": model}), self.cfg.cache_dir)
 
+    def policy_settings(self) -> PolicyConfig:
+        """The ``policy`` section, its model the run's SFT result (``sft/policy``) once `capdpo sft`
+        has finished and ``sft.enabled`` is on: every stage after sft starts from it."""
+        from capdpo.training import DONE
+
+        tuned = self.paths.sft / "policy"
+        if self.cfg.sft.enabled and (tuned / DONE).exists():
+            return self.cfg.policy.model_copy(update={"model": str(tuned)})
+        return self.cfg.policy
+
     @cached_property
     def policy(self):
         from capdpo.models.load import policy_from_config
 
-        return policy_from_config(self.cfg.policy, self.cfg.cache_dir)
+        return policy_from_config(self.policy_settings(), self.cfg.cache_dir)
 
     @cached_property
     def embedding_cache(self):
@@ -83,9 +96,11 @@ class Run:
     # -- stages -----------------------------------------------------------------------------
     def data(self) -> None:
         from capdpo.data import run_data
+        from capdpo.errors import ItemErrors
 
-        n = run_data(self.cfg.data, self.paths.media, self.paths.videos, self.paths.qa_given)
-        log.info("data: %d videos", n)
+        errors = ItemErrors("data", self.cfg.fail_fast)
+        n = run_data(self.cfg.data, self.paths.media, self.paths.videos, self.paths.qa_given, errors)
+        log.info("data: %d videos%s", n, f" ({errors.summary()})" if errors.errors else "")
 
     def frames(self) -> None:
         from capdpo.frames import run_frames
@@ -107,7 +122,7 @@ class Run:
         require("sample", self.paths.videos, self.paths.qa)
         out = shard_file(self.paths.candidates, shard) if shard else self.paths.candidates
         # vLLM runs the weights itself: load only tokenizer, config and preprocessing
-        policy = (policy_from_config(self.cfg.policy, self.cfg.cache_dir, weights=False)
+        policy = (policy_from_config(self.policy_settings(), self.cfg.cache_dir, weights=False)
                   if self.cfg.sample.backend == "vllm" else self.policy)
         run_sample(self.paths.videos, self.paths.qa, out, policy, self.cfg.sample, self.cfg.frames,
                    fail_fast=self.cfg.fail_fast, shard=shard, dtype=self.cfg.policy.dtype)
@@ -175,8 +190,9 @@ class Run:
             bench = load_configured_suite(suite, self.paths.suite_videos(suite.name), self.paths.suite_questions(suite.name))
             videos, questions, skipped = bench.videos, bench.questions, bench.skipped
             dataset, protocol = suite.name, bench.suite.protocol
-        summary = run_evaluate(tag, videos, questions, self.policy, self.eval_judge(protocol),
-                               self.paths.predictions(tag, dataset), self.paths.eval_judgments(tag, dataset),
+        # the tag's files first: a tag that cannot name a file inside the run stops before the policy loads
+        predictions, judgments = self.paths.predictions(tag, dataset), self.paths.eval_judgments(tag, dataset)
+        summary = run_evaluate(tag, videos, questions, self.policy, self.eval_judge(protocol), predictions, judgments,
                                self.cfg.evaluate, self.cfg.frames, dataset=dataset, round_=self.paths.round_number,
                                skipped=skipped, embed_cache=self.embedding_cache, fail_fast=self.cfg.fail_fast,
                                summaries=self.paths.eval_summary)
@@ -186,6 +202,19 @@ class Run:
     def evaluate_all(self, tag: str) -> list[EvalSummary]:
         """The held-out questions, then every suite of ``evaluate.suites``."""
         return [self.evaluate(tag)] + [self.evaluate(tag, suite) for suite in self.cfg.evaluate.suites]
+
+    def sft(self) -> Path:
+        """Caption pretraining and instruction tuning of the policy (``sft.phases``); the stages
+        after it use the result, as any user checkpoint would be used."""
+        from capdpo.sft import run_sft
+
+        kinds = {source.kind for phase in self.cfg.sft.phases for source in phase.sources}
+        if kinds & {"captions", "qa"}:
+            require("sft", self.paths.videos, *([self.paths.qa] if "qa" in kinds else []))
+        out = run_sft(self.policy, self.cfg.sft, self.cfg.frames, self.paths.sft, videos_file=self.paths.videos,
+                      qa_file=self.paths.qa, embed_cache=self.embedding_cache, fail_fast=self.cfg.fail_fast)
+        self.use_policy(str(out))
+        return out
 
     def train(self) -> Path:
         """DPO on the round's pairs, or online GRPO on the train questions (``train.algorithm``)."""
@@ -218,6 +247,8 @@ class Run:
         self.data()
         self.frames()
         self.qa()
+        if self.cfg.sft.enabled:
+            self.sft()
         for k in range(1, self.cfg.rounds + 1):
             self.run_round(k)
         path = self.report()

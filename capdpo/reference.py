@@ -48,7 +48,7 @@ def precompute_reference(pairs: Sequence[PreferencePair], videos: Mapping[str, V
     reference: the policy before training. Videos come from ``embed_cache`` when given. A bad
     video is recorded (or raised with ``fail_fast``) and its pairs skipped."""
     fingerprint = reference_fingerprint(policy, cfg, frames)
-    out.drop_duplicates()  # left by older concurrent runs; the first of each id is kept
+    out.drop_duplicates()  # repeated rows left by older concurrent runs; a conflicting one raises
     mine = [p for p in pairs if shard is None or shard_of(p.id, shard[1]) == shard[0]]
     todo = pairs_to_score(out, fingerprint, mine, cfg.max_response_tokens, recompute)
     errors = ItemErrors("reference", fail_fast)

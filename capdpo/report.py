@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 
 from capdpo.agreement import read_agreement
 from capdpo.config import BUILTIN_JUDGE, RunConfig
-from capdpo.errors import FrameError
+from capdpo.errors import FrameError, UnsafePath
+from capdpo.ids import BadId
 from capdpo.media.frames import sample_frames
 from capdpo.records import Judgment, RecordFile, atomic_write_text
 from capdpo.rundir import HELD_OUT
@@ -399,7 +400,11 @@ def jpeg(img) -> str:
 def thumbnails(paths: RunPaths, video_id: str, video: str | None) -> list[str]:
     """THUMBS small frames of a video: from its frame folder when `capdpo frames` made one (cheap),
     else decoded from the video itself; none when neither can be read."""
-    for source in (paths.frames / video_id, video):
+    try:
+        folder = paths.frame_folder(video_id)
+    except UnsafePath:  # an id edited into the pairs by hand names no folder of the run: the video may still show
+        folder = None
+    for source in (folder, video):
         if not source:
             continue
         try:
@@ -470,8 +475,12 @@ def _eval_records(rounds: list[RoundData], s) -> tuple[dict, dict]:
     paths = next((r.paths for r in rounds if r.number == s.round), None)
     if paths is None:
         return {}, {}
-    preds = {p.qa_id: p for p in read_records(paths.predictions(tag, s.dataset))}
-    judged = {j.target_id: j for j in read_records(paths.eval_judgments(tag, s.dataset))}
+    try:
+        predictions, judgments = paths.predictions(tag, s.dataset), paths.eval_judgments(tag, s.dataset)
+    except (BadId, UnsafePath):  # a summary edited by hand whose tag or dataset names no file of the run
+        return {}, {}
+    preds = {p.qa_id: p for p in read_records(predictions)}
+    judged = {j.target_id: j for j in read_records(judgments)}
     return preds, judged
 
 

@@ -12,8 +12,8 @@ import math
 import re
 from collections.abc import Callable, Sequence
 
-from capdpo.judge.judge import CaptionJudge, JudgeItem
 from capdpo.judge.parse import SCORE_RANGE
+from capdpo.records import Judgment
 
 ARTICLES = {"a", "an", "the"}
 NUMBER_WORDS = {w: i for i, w in enumerate(
@@ -54,8 +54,7 @@ def numeric(answer: str, reference: str) -> float:
 RULES: dict[str, Callable[[str, str], float]] = {"exact_match": exact_match, "numeric": numeric}
 
 
-def judge_rewards(judge: CaptionJudge, items: Sequence[JudgeItem]) -> list[float]:
-    """The judge's scores of ``items`` mapped from its 1-5 scale to 0-1 (NaN for a failed judgment).
-    The judge service brings its reply cache (a resumed run asks nothing twice), retries and budget."""
+def judge_rewards(judgments: Sequence[Judgment]) -> list[float]:
+    """The judge's scores mapped from its 1-5 scale to 0-1 (NaN for a failed judgment)."""
     low, high = SCORE_RANGE
-    return [math.nan if j.score is None else (j.score - low) / (high - low) for j in judge.judge(list(items))]
+    return [math.nan if j.score is None else (j.score - low) / (high - low) for j in judgments]

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from capdpo.errors import MissingInput
+from capdpo.errors import MissingInput, UnsafePath
+from capdpo.ids import check_id, shown
 from capdpo.records import Candidate, EvalSummary, Judgment, Prediction, PreferencePair, QAItem, RecordFile, ReferenceLogps, Video
 
 HELD_OUT = "held-out"  # the dataset name of a run's own test split (not a suite)
@@ -28,6 +29,28 @@ def require(stage: str, *inputs: RecordFile) -> None:
         if records.path.stat().st_size == 0:
             raise MissingInput(f"{stage}: {records.path} is empty: `capdpo {writer}` wrote no records (see its log); "
                                "run it again once its inputs are fixed")
+
+
+NAME_MAX = 255  # bytes of one file or folder name on the usual file systems
+
+
+def inside(folder: Path, name: str) -> Path:
+    """``folder / name`` for a ``name`` made from an id or a tag, proven to lie inside ``folder``:
+    every path capdpo makes from an id or a tag goes through here. ``name`` must be one file or
+    folder name the file system can hold (not empty, ``.`` or ``..``, no ``/``, no NUL, at most
+    NAME_MAX bytes) and the path must resolve (symbolic links followed) to a child of ``folder``;
+    else :class:`UnsafePath` naming both."""
+    path = folder / name if _one_name(name) else None
+    if path is None or path.resolve().parent != folder.resolve():
+        raise UnsafePath(f"{shown(name)} cannot name a file or folder inside {folder}: a name from an id or a tag "
+                         "must stay inside its folder (see the id rule, capdpo.ids)")
+    return path
+
+
+def _one_name(name: object) -> bool:
+    """Whether ``name`` is one file or folder name the file system can hold."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
+            and len(name.encode("utf-8", "surrogateescape")) <= NAME_MAX)
 
 
 @dataclass(frozen=True)
@@ -88,13 +111,18 @@ class RunPaths:
 
     def eval_dir(self, dataset: str = HELD_OUT) -> Path:
         """``eval/`` for the held-out questions, ``eval/<suite>/`` for a benchmark suite."""
-        return self.root / "eval" if dataset == HELD_OUT else self.root / "eval" / dataset
+        return self.root / "eval" if dataset == HELD_OUT else inside(self.root / "eval", dataset)
 
     def predictions(self, tag: str, dataset: str = HELD_OUT) -> RecordFile[Prediction]:
-        return RecordFile(self.eval_dir(dataset) / f"{tag}_predictions.jsonl", Prediction)
+        """An evaluation's greedy answers; ``tag`` follows the id rule (capdpo.ids), or :class:`~capdpo.ids.BadId`."""
+        return RecordFile(inside(self.eval_dir(dataset), f"{check_id(tag, 'tag')}_predictions.jsonl"), Prediction)
 
     def eval_judgments(self, tag: str, dataset: str = HELD_OUT) -> RecordFile[Judgment]:
-        return RecordFile(self.eval_dir(dataset) / f"{tag}_judgments.jsonl", Judgment)
+        return RecordFile(inside(self.eval_dir(dataset), f"{check_id(tag, 'tag')}_judgments.jsonl"), Judgment)
+
+    def frame_folder(self, video_id: str) -> Path:
+        """``frames/<video id>/``, the video's JPEG frames (``capdpo frames``)."""
+        return inside(self.frames, video_id)
 
     def suite_videos(self, dataset: str) -> RecordFile[Video]:
         """A suite's videos and questions as evaluated (found media only), kept for the report."""
@@ -110,6 +138,7 @@ class RunPaths:
     frames = property(lambda self: self.top / "frames")
     media = property(lambda self: self.top / "media")
     train = property(lambda self: self.root / "train")
+    sft = property(lambda self: self.top / "sft")  # `capdpo sft`: sft/<phase>/ and the result sft/policy/, once per run
     report = property(lambda self: self.top / "report.html")
     config = property(lambda self: self.top / "config.yaml")
     agreement = property(lambda self: self.top / "agreement.json")

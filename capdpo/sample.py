@@ -125,7 +125,7 @@ def run_sample(videos_file: RecordFile[Video], qa_file: RecordFile[QAItem], out:
     ``shard``, when given) lacking them. Several processes may sample into one ``out`` at once:
     each claims a video's questions before sampling them, so every candidate is written once."""
     videos = videos_file.by_id()
-    out.drop_duplicates()  # left by older concurrent runs; the first of each id is kept
+    out.drop_duplicates()  # repeated rows left by older concurrent runs; a conflicting one raises
     todo = _questions_to_sample(qa_file, out.ids(), cfg.n, split, shard)
     errors = ItemErrors("sample", fail_fast)
     if not todo:

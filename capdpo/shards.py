@@ -22,12 +22,14 @@ def shard_of(qa_id: str, shards: int) -> int:
 
 def read_shards(parts: Sequence[tuple[int | None, RecordFile[R]]], shards: int, shard_key: Callable[[R], str],
                 same: Callable[[R, R], bool]) -> tuple[dict[str, R], int]:
-    """The rows of shard files by id, and how many repeated ids were dropped. ``parts`` pairs each
+    """The rows of shard files by id, and how many repeated rows were dropped. ``parts`` pairs each
     file with the shard index its rows must belong to (``shard_of(shard_key(row), shards)``; None =
-    any). An id seen twice must be the ``same`` row (a re-run shard repeats itself exactly)."""
+    any). An id seen in two files must be the ``same`` row (a re-run shard repeats itself exactly);
+    within one file, the record files' own rule holds (:meth:`RecordFile.read`)."""
     merged: dict[str, R] = {}
     duplicates = 0
     for i, part in parts:
+        duplicates += part.repeats()
         for row in part.read():
             if i is not None and shard_of(shard_key(row), shards) != i:
                 raise ValueError(f"{part.path}: {row.id} belongs to shard {shard_of(shard_key(row), shards)}, not {i}")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from capdpo.config import SuiteConfig
+from capdpo.ids import BadId, check_id
 from capdpo.records import QAItem, RecordError, RecordFile, Video, read_jsonl
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif")
@@ -140,7 +141,10 @@ def _row_id(row: dict, where: str) -> str:
     value = row.get("id", row.get("idx", row.get("question_id")))
     if not isinstance(value, (str, int)) or isinstance(value, bool) or value == "":
         raise RecordError(f"{where}: needs an 'id' (or 'idx'/'question_id') string or integer")
-    return str(value)
+    try:
+        return check_id(str(value), "question id")
+    except BadId as e:
+        raise RecordError(f"{where}: {e}") from None
 
 
 def _conversation(row: dict, where: str) -> tuple[str, str]:
@@ -223,6 +227,29 @@ def video_key(name: str) -> str:
     return str(path.with_suffix("")) if path.suffix.lower() in VIDEO_SUFFIXES else name
 
 
+def video_ids(rows: list[QARow]) -> dict[str, str]:
+    """The id of each video named in ``rows`` (by :func:`video_key`): its file or folder name
+    without the folders before it (``clips/x.mp4`` -> ``x``), on the id rule (capdpo.ids), so a
+    suite's video ids are safe names wherever its rows put the videos. A name that gives no such
+    id, or two videos given the same id, is a RecordError naming the rows."""
+    ids: dict[str, str] = {}
+    first: dict[str, tuple[str, str]] = {}  # id -> (key, where) of the first video given it
+    for row in rows:
+        key = video_key(row.names[0])
+        if key in ids:
+            continue
+        try:
+            vid = check_id(Path(key).name, "video id")
+        except BadId as e:
+            raise RecordError(f"{row.where}: video {row.names[0]!r}: {e}") from None
+        if vid in first:
+            other, where = first[vid]
+            raise RecordError(f"{row.where}: video {key!r} and video {other!r} ({where}) would share the id {vid!r}; "
+                              "rename one of them")
+        ids[key], first[vid] = vid, (key, row.where)
+    return ids
+
+
 def resolve_video(names: tuple[str, ...], root: Path) -> Path | None:
     """The first existing file or frame folder for a video named in the rows: the name as given
     (relative to ``root``), the name without its suffix (a frame folder extracted from the file),
@@ -278,6 +305,7 @@ def load_suite(name: str, data: str | Path, *, video_root: str | Path | None = N
     root = Path(video_root) if video_root else path.parent
     caption_file = Path(captions) if captions else default_captions(path)
     caption_of = read_captions(caption_file) if suite.needs_caption and caption_file else {}
+    id_of = video_ids(rows)
 
     found: dict[str, Path | None] = {}
     for row in rows:
@@ -305,9 +333,10 @@ def load_suite(name: str, data: str | Path, *, video_root: str | Path | None = N
         key = video_key(row.names[0])
         if key in left_out:
             continue
-        if key not in videos:
-            videos[key] = Video(id=key, video=str(found[key]), caption=caption.get(key, ""), source=suite.name, split="test")
-        questions.append(QAItem(id=row.id, video_id=key, question=row.question, answer=row.answer, split="test",
+        vid = id_of[key]
+        if vid not in videos:
+            videos[vid] = Video(id=vid, video=str(found[key]), caption=caption.get(key, ""), source=suite.name, split="test")
+        questions.append(QAItem(id=row.id, video_id=vid, question=row.question, answer=row.answer, split="test",
                                 source=row.kind or suite.name))
     return Benchmark(suite, path, videos, questions, skipped=len(rows) - len(questions))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import resource
 import shutil
 import time
@@ -29,6 +30,7 @@ from capdpo.config import TrainConfig
 from capdpo.policy.base import EncodedVideo, TowerFeatures, VideoInputs, VideoPolicy
 from capdpo.policy.packing import video_grouped_order
 from capdpo.policy.video import VideoEncoder
+from capdpo.records import json_line, remove_own_dir
 
 log = logging.getLogger(__name__)
 DONE = ".complete"
@@ -80,16 +82,18 @@ def encode_once(policy: VideoPolicy, videos: Sequence[PreparedVideo]) -> list[En
     return [encoded[id(v)] for v in videos]
 
 
-def set_trainable(policy: VideoPolicy, cfg: TrainConfig) -> PeftModel | None:
+def set_trainable(policy: VideoPolicy, cfg: TrainConfig, lora_modules: Sequence[str] | None = None) -> PeftModel | None:
     """Freeze what the config freezes; wrap the LLM in LoRA if asked. Returns the PEFT model or None.
-    The parts (vision tower, projector, LLM) come from the policy's family adapter."""
+    The parts (vision tower, projector, LLM) come from the policy's family adapter; ``lora_modules``
+    names the LLM's linear layers that get adapters (None: all of them, ``ModelParts.lora_targets``)."""
     model, parts = policy.model, policy.parts
     for p in model.parameters():
         p.requires_grad_(False)
     peft_model = None
     if cfg.lora and not cfg.freeze_llm:  # PEFT leaves only the adapters trainable
+        targets = parts.lora_targets() if lora_modules is None else parts.lora_targets(lora_modules)
         peft_model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                      lora_dropout=cfg.lora_dropout, target_modules=parts.lora_targets()))
+                                                      lora_dropout=cfg.lora_dropout, target_modules=targets))
     trains = {"vision": not cfg.freeze_vision, "projector": not cfg.freeze_projector,
               "llm": not cfg.lora and not cfg.freeze_llm}
     for name, p in model.named_parameters():
@@ -98,6 +102,19 @@ def set_trainable(policy: VideoPolicy, cfg: TrainConfig) -> PeftModel | None:
             p.requires_grad_(True)
     return peft_model
 
+
+def parameter_groups(policy: VideoPolicy, lrs: dict[str, float]) -> list[dict]:
+    """AdamW parameter groups of the policy's trainable parameters, one per part ("vision",
+    "projector", "llm"; LoRA adapters belong to "llm") at that part's learning rate in ``lrs``;
+    each group carries its part's ``name`` (the metrics log ``lr/<name>``)."""
+    params: dict[str, list[torch.nn.Parameter]] = {part: [] for part in lrs}
+    for name, p in policy.model.named_parameters():
+        part = policy.parts.part_of(name)
+        if p.requires_grad:
+            if part not in params:
+                raise ValueError(f"{name} trains but its part {part!r} has no learning rate (given: {sorted(lrs)})")
+            params[part].append(p)
+    return [{"params": params[part], "lr": lr, "name": part} for part, lr in lrs.items() if params[part]]
 
 
 class VideoGroupedSampler(Sampler[int]):
@@ -119,6 +136,61 @@ class VideoGroupedSampler(Sampler[int]):
         return len(self.video_ids)
 
 
+def mixture_quotas(shares: Sequence[float], size: int) -> list[int]:
+    """Items each source gives an epoch of ``size`` items: its share of ``size`` (shares are
+    normalised), rounded by largest remainder so the quotas add up to ``size`` (ties: the earlier source)."""
+    total = sum(shares)
+    exact = [share / total * size for share in shares]
+    quotas = [int(x) for x in exact]
+    by_remainder = sorted(range(len(shares)), key=lambda i: (quotas[i] - exact[i], i))
+    for i in by_remainder[: size - sum(quotas)]:
+        quotas[i] += 1
+    return quotas
+
+
+class MixtureSampler(Sampler[int]):
+    """Indices of a dataset made of several sources laid end to end (``sizes``), each epoch
+    ``mixture_quotas(shares, epoch_size)`` of them from each source, in video-grouped order.
+
+    A source's items are drawn without replacement: the source is walked in a seeded random
+    permutation, continued from one epoch to the next, and a fresh permutation starts only once
+    every item has been drawn; so an item repeats only when the source's quota over the epochs
+    so far exceeds its size (with replacement across passes, never within one). The epoch's
+    items are then ordered with each video's items together (``video_grouped_order``), so a
+    batch holds whole videos whose items share one packed row. Every draw depends on the seed
+    and the epoch only (``set_epoch``): a resumed run replays it."""
+
+    def __init__(self, sizes: Sequence[int], shares: Sequence[float], epoch_size: int, video_ids: Sequence[str], seed: int):
+        if any(size == 0 for size in sizes):
+            raise ValueError(f"every source needs at least one item (sizes {list(sizes)})")
+        self.sizes, self.video_ids, self.seed, self.epoch = list(sizes), list(video_ids), seed, 0
+        self.quotas = mixture_quotas(shares, epoch_size)
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_items(self, epoch: int) -> list[int]:
+        """The dataset indices drawn for ``epoch``, source after source (before ordering)."""
+        picks = []
+        for source, (size, quota, offset) in enumerate(zip(self.sizes, self.quotas, self.offsets)):
+            passes: dict[int, list[int]] = {}
+            for position in range(epoch * quota, (epoch + 1) * quota):
+                walk = position // size
+                if walk not in passes:
+                    passes[walk] = random.Random(f"{self.seed}:{source}:{walk}").sample(range(size), size)
+                picks.append(offset + passes[walk][position % size])
+        return picks
+
+    def __iter__(self):
+        picks = self.epoch_items(self.epoch)
+        order = video_grouped_order([self.video_ids[i] for i in picks], self.seed * 1_000_003 + self.epoch)
+        return iter([picks[j] for j in order])
+
+    def __len__(self) -> int:
+        return sum(self.quotas)
+
+
 @dataclass
 class Optimisation:
     """The prepared (engine-wrapped) module, optimizer, scheduler and loader, and the step count."""
@@ -131,11 +203,15 @@ class Optimisation:
     total: int  # optimizer steps of the whole run
 
 
-def prepare_optimisation(accelerator: Accelerator, scorer: torch.nn.Module, loader: DataLoader, cfg: TrainConfig) -> Optimisation:
-    """AdamW on ``scorer``'s trainable parameters and a linear warm-up schedule over the run's
-    optimizer steps (``epochs`` passes over ``loader``, at most ``max_steps``); all wrapped by the
-    accelerator's engine."""
-    optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+def prepare_optimisation(accelerator: Accelerator, scorer: torch.nn.Module, loader: DataLoader, cfg: TrainConfig,
+                         groups: list[dict] | None = None) -> Optimisation:
+    """AdamW on ``scorer``'s trainable parameters (at ``cfg.lr``, or as the parameter ``groups`` of
+    ``parameter_groups`` say, each at its own learning rate) and a linear warm-up schedule over the
+    run's optimizer steps (``epochs`` passes over ``loader``, at most ``max_steps``); all wrapped by
+    the accelerator's engine."""
+    if groups is None:
+        groups = [{"params": [p for p in scorer.parameters() if p.requires_grad], "lr": cfg.lr}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = -(-len(loader) // (cfg.grad_accum * accelerator.num_processes))
     total = min(cfg.max_steps or 10**12, max(1, cfg.epochs * steps_per_epoch))
     # accelerate steps a prepared scheduler once per process per optimizer step: count in those units
@@ -146,11 +222,16 @@ def prepare_optimisation(accelerator: Accelerator, scorer: torch.nn.Module, load
 
 
 def run_steps(accelerator: Accelerator, optimisation: Optimisation, cfg: TrainConfig, progress: Progress, out_dir: Path,
-              step: Callable[[list, int], dict[str, float]], desc: str, postfix: dict[str, str]) -> None:
+              step: Callable[[list, int], dict[str, float] | None], desc: str, postfix: dict[str, str],
+              labels: dict[str, str] | None = None) -> None:
     """Optimizer steps from ``progress`` to ``optimisation.total``: ``step(batch, step_number)`` runs
     the batch's forward and backward and returns its metrics (``tokens``: its token count, for
     ``tokens_per_s``); then the update, the metrics line and, every ``save_every`` steps, a
-    checkpoint. ``postfix`` names the metrics shown on the progress bar."""
+    checkpoint. A ``step`` that returns None had nothing to learn from and ran no backward: its
+    batch is used up, but no update is made (the gradients accumulated with it are dropped), counted
+    or logged. ``postfix`` names the metrics shown on the progress bar; ``labels`` are written
+    into every metrics line as they are (an SFT phase's name). Named parameter groups
+    (``parameter_groups``) log their learning rates as ``lr/<name>``."""
     scorer, loader, total = optimisation.scorer, optimisation.loader, optimisation.total
     checkpoints, metrics_path = out_dir / "checkpoints", out_dir / "metrics.jsonl"
     scorer.train()
@@ -162,10 +243,13 @@ def run_steps(accelerator: Accelerator, optimisation: Optimisation, cfg: TrainCo
         for batch in batches:
             with accelerator.accumulate(scorer):
                 metrics = step(batch, progress.step)
-                optimisation.optimizer.step()
-                optimisation.scheduler.step()
+                if metrics is not None:
+                    optimisation.optimizer.step()
+                    optimisation.scheduler.step()
                 optimisation.optimizer.zero_grad(set_to_none=True)
             progress.batch += 1
+            if metrics is None:
+                continue
             tokens += metrics.pop("tokens", 0)
             if not accelerator.sync_gradients:  # gradients still accumulating: no optimizer step yet
                 continue
@@ -177,7 +261,10 @@ def run_steps(accelerator: Accelerator, optimisation: Optimisation, cfg: TrainCo
             metrics = gather_metrics(accelerator, metrics)
             bar.update()
             bar.set_postfix({name: f"{metrics[key]:.4f}" for name, key in postfix.items()})
-            write_metrics(accelerator, cfg, metrics_path, progress, len(loader), optimisation.scheduler.get_last_lr()[0], metrics)
+            lrs = optimisation.scheduler.get_last_lr()
+            groups = optimisation.optimizer.param_groups
+            metrics.update({f"lr/{group['name']}": lr for group, lr in zip(groups, lrs) if "name" in group})
+            write_metrics(accelerator, cfg, metrics_path, progress, len(loader), lrs[0], metrics, labels)
             if cfg.save_every and progress.step % cfg.save_every == 0 and progress.step < total:
                 save_checkpoint(accelerator, checkpoints, progress, cfg.keep_checkpoints)
             if progress.step >= total:
@@ -266,12 +353,13 @@ def open_metrics(accelerator: Accelerator, cfg: TrainConfig, path: Path, progres
 
 
 def write_metrics(accelerator: Accelerator, cfg: TrainConfig, path: Path, progress: Progress, batches_per_epoch: int,
-                  lr: float, metrics: dict[str, float]) -> None:
+                  lr: float, metrics: dict[str, float], labels: dict[str, str] | None = None) -> None:
     """One optimizer step's metrics: a line of the metrics file every ``log_every`` steps, and the trackers."""
     if accelerator.is_main_process and progress.step % cfg.log_every == 0:
-        row = {"step": progress.step, "epoch": progress.epoch + progress.batch / batches_per_epoch, "lr": lr, **metrics}
+        row = {**(labels or {}), "step": progress.step, "epoch": progress.epoch + progress.batch / batches_per_epoch, "lr": lr,
+               **metrics}
         with path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_line(row) + "\n")  # a NaN (no gradient this step, no reward) as null: still JSON
     if cfg.report_to:
         accelerator.log(metrics, step=progress.step)
 
@@ -328,5 +416,5 @@ def write_policy(model: torch.nn.Module, state: dict[str, torch.Tensor] | None, 
     policy.tokenizer.save_pretrained(tmp)
     policy.spec.save(tmp)
     (tmp / DONE).write_text("")
-    shutil.rmtree(final, ignore_errors=True)
+    remove_own_dir(final, proof=(DONE,))  # an earlier policy written here; a folder capdpo did not write stays
     tmp.rename(final)

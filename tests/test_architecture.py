@@ -16,19 +16,19 @@ PACKAGE = Path(__file__).parents[1] / "capdpo"
 LAYERS: dict[str, int] = {
     "capdpo": 0, "capdpo.errors": 0, "capdpo.records": 0, "capdpo.hashing": 0, "capdpo.shards": 0,
     "capdpo.stats": 0, "capdpo.config": 0, "capdpo.devices": 0, "capdpo.prompts": 0, "capdpo.packaged": 0,
-    "capdpo.rundir": 0,
+    "capdpo.rundir": 0, "capdpo.ids": 0,
     "capdpo.media": 1,
     "capdpo.llm": 2, "capdpo.policy": 2,
     "capdpo.models": 3, "capdpo.judge": 3, "capdpo.training": 3,
     "capdpo.data": 4, "capdpo.frames": 4, "capdpo.qa": 4, "capdpo.sample": 4, "capdpo.judge.stage": 4,
-    "capdpo.pairs": 4, "capdpo.reference": 4, "capdpo.train": 4, "capdpo.grpo": 4, "capdpo.evaluate": 4, "capdpo.report": 4,
+    "capdpo.pairs": 4, "capdpo.reference": 4, "capdpo.sft": 4, "capdpo.train": 4, "capdpo.grpo": 4, "capdpo.evaluate": 4, "capdpo.report": 4,
     "capdpo.agreement": 4, "capdpo.compare": 4, "capdpo.oracle": 4, "capdpo.similarity": 4, "capdpo.suites": 4,
     "capdpo.formats": 4, "capdpo.losses": 4, "capdpo.grpo_loss": 4, "capdpo.rewards": 4, "capdpo.distill": 4, "capdpo.judge_study": 4,
     "capdpo.pipeline": 5, "capdpo.repro": 5,
     "capdpo.cli": 6,
 }
 STAGES = {"capdpo.data", "capdpo.frames", "capdpo.qa", "capdpo.sample", "capdpo.judge.stage", "capdpo.pairs",
-          "capdpo.reference", "capdpo.train", "capdpo.grpo", "capdpo.evaluate", "capdpo.report"}
+          "capdpo.reference", "capdpo.sft", "capdpo.train", "capdpo.grpo", "capdpo.evaluate", "capdpo.report"}
 
 
 def module_name(path: Path) -> str:

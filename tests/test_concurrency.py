@@ -70,15 +70,19 @@ def test_concurrent_judge_workers_judge_every_answer_once(tmp_path):
     assert not list(paths.root.glob("*.lock")) and not list(paths.root.glob("*.claims"))
 
 
-def test_rerun_drops_duplicates_left_by_an_older_run(tmp_path):
+def test_rerun_drops_repeated_rows_and_stops_at_a_conflicting_one(tmp_path):
     with FakeUpstream() as upstream:
         paths = judge_run(tmp_path / "run", upstream.url, videos=1, questions=1, answers=3)
         finish([start("judge", "--run-dir", str(paths.root))])
         judged = paths.judgments.all()
         paths.judgments.append(judged)  # what two workers of an older version wrote
-        paths.judgments.append(judged[0].model_copy(update={"score": 1.0}))
         finish([start("judge", "--run-dir", str(paths.root))])
-    assert paths.judgments.all() == judged  # the first of each id kept, in order
+        assert paths.judgments.all() == judged and len(paths.judgments.path.read_text().splitlines()) == 3
+        paths.judgments.append(judged[0].model_copy(update={"score": 1.0 if judged[0].score != 1.0 else 2.0}))
+        rerun = start("judge", "--run-dir", str(paths.root))
+        output = rerun.communicate(timeout=300)[0]
+    assert rerun.returncode != 0  # neither judgment is picked silently: which one is right is the user's call
+    assert f"{paths.judgments.path}:4: id {judged[0].id!r} is already on line 1 with different content" in output
 
 
 def test_claims_of_an_ended_worker_lapse(tmp_path):

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from capdpo.config import BUILTIN_LLM, BUILTIN_POLICY, ConfigError, ReproConfig, RunConfig, describe, load_config, save_config
+from capdpo.config import (
+    BUILTIN_LLM,
+    BUILTIN_POLICY,
+    ConfigError,
+    ReproConfig,
+    RunConfig,
+    describe,
+    load_config,
+    load_yaml,
+    save_config,
+)
 
 
 def test_defaults_load():
@@ -95,6 +105,31 @@ def test_bad_files(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(path)
+
+
+def test_an_unknown_section_from_set_is_blamed_on_the_set(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("sample:\n  n: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["sample.n=5", "nosuch.section.x=3"])
+    assert str(e.value) == "--set nosuch.section.x=3: nosuch: Extra inputs are not permitted"
+    with pytest.raises(ConfigError, match=r"^--set sample\.n\.x=3: sample\.n: "):  # a field made a section
+        load_config(None, ["sample.n.x=3"])
+
+
+def test_a_key_given_twice_in_yaml_names_the_key_and_its_lines(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("sample:\n  n: 3\n  temperature: 0.7\n  n: 8\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert str(e.value).startswith(f"{path}:4: key 'n' given twice (first on line 2)")
+    path.write_text("judge:\n  mode: expected\njudge:\n  retries: 2\n")
+    with pytest.raises(ConfigError, match=f"{path}:3: key 'judge' given twice"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="--set judge.price_per_million=.*key 'm' given twice"):
+        load_config(None, ["judge.price_per_million={m: [1, 2], m: [3, 4]}"])
+    # a merge's keys may be overridden by the mapping's own: not duplicates
+    assert load_yaml("base: &b {n: 3, top_p: 0.9}\nsample:\n  <<: *b\n  n: 5\n")["sample"] == {"n": 5, "top_p": 0.9}
 
 
 def test_relative_videos_path_is_relative_to_the_config_file(tmp_path, monkeypatch):

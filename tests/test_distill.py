@@ -268,6 +268,41 @@ def test_cli_distils_from_a_score_file_within_a_teacher_budget(labelled_run, tin
     assert len((out / "labels.jsonl").read_text().splitlines()) == 60
 
 
+@pytest.mark.parametrize(("score", "scale"), [(7, "1-5"), (0, "1-5"), (7, "0-1")])
+def test_a_teacher_score_off_its_scale_is_refused_naming_its_line(labelled_run, tmp_path, score, scale):
+    """Scores of 7 on a 1-5 (or a 0-1) scale used to become labels: a student trained on them."""
+    from typer.testing import CliRunner
+
+    from capdpo.cli import app
+    from capdpo.records import RecordError, write_jsonl
+
+    paths, labels = labelled_run
+    people = tmp_path / "people.jsonl"
+    write_jsonl(people, [{"id": labels[0].id, "score": 1}, {"id": labels[1].id, "score": None}, {"id": labels[2].id, "score": score}])
+    out = tmp_path / "student"
+    result = CliRunner().invoke(app, ["judge", "distill", "--run-dir", str(paths.root), "--out", str(out),
+                                      "--teacher", str(people), "--teacher-scale", scale])
+    assert isinstance(result.exception, RecordError), result.output
+    assert str(result.exception) == f"{people}:3: score {score} is outside the scale {scale}"
+    assert not (out / "config.json").exists()  # no student
+
+
+def test_a_labels_file_score_off_its_scale_is_refused_naming_its_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from capdpo.cli import app
+    from capdpo.records import RecordError
+
+    rows = [lab.model_dump() for lab in synthetic_labels(12, 1, 2)[:2]]  # 0-1 oracle labels
+    rows[1]["score"] = 7.0
+    (tmp_path / "labels.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = CliRunner().invoke(app, ["judge", "distill", "--labels", str(tmp_path / "labels.jsonl"),
+                                      "--out", str(tmp_path / "student")])
+    assert isinstance(result.exception, RecordError), result.output
+    assert str(result.exception).startswith(f"{tmp_path / 'labels.jsonl'}:2: malformed TeacherLabel row: "
+                                            "score: 7.0 is outside the label's scale 0-1")
+
+
 def test_the_runs_judge_as_teacher_labels_only_the_budget(labelled_run, tiny_student, tmp_path):
     """--teacher judge: the run's configured judge is asked about the chosen answers only, its
     judgments kept beside the student; a second call reuses them (nothing asked again)."""
@@ -284,3 +319,143 @@ def test_the_runs_judge_as_teacher_labels_only_the_budget(labelled_run, tiny_stu
     judged = list(RecordFile(teacher_file, Judgment).read())
     assert len(judged) == 20 and summary["labels"] == 20 and judge.budget.used.requests == 20
     assert summary["teachers"] == [str(tiny_student)]
+
+
+# -- a student is tied to its inputs ---------------------------------------------------------------
+
+def _labels_file(path, labels):
+    from capdpo.records import RecordFile
+
+    RecordFile(path, TeacherLabel).write(labels)
+    return path
+
+
+def _distill_cli(labels_file, out, student, *extra):
+    from typer.testing import CliRunner
+
+    from capdpo.cli import app
+
+    return CliRunner().invoke(app, ["judge", "distill", "--labels", str(labels_file), "--out", str(out),
+                                    "--set", f"distill.student={student}", "--set", "distill.save_every=1", *extra])
+
+
+@pytest.fixture
+def two_teachers(tmp_path):
+    """One set of answers labelled by two teachers that disagree, as two labels files."""
+    labels = synthetic_labels(12, 4, 2)
+    other = [lab.model_copy(update={"score": 1.0 - lab.score, "teacher": "contrarian"}) for lab in labels]
+    return _labels_file(tmp_path / "oracle.jsonl", labels), _labels_file(tmp_path / "contrarian.jsonl", other)
+
+
+def test_an_interrupted_distillation_resumes_only_with_its_own_teacher_and_settings(two_teachers, tiny_student, tmp_path, monkeypatch):
+    oracle, contrarian = two_teachers
+    out = tmp_path / "student"
+
+    class Killed(Exception):
+        pass
+
+    def killed(*_, **__):
+        raise Killed  # after training, before the student is measured: the checkpoint is kept
+    monkeypatch.setattr("capdpo.distill.student_scores", killed)
+    assert isinstance(_distill_cli(oracle, out, tiny_student).exception, Killed)
+    assert (out / ".distill-state" / "state.pt").is_file() and not (out / "distill.json").exists()
+    monkeypatch.undo()
+
+    def never(*_):
+        raise AssertionError("the student was loaded")
+    with mock.patch("capdpo.distill.load_student", never):  # refused before the student loads
+        other_lr = _distill_cli(oracle, out, tiny_student, "--set", "distill.lr=0.001")
+        other_teacher = _distill_cli(contrarian, out, tiny_student)
+    for result, differs in ((other_lr, "distill.lr 0.0001 -> 0.001"), (other_teacher, "teacher 'labels file sha256:")):
+        message = str(result.exception)
+        assert isinstance(result.exception, ValueError) and "interrupted distillation" in message, result.output
+        assert differs in message and "--fresh" in message
+    assert (out / ".distill-state" / "state.pt").is_file()  # nothing lost
+
+    resumed = _distill_cli(oracle, out, tiny_student)
+    assert resumed.exit_code == 0, resumed.output
+    summary = json.loads((out / "distill.json").read_text())
+    assert summary["inputs"]["teacher"].startswith("labels file sha256:") and summary["held_out"] > 0
+
+
+def test_a_finished_student_is_returned_only_for_its_own_teacher_and_fresh_starts_over(two_teachers, tiny_student, tmp_path):
+    from capdpo.records import RecordFile
+
+    oracle, contrarian = two_teachers
+    out = tmp_path / "student"
+    assert _distill_cli(oracle, out, tiny_student).exit_code == 0
+    first = (out / "distill.json").read_text()
+    assert _distill_cli(oracle, out, tiny_student).exit_code == 0 and (out / "distill.json").read_text() == first
+
+    refused = _distill_cli(contrarian, out, tiny_student)
+    assert isinstance(refused.exception, ValueError) and "distilled from other inputs" in str(refused.exception)
+    assert "teacher 'labels file sha256:" in str(refused.exception) and (out / "distill.json").read_text() == first
+
+    fresh = _distill_cli(contrarian, out, tiny_student, "--fresh")
+    assert fresh.exit_code == 0, fresh.output
+    summary = json.loads((out / "distill.json").read_text())
+    assert summary["teachers"] == ["contrarian"] and summary["inputs"] != json.loads(first)["inputs"]
+
+    labels = list(RecordFile(oracle, TeacherLabel).read())
+    broken = _labels_file(tmp_path / "broken.jsonl", [*labels, labels[0].model_copy(update={"score": 1.0 - labels[0].score})])
+    assert _distill_cli(broken, out, tiny_student, "--fresh").exit_code != 0
+    assert json.loads((out / "distill.json").read_text()) == summary  # a bad input costs no finished student
+
+
+def test_fresh_deletes_only_what_capdpo_distilled(tmp_path):
+    from capdpo.distill import start_fresh
+
+    interrupted = tmp_path / "interrupted"
+    (interrupted / ".distill-state").mkdir(parents=True)
+    (interrupted / ".distill-state" / "state.pt").write_bytes(b"x")
+    (interrupted / "notes.txt").write_text("mine")
+    start_fresh(interrupted)
+    assert not (interrupted / ".distill-state").exists() and (interrupted / "notes.txt").read_text() == "mine"
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "distill.json").write_text('{"written by": "someone else"}')
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a distill.json capdpo wrote"):
+        start_fresh(foreign)
+    assert (foreign / "notes.txt").is_file() and (foreign / "distill.json").is_file()
+
+
+def test_duplicate_label_ids_are_refused_naming_the_line_or_read_once(tmp_path, tiny_student):
+    labels = synthetic_labels(12, 4, 2)
+    conflicting = _labels_file(tmp_path / "conflicting.jsonl", [*labels, labels[0].model_copy(update={"score": 1.0 - labels[0].score})])
+    result = _distill_cli(conflicting, tmp_path / "a", tiny_student)
+    assert result.exit_code != 0 and f"conflicting.jsonl:{len(labels) + 1}" in str(result.exception), result.output
+
+    repeated = _labels_file(tmp_path / "repeated.jsonl", [*labels, labels[0], labels[1]])
+    with mock.patch("capdpo.distill.distill", side_effect=lambda given, *_, **__: {"labels": len(given), "held_out": 0,
+                                                                                     "train": 0, "agreement": None, "seconds": 0}):
+        result = _distill_cli(repeated, tmp_path / "b", tiny_student)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output[: result.output.rindex("}") + 1])["labels"] == len(labels)
+
+
+def test_teacher_scores_of_unknown_answers_are_counted_and_logged(labelled_run, tiny_student, tmp_path, caplog):
+    from typer.testing import CliRunner
+
+    from capdpo.cli import app
+    from capdpo.records import write_jsonl
+
+    paths, labels = labelled_run
+    rows = [{"id": lab.id, "score": lab.score} for lab in labels] + [{"id": f"elsewhere_{i}#0", "score": 1} for i in range(5)]
+    write_jsonl(tmp_path / "people.jsonl", rows)
+    out = tmp_path / "student"
+    result = CliRunner().invoke(app, ["judge", "distill", "--run-dir", str(paths.root), "--out", str(out),
+                                      "--teacher", str(tmp_path / "people.jsonl"), "--teacher-scale", "0-1",
+                                      "--teacher-budget", "30", "--select", "random", "--set", f"distill.student={tiny_student}"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "distill.json").read_text())["dropped_teacher_ids"] == 5
+    assert "5 teacher score(s) name no answer of the run" in caplog.text and "elsewhere_0#0" in caplog.text
+
+
+def test_an_empty_held_out_set_is_an_error_before_the_student_loads(tmp_path):
+    labels = [lab for lab in synthetic_labels(12, 4, 2) if lab.video_id in ("synth12_0000", "synth12_0001")]
+    cfg = DistillConfig(student=str(tmp_path / "no-such-student"), held_out_fraction=0.2)  # round(0.2 * 2 videos) = 0
+    with pytest.raises(ValueError, match=r"holds out none of the labels' 2 video\(s\)"):
+        distill(labels, cfg, tmp_path / "student", tmp_path)
+    assert not (tmp_path / "student").exists()

@@ -184,3 +184,50 @@ def test_real_videos_file_reads_and_every_video_exists():
         assert Path(video.video).exists(), f"{video.id}: {video.video} does not exist"
         assert video.caption.strip()
         assert all(q.id == f"{video.id}_{i}" and q.question.strip() and q.answer.strip() for i, q in enumerate(qa))
+
+
+# -- `capdpo export` refuses what would lose a run's files ------------------------------------------
+
+def _export(*args: str):
+    from typer.testing import CliRunner
+
+    from capdpo.cli import app
+
+    return CliRunner().invoke(app, ["export", *args])
+
+
+def _run_with_pairs(root: Path) -> Path:
+    from capdpo.records import RecordFile
+
+    RecordFile(root / "pairs.jsonl", PreferencePair).write([_pair(1)])
+    return root
+
+
+def test_export_of_a_missing_run_folder_is_an_error_and_writes_nothing(tmp_path):
+    out = tmp_path / "trl.jsonl"
+    result = _export("trl", str(out), "--run-dir", str(tmp_path / "no-such-run"))
+    assert isinstance(result.exception, ValueError) and "no-such-run: no such run folder" in str(result.exception)
+    assert not out.exists()
+    empty_run = tmp_path / "empty-run"
+    empty_run.mkdir()
+    result = _export("trl", str(out), "--run-dir", str(empty_run))  # a run without pairs yet
+    assert "pairs.jsonl not found; run `capdpo pairs` first" in str(result.exception) and not out.exists()
+
+
+@pytest.mark.parametrize("target", ["pairs.jsonl", "pairs_trl.jsonl", "config.yaml", "../run/./pairs.jsonl",
+                                    "notes.txt", "train/reference.jsonl"])
+def test_export_onto_the_runs_own_files_is_refused(tmp_path, target):
+    run = _run_with_pairs(tmp_path / "run")
+    (run / "notes.txt").write_text("the user's own")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    result = _export("trl", str(run / target), "--run-dir", str(run))
+    assert isinstance(result.exception, ValueError) and "the run's own file" in str(result.exception), result.output
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_export_into_a_new_file_goes_on(tmp_path):
+    run = _run_with_pairs(tmp_path / "run")
+    for out in (tmp_path / "trl.jsonl", run / "exports" / "trl.jsonl"):
+        result = _export("trl", str(out), "--run-dir", str(run))
+        assert result.exit_code == 0, result.output
+        assert json.loads(out.read_text())["id"] == _pair(1).id

@@ -23,6 +23,7 @@ from capdpo.media.frames import (
     sample_frames,
     sample_indices,
 )
+from capdpo.records import ForeignFolderError
 
 SHARED = Path(__file__).parents[1].parent / "shared"
 STEP, OFFSET = 6, 5  # grey level of frame i is OFFSET + STEP * i
@@ -185,11 +186,15 @@ def test_extract_frame_folder_two_fps(tmp_path):
     assert extract_frame_folder(video, out, fps=1.0, width=336) == 4  # other settings: redone
 
 
-def test_extract_frame_folder_replaces_unfinished_output(tmp_path):
+def test_extract_frame_folder_never_replaces_a_folder_capdpo_did_not_make(tmp_path):
     video = write_video(tmp_path / "clip.webm", n=20, codec="libvpx", fps=10)
     out = tmp_path / "clip"
     out.mkdir()
-    (out / "00001.jpg").write_bytes(b"partial")  # a killed run, no .done marker
+    (out / "00001.jpg").write_bytes(b"theirs")  # no marker: capdpo's folders appear whole, by a rename
+    with pytest.raises(ForeignFolderError, match=f"^{out}: capdpo did not make this"):
+        extract_frame_folder(video, out, fps=2.0, width=32)
+    assert [p.name for p in out.iterdir()] == ["00001.jpg"] and (out / "00001.jpg").read_bytes() == b"theirs"
+    (out / "00001.jpg").unlink()  # an empty folder holds nothing to lose
     assert extract_frame_folder(video, out, fps=2.0, width=32) == 4
     assert len(list_frame_files(out)) == 4
     with pytest.raises(FrameError, match=f"^{tmp_path / 'missing.mp4'}"):

@@ -18,9 +18,10 @@ from test_rounds import ScriptedJudgeLLM, scripted_run, write_config
 
 from capdpo import grpo, training
 from capdpo.config import FramesConfig, JudgeConfig, LLMConfig, TrainConfig
-from capdpo.errors import BudgetExceeded
+from capdpo.errors import BudgetExceeded, RewardsMissing
 from capdpo.grpo_loss import group_advantages, grpo_loss
 from capdpo.judge.judge import CaptionJudge
+from capdpo.llm import Reply
 from capdpo.models.load import load_policy
 from capdpo.policy.video import VideoEncoder
 from capdpo.records import QAItem, RecordFile, Video
@@ -83,8 +84,13 @@ def grpo_once(grpo_data, policy_dir, cache_dir, out: Path, judge_: CaptionJudge,
     return grpo.run_grpo(questions, videos, policy, cfg, FRAMES, out, judge=judge_)
 
 
+def strict_json(line: str) -> dict:
+    """A line parsed as JSON proper: a bare NaN or Infinity (which json.loads would take) fails the test."""
+    return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in a metrics line: not JSON"))
+
+
 def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_killed_grpo_resumes_to_the_same_weights_and_logs_trl_metrics(grpo_data, tiny_policy_dir, cache_dir,
@@ -137,6 +143,54 @@ def test_the_judge_budget_stops_grpo_with_a_checkpoint_to_resume_from(grpo_data,
         grpo_once(grpo_data, tiny_policy_dir, cache_dir, tmp_path / "out", limited)
     assert llm.prompts == 6
     assert training.latest_checkpoint(tmp_path / "out" / "checkpoints").name == "step-1"
+
+
+class JudgeDown(ScriptedJudgeLLM):
+    """A remote judge whose endpoint is down for the requests numbered in ``down`` (from 0; one
+    request per GRPO step): they come back failed, as the openai backend returns them after its retries."""
+
+    backend = "openai"
+
+    def __init__(self, down: set[int] | range):
+        super().__init__()
+        self.down, self.requests = down, 0
+
+    def chat(self, prompts, **kwargs):
+        self.requests += 1
+        if self.requests - 1 in self.down:
+            return [Reply("", 0.0, error="Connection refused (http://127.0.0.1:8000/v1)") for _ in prompts]
+        return super().chat(prompts, **kwargs)
+
+
+def test_grpo_with_its_judge_down_takes_no_step_stops_with_a_checkpoint_and_resumes_when_it_is_back(
+        grpo_data, tiny_policy_dir, cache_dir, tmp_path):
+    """It used to train every step on NaN rewards (loss 0, grad norm 0), exit 0 and save a "trained" policy."""
+    cfg = JudgeConfig(mode="generate", llm=LLMConfig(backend="openai", model="scripted-judge"))
+    out, settings = tmp_path / "out", {"grpo": {**GRPO, "max_failed_steps": 2}}
+    down = CaptionJudge(cfg, tmp_path / "j1", llm=JudgeDown(range(100)))
+    with pytest.raises(RewardsMissing, match=r"2 steps in a row had nothing to learn from \(the judge scored none of its "
+                                             r"answers: judge backend failed.*Connection refused.*0 of 3 steps are trained"):
+        grpo_once(grpo_data, tiny_policy_dir, cache_dir, out, down, **settings)
+    assert not (out / "policy").exists()  # nothing saved as trained
+    assert training.latest_checkpoint(out / "checkpoints").name == "step-0"  # where the first rewardless step began
+    assert metrics(out) == []  # no step taken, none logged
+
+    # the judge is back, but for one step: that step is not taken, the others train, the policy is saved
+    flaky = JudgeDown({1})
+    final = grpo_once(grpo_data, tiny_policy_dir, cache_dir, out, CaptionJudge(cfg, tmp_path / "j2", llm=flaky), **settings)
+    assert flaky.requests == 3 and (final / training.DONE).exists()
+    rows = metrics(out)  # every line strict JSON
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["reward"]) and r["grad_norm"] > 0 for r in rows)
+
+
+def test_a_metric_without_a_value_is_written_as_null(tmp_path):
+    from types import SimpleNamespace
+
+    path = tmp_path / "metrics.jsonl"
+    training.write_metrics(SimpleNamespace(is_main_process=True), TrainConfig(), path, training.Progress(step=1, batch=1), 1,
+                           1e-3, {"loss": 0.5, "grad_norm": float("nan"), "rewards/numeric/std": float("inf")})
+    assert strict_json(path.read_text()) == {"step": 1, "epoch": 1.0, "lr": 1e-3, "loss": 0.5, "grad_norm": None,
+                                             "rewards/numeric/std": None}
 
 
 class WaitsForThePolicy(ScriptedJudgeLLM):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from capdpo import packaged
+from capdpo.records import OWN_MARKER, ForeignFolderError
 
 
 @pytest.fixture(scope="session")
@@ -67,11 +68,15 @@ def test_cached_failed_build_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_cached_redoes_dir_without_marker(tmp_path):
+def test_cached_redoes_an_empty_dir_and_refuses_one_it_did_not_build(tmp_path):
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "stale").write_text("s")
     out = packaged.cached_build(tmp_path, "m", lambda out: (out / "fresh").write_text("f"))
-    assert sorted(p.name for p in out.iterdir()) == [packaged.MARKER, "fresh"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([packaged.MARKER, OWN_MARKER, "fresh"])
+    (tmp_path / "n").mkdir()
+    (tmp_path / "n" / "theirs").write_text("s")  # the build's rename is atomic: a folder without the marker is not capdpo's
+    with pytest.raises(ForeignFolderError, match="capdpo did not make this"):
+        packaged.cached_build(tmp_path, "n", lambda out: (out / "fresh").write_text("f"))
+    assert [p.name for p in (tmp_path / "n").iterdir()] == ["theirs"]
 
 
 # --- SmolLM2 (conversion ~25 s: de-quantizing the GGUF) ----------------------------------------

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from capdpo.config import PairsConfig
+from capdpo.config import JudgeConfig, LLMConfig, PairsConfig
+from capdpo.judge.judge import CaptionJudge
+from capdpo.judge.stage import run_judge
+from capdpo.llm import Reply
 from capdpo.pairs import PairStats, build_pairs, run_pairs, select_pair, select_pairs
-from capdpo.records import Candidate, Judgment, PreferencePair, QAItem, RecordFile, Video
+from capdpo.records import Candidate, Judgment, PreferencePair, QAItem, RecordError, RecordFile, Video
 
 CFG = PairsConfig()  # min_gap 1, min_chosen 3, max_rejected 3
 
@@ -159,6 +164,43 @@ def test_run_pairs_rewrites_the_file(tmp_path):
     assert stats.pairs == 1 and [p.id for p in out.read()] == ["a_0"]
     run_pairs(vf, qf, cf, jf, out, CFG)  # a rerun does not duplicate
     assert [p.id for p in out.read()] == ["a_0"]
+
+
+class ScoresTwoJudgeLLM:
+    """A judge LLM that gives every answer a 2."""
+
+    backend, model_id = "scripted", "scripted-judge"
+
+    def chat(self, prompts, **_):
+        return [Reply("Explanation: so-so.\nScore: 2", 0.0) for _ in prompts]
+
+
+@pytest.mark.parametrize("edit", ["score 7", "conflicting duplicate"])
+def test_a_judgment_that_cannot_be_right_is_refused_alike_by_pairs_and_by_the_judge(tmp_path, edit):
+    """A hand-edited score of 7 used to become a pair with chosen score 7; a second, different
+    judgment of one answer was read last-wins by pairs and first-wins by judge."""
+    videos, qa, cands, _ = world({"a_0": [None, None, None]})
+    vf, qf = RecordFile(tmp_path / "videos.jsonl", Video), RecordFile(tmp_path / "qa.jsonl", QAItem)
+    cf, jf = RecordFile(tmp_path / "candidates.jsonl", Candidate), RecordFile(tmp_path / "judgments.jsonl", Judgment)
+    vf.write(videos.values()), qf.write(qa.values()), cf.write(cands)
+    judge = CaptionJudge(JudgeConfig(llm=LLMConfig(backend="openai", model="scripted-judge")), tmp_path, llm=ScoresTwoJudgeLLM())
+    run_judge(vf, qf, cf, jf, judge)
+    lines = jf.path.read_text().splitlines()
+    if edit == "score 7":
+        lines[1] = json.dumps({**json.loads(lines[1]), "score": 7.0})
+        expected = f"{jf.path}:2: malformed Judgment row: score: 7.0 is outside the caption_reward scale 1-5"
+    else:
+        lines.append(json.dumps({**json.loads(lines[0]), "score": 5.0}))
+        expected = f"{jf.path}:4: id 'a_0#0' is already on line 1 with different content"
+    jf.path.write_text("\n".join(lines) + "\n")
+
+    out = RecordFile(tmp_path / "pairs.jsonl", PreferencePair)
+    with pytest.raises(RecordError) as by_pairs:
+        run_pairs(vf, qf, cf, jf, out, CFG)
+    with pytest.raises(RecordError) as by_judge:
+        run_judge(vf, qf, cf, jf, judge)
+    assert str(by_pairs.value).startswith(expected) and str(by_judge.value) == str(by_pairs.value)
+    assert not out.exists()
 
 
 class OrderAwareJudgeLLM:

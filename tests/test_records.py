@@ -9,14 +9,18 @@ import pytest
 from pydantic import ValidationError
 
 from capdpo.records import (
+    OWN_MARKER,
     Candidate,
+    Judgment,
     QAItem,
     RecordError,
     RecordFile,
+    TeacherLabel,
     Video,
     atomic_dir,
     atomic_path,
     atomic_write_text,
+    json_line,
     read_jsonl,
     write_jsonl,
 )
@@ -68,6 +72,67 @@ def test_malformed_row_names_file_and_line(tmp_path):
     path.write_text(_video(0).model_dump_json() + "\n" + "not json\n")
     with pytest.raises(RecordError, match=rf"{re.escape(str(path))}:2:"):
         f.all()
+
+
+def test_one_rule_for_an_id_seen_twice(tmp_path):
+    """The same record again (a resumed worker's) is read once; a different record under the same id
+    is an error naming both lines for every reader - none of them picks one."""
+    path = tmp_path / "videos.jsonl"
+    f = RecordFile(path, Video)
+    f.append([_video(0), _video(1), _video(0)])
+    assert f.all() == [_video(0), _video(1)] and f.by_id() == {"v0": _video(0), "v1": _video(1)}
+    assert f.drop_duplicates() == 1 and path.read_text().count("\n") == 2
+    f.append(_video(0).model_copy(update={"caption": "edited"}))
+    expected = rf"{re.escape(str(path))}:3: id 'v0' is already on line 1 with different content"
+    for reader in (f.all, f.by_id, lambda: f.all(strict=False), f.drop_duplicates):
+        with pytest.raises(RecordError, match=expected):
+            reader()
+    assert f.ids() == {"v0", "v1"}  # the ids are the same whichever line is right: resuming goes on
+
+
+JUDGED = {"target_id": "q#0", "qa_id": "q", "judge_backend": "b", "judge_model": "m", "template": "t",
+          "template_hash": "h", "prompt_hash": "p"}
+
+
+@pytest.mark.parametrize(("fields", "why"), [
+    ({"score": 7.0}, "score: 7.0 is outside the caption_reward scale 1-5"),
+    ({"score": 0.0}, "score: 0.0 is outside the caption_reward scale 1-5"),
+    ({"score": 6.0, "params": {"protocol": "video_chatgpt"}}, "score: 6.0 is outside the video_chatgpt scale 0-5"),
+    ({"score": 4.0, "score_samples": [4.0, 9.0]}, "score_samples.1: 9.0 is outside the caption_reward scale 1-5"),
+    ({"score": 3.0, "judge_scores": {"a:m": 3.0, "b:m": -1.0}}, "judge_scores.b:m: -1.0 is outside the caption_reward scale 1-5"),
+    ({"score": "NaN"}, "score: nan is outside the caption_reward scale 1-5"),
+    ({"score": 3.0, "params": {"protocol": "stars"}}, "params.protocol: unknown judge protocol 'stars'"),
+])
+def test_a_judgment_score_off_its_protocols_scale_is_refused_with_file_and_line(tmp_path, fields, why):
+    path = tmp_path / "judgments.jsonl"
+    ok = Judgment(id="q#1", **{**JUDGED, "target_id": "q#1"}, score=5.0)
+    path.write_text(ok.model_dump_json() + "\n" + json.dumps({"id": "q#0", **JUDGED, **fields}) + "\n")
+    with pytest.raises(RecordError) as e:
+        RecordFile(path, Judgment).all()
+    assert str(e.value).startswith(f"{path}:2: malformed Judgment row: {why}")
+
+
+def test_video_chatgpt_scores_zero_and_failures_need_no_score():
+    assert Judgment(id="q#0", **JUDGED, score=0.0, params={"protocol": "video_chatgpt"}).score == 0.0
+    assert Judgment(id="q#0", **JUDGED, failure="no valid score").score is None
+
+
+@pytest.mark.parametrize(("score", "scale"), [(7.0, "1-5"), (0.0, "1-5"), (7.0, "0-1"), (-0.5, "0-1")])
+def test_a_teacher_label_off_its_scale_is_refused_with_file_and_line(tmp_path, score, scale):
+    label = {"id": "q#0", "qa_id": "q", "video_id": "v", "caption": "c", "question": "Q?", "reference": "R.",
+             "answer": "A.", "score": score, "scale": scale}
+    path = tmp_path / "labels.jsonl"
+    path.write_text(json.dumps({**label, "score": 1.0}) + "\n" + json.dumps({**label, "id": "q#1"}) + "\n")
+    with pytest.raises(RecordError, match=rf"{re.escape(str(path))}:2: .*score: {score} is outside the label's scale {scale}"):
+        RecordFile(path, TeacherLabel).all()
+
+
+def test_non_finite_numbers_are_written_as_null_never_as_bare_nan(tmp_path):
+    row = {"loss": float("nan"), "grad_norm": float("inf"), "nested": [1.0, float("-inf")], "name": "x"}
+    assert json.loads(json_line(row)) == {"loss": None, "grad_norm": None, "nested": [1.0, None], "name": "x"}
+    write_jsonl(tmp_path / "rows.jsonl", [row])
+    strict = json.loads((tmp_path / "rows.jsonl").read_text(), parse_constant=lambda name: pytest.fail(f"bare {name}"))
+    assert strict["loss"] is None
 
 
 def test_extra_fields_are_rejected(tmp_path):
@@ -189,10 +254,11 @@ def test_atomic_dir_replaces_the_folder_or_keeps_an_existing_one(tmp_path):
     with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
         (tmp / "b").write_text("2")
         raise RuntimeError("killed")
-    assert [p.name for p in target.iterdir()] == ["a"] and [p.name for p in tmp_path.iterdir()] == ["model"]
+    made = lambda *names: sorted([OWN_MARKER, *names])  # noqa: E731  every folder it makes carries capdpo's marker
+    assert sorted(p.name for p in target.iterdir()) == made("a") and [p.name for p in tmp_path.iterdir()] == ["model"]
     with atomic_dir(target) as tmp:
         (tmp / "c").write_text("3")
-    assert [p.name for p in target.iterdir()] == ["c"]
+    assert sorted(p.name for p in target.iterdir()) == made("c")
     with atomic_dir(target, keep_existing=True) as tmp:  # another process finished first: theirs stays
         (tmp / "d").write_text("4")
-    assert [p.name for p in target.iterdir()] == ["c"] and [p.name for p in tmp_path.iterdir()] == ["model"]
+    assert sorted(p.name for p in target.iterdir()) == made("c") and [p.name for p in tmp_path.iterdir()] == ["model"]

@@ -160,7 +160,8 @@ def test_max_questions_and_default_video_root(tmp_path):
     data = write_jsonl(tmp_path / "tgif.qa.official.jsonl", [sharegpt(f"x_{i}", "clips/x", f"Q{i}?", "A.") for i in range(5)]
                        + [sharegpt("y_0", "clips/missing", "Q?", "A.")])
     bench = load_suite("tgif_qa", data, max_questions=3)  # videos relative to the data file; the missing one is past the limit
-    assert [q.id for q in bench.questions] == ["x_0", "x_1", "x_2"] and bench.videos["clips/x"].video == str(tmp_path / "clips" / "x")
+    # the video's id is its name without the folders before it: a safe name (capdpo.ids)
+    assert [q.id for q in bench.questions] == ["x_0", "x_1", "x_2"] and bench.videos["x"].video == str(tmp_path / "clips" / "x")
 
 
 def test_resolve_video_order(tmp_path):

@@ -567,8 +567,8 @@ def judge_items(judge: CaptionJudge, items: list[JudgeItem], out: RecordFile[Jud
     cached replies so they are asked again.
 
     Several processes may judge into one ``out`` at once: each claims its batches
-    (:class:`~capdpo.records.WorkClaims`), so every item is judged and sent once. Duplicate ids
-    left by older concurrent runs are dropped (the first kept).
+    (:class:`~capdpo.records.WorkClaims`), so every item is judged and sent once. Repeated rows
+    left by older concurrent runs are dropped; a conflicting one (one id, two judgments) raises.
 
     When the judge's budget would be passed, the affordable part of the batch is judged and
     saved, then :class:`BudgetExceeded` is raised: nothing judged is lost, and running again

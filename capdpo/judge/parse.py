@@ -12,7 +12,9 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-SCORE_RANGE = (1, 5)
+from capdpo.records import JUDGE_SCALES
+
+SCORE_RANGE = JUDGE_SCALES["caption_reward"]
 REASK = ("\n\nYour previous reply was:\n{reply}\n\nIt did not end with a valid score. "
          "Reply with exactly one line: Score: <one integer from 1 to 5>")
 VIDEO_CHATGPT_REASK = ("\n\nYour previous reply was:\n{reply}\n\nIt was not a valid Python dictionary. "
@@ -78,7 +80,7 @@ def parse_video_chatgpt(text: str) -> tuple[str, int] | None:
             continue  # some other mapping, not an attempt at the verdict
         pred = fields.get("pred")
         pred = pred.strip().lower() if isinstance(pred, str) else None
-        score = _valid(fields.get("score"), 0, 5) if not isinstance(fields.get("score"), bool) else None
+        score = _valid(fields.get("score"), *JUDGE_SCALES["video_chatgpt"]) if not isinstance(fields.get("score"), bool) else None
         found.add((pred, score) if pred in ("yes", "no") and score is not None else None)
     if len(found) == 1:
         return found.pop()

@@ -20,13 +20,15 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from capdpo.hashing import sha256_json
 from capdpo.llm.backends import Reply
+from capdpo.records import WriteError, writing
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS replies (
     key TEXT PRIMARY KEY,          -- sha256 of the canonical request
@@ -41,6 +43,8 @@ SCHEMA = """CREATE TABLE IF NOT EXISTS replies (
 
 # SQLite limits the number of ? in one statement (999 in old builds)
 _CHUNK = 500
+# SQLite's words for a file it cannot write where it lives (read-only folder or file, full disk)
+_STORAGE_FAILURES = ("readonly database", "disk is full", "unable to open database file")
 
 T = TypeVar("T")
 
@@ -71,7 +75,8 @@ class LLMCache:
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
         self._local = threading.local()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn()  # create the file now, so a bad path fails at start-up, not mid-run
 
     def __repr__(self) -> str:
@@ -80,13 +85,24 @@ class LLMCache:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None or self._local.pid != os.getpid():  # a forked child must not reuse its parent's
-            conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
-            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode: a crash loses at most the last commits
-            conn.execute(SCHEMA)
+            with self._storing():
+                conn = sqlite3.connect(self.path, timeout=self.busy_timeout_s, isolation_level=None)
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode: a crash loses at most the last commits
+                conn.execute(SCHEMA)
             self._local.conn, self._local.pid = conn, os.getpid()
         return conn
+
+    @contextmanager
+    def _storing(self) -> Iterator[None]:
+        """SQLite's read-only and disk-full errors as a :class:`WriteError` naming the file."""
+        try:
+            yield
+        except sqlite3.OperationalError as e:
+            if not any(words in str(e) for words in _STORAGE_FAILURES):
+                raise
+            raise WriteError(f"{self.path}: cannot write: {e}") from e
 
     def get(self, keys: list[str]) -> dict[str, CacheEntry]:
         """The stored entries among ``keys`` (missing keys are simply absent)."""
@@ -111,27 +127,29 @@ class LLMCache:
         conn = self._conn()
         # IMMEDIATE takes the write lock up front, where busy_timeout applies; a deferred
         # transaction that later upgrades to a writer can fail with "database is locked" at once.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany("INSERT OR IGNORE INTO replies VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._storing():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("INSERT OR IGNORE INTO replies VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def delete(self, keys: list[str]) -> None:
         """Remove entries (replies found unusable after they were stored)."""
         unique = list(dict.fromkeys(keys))
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            for start in range(0, len(unique), _CHUNK):
-                chunk = unique[start : start + _CHUNK]
-                conn.execute(f"DELETE FROM replies WHERE key IN ({','.join('?' * len(chunk))})", chunk)
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._storing():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for start in range(0, len(unique), _CHUNK):
+                    chunk = unique[start : start + _CHUNK]
+                    conn.execute(f"DELETE FROM replies WHERE key IN ({','.join('?' * len(chunk))})", chunk)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def __len__(self) -> int:
         return self._conn().execute("SELECT COUNT(*) FROM replies").fetchone()[0]

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 CACHE_KWARG = "cache" if "cache" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters else "past_key_values"
 
 VIDEO_TOKEN = "<video>"
+LLM_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a decoder layer's linear layers
 SPEC_FILE = "capdpo_video.json"
 DEFAULT_FPS = 2.0  # frame rate assumed for frames without timing (the paper's frame folders are 2 fps)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's, the paper's setting
@@ -162,10 +163,11 @@ class ModelParts:
 
         return "projector" if under(self.projector) else "vision" if under(self.vision) else "llm" if under(self.llm) else None
 
-    def lora_targets(self) -> str:
-        """Regex (PEFT ``target_modules``) of the language model's linear layers only."""
+    def lora_targets(self, modules: Sequence[str] = LLM_LINEAR) -> str:
+        """Regex (PEFT ``target_modules``) of the language model's linear layers named ``modules``
+        (default: all of them), never the vision tower's or the projector's."""
         prefixes = "|".join(p.replace(".", r"\.") for p in self.llm if p != "lm_head")
-        return rf"({prefixes})\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+        return rf"({prefixes})\..*\.({'|'.join(modules)})"
 
 
 class VideoPolicy:

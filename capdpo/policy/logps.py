@@ -52,6 +52,26 @@ def pair_logps(policy: VideoPolicy, videos: Sequence[EncodedVideo], batch: Seque
     return PairLogprobs(logps[:n], logps[n:], counts[:n], counts[n:])
 
 
+def answer_logps(policy: VideoPolicy, videos: Sequence[EncodedVideo], prompts: Sequence[list[int]],
+                 responses: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and token counts of each response given its prompt and video, in the
+    order given; only response tokens are scored (SFT's loss on answers only). The entries
+    holding the same video object share one packed row: the video tokens and the prompts' common
+    start run once, each prompt's rest (run, not scored) and its response behind them. Without a
+    4D-mask attention (``shares_prompt_prefix`` false) every entry is a row of its own."""
+    if not policy.shares_prompt_prefix:
+        return policy.sequence_logps(list(videos), list(prompts), list(responses))
+    groups: dict[int, list[int]] = {}
+    for i, video in enumerate(videos):
+        groups.setdefault(id(video), []).append(i)
+    rows = [behind_shared_prefix([prompts[i] for i in members], [[responses[i]] for i in members]) for members in groups.values()]
+    logps, counts = policy.branch_logps([videos[members[0]] for members in groups.values()], rows)
+    packed_order = torch.tensor([i for members in groups.values() for i in members], device=logps.device)
+    slot = torch.empty_like(packed_order)
+    slot[packed_order] = torch.arange(len(packed_order), device=logps.device)  # entry i's branch
+    return logps[slot], counts[slot]
+
+
 def group_token_logps(policy: VideoPolicy, videos: Sequence[EncodedVideo], prompts: Sequence[list[int]],
                       answers: Sequence[Sequence[list[int]]], shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs of every answer of every group (``answers[i]`` answer ``prompts[i]`` about
