@@ -104,7 +104,7 @@ def test_malformed_row_is_named(tmp_path, tiny_policy_dir, cache_dir):
 def test_sigkill_during_judge_resumes_to_the_same_judgments(tmp_path, tiny_policy_dir, cache_dir):
     # free-form judging is slow enough on CPU to be killed mid-stage
     config = write_config(tmp_path / "k.yaml", tmp_path / "run", tiny_policy_dir, cache_dir,
-                          data={"synthetic_videos": 3, "test_fraction": 0.0}, sample={"n": 2},
+                          data={"synthetic_videos": 2, "synthetic_questions": 3, "test_fraction": 0.0}, sample={"n": 2},
                           judge={"mode": "generate", "llm": {"batch_size": 2, "max_new_tokens": 24}})
     runner = CliRunner()
     for stage in ("data", "qa", "sample"):
