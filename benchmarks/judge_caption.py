@@ -20,8 +20,8 @@ import argparse
 import json
 from pathlib import Path
 
-from capdpo.agreement import auroc
 from capdpo.config import RunConfig
+from capdpo.evaluation.agreement import auroc
 from capdpo.judge_study import AnswerSet, auroc_difference, score_answers, variant_answers
 from capdpo.llm.backends import distilled_template
 from capdpo.prompts import without_caption

@@ -47,8 +47,9 @@ from pathlib import Path
 import torch
 
 from capdpo.media.synthetic import draw_frame, random_scene
+from capdpo.models.mini import fit_anchor, fold_standardisation, rescale_output, word_readout
 
-TRAIN_SEED = 7  # the mini SFT's own seed (capdpo.models.mini.SFT_SEED)
+TRAIN_SEED = 7  # the mini build's own seed (capdpo.models.mini.TRAIN_SEED)
 TEST_SEED = 13  # scene seeds 13 * 100_000 + i: no built-in model, demo, reproduction or benchmark uses them
 
 
@@ -101,113 +102,6 @@ def pooled(policy, patches: torch.Tensor) -> torch.Tensor:
     clips, frames = patches.shape[:2]
     flat = policy.model.model.vision_resampler(patches.flatten(0, 1).float())
     return flat.reshape(clips, frames, *flat.shape[1:])
-
-
-@torch.no_grad()
-def fold_standardisation(policy, train_features: torch.Tensor, target_norm: float) -> None:
-    """Make the random projector see standardised tower features and emit tokens of about
-    ``target_norm`` L2 norm (SmolLM2's word embeddings average 3.2), by rewriting its own weights:
-    ``linear_1`` absorbs (x - mean) / std and ``linear_2`` a scale, so the checkpoint stays the
-    stock class."""
-    proj = policy.model.model.multi_modal_projector
-    x = train_features.reshape(-1, train_features.shape[-1])
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    proj.linear_1.bias -= proj.linear_1.weight @ (mean / std)
-    proj.linear_1.weight /= std
-    rescale_output(policy, train_features, target_norm)
-
-
-@torch.no_grad()
-def rescale_output(policy, train_features: torch.Tensor, target_norm: float) -> None:
-    """Scale ``linear_2`` so the projector's median output norm on the training tokens is ``target_norm``."""
-    proj = policy.model.model.multi_modal_projector
-    scale = target_norm / proj(train_features.reshape(-1, train_features.shape[-1])[:4096]).norm(dim=-1).median()
-    proj.linear_2.weight *= scale
-    proj.linear_2.bias *= scale
-
-
-# ------------------------------------------------------------------------------------- word anchoring
-
-EMPTY_WORD = " empty"
-
-
-def token_facts(scene, num_frames: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """What each pooled token shows, from the generator's scene: ``(frames, 4)`` kind (0 empty, 1 + index
-    in KINDS) and colour (index in PALETTE, -1 empty). With 4x4 pooling of DINOv2's 8x8 patch grid a
-    frame has 2x2 tokens, one per quadrant, and every shape stays in its own quadrant."""
-    from capdpo.media.synthetic import KINDS, PALETTE, REGIONS
-
-    kind, colour = torch.zeros(num_frames, 4, dtype=torch.long), torch.full((num_frames, 4), -1, dtype=torch.long)
-    for k in range(num_frames):
-        frame = round(k * (scene.n_frames - 1) / (num_frames - 1))
-        for s in scene.shapes:
-            if s.appear <= frame:
-                col, row = REGIONS[s.region]
-                kind[k, row * 2 + col] = 1 + KINDS.index(s.kind)
-                colour[k, row * 2 + col] = list(PALETTE).index(s.colour_at(frame))
-    return kind, colour
-
-
-def fit_anchor(policy, features: torch.Tensor, scenes, *, steps: int, lr: float, batch_tokens: int = 512,
-               negatives: int = 500, seed: int = 0) -> list[float]:
-    """Fit the projector alone (no LLM forward) so each visual token reads as the words of what its
-    quadrant shows: " empty", or its shape's kind and current colour (half each). Loss: cosine to the
-    mean of those words' embeddings, plus cross-entropy of the token's dot products with the word
-    table (those words and ``negatives`` random others) against that half/half target. The labels
-    are generator facts: training data, like the QA answers."""
-    from capdpo.media.synthetic import KINDS, PALETTE
-
-    tok = policy.tokenizer
-    words = [EMPTY_WORD] + [f" {k}" for k in KINDS] + [f" {c}" for c in PALETTE]
-    word_ids = [tok(w, add_special_tokens=False)["input_ids"][0] for w in words]
-    table = policy.model.get_input_embeddings().weight.detach()[:len(tok) - 2]
-    gen = torch.Generator().manual_seed(seed)
-    drawn = torch.randperm(len(table), generator=gen)[:negatives + len(words)].tolist()
-    others = [i for i in drawn if i not in word_ids][:negatives]
-    vocab = table[word_ids + others]
-    facts = [token_facts(s, features.shape[1]) for s in scenes]
-    kind = torch.stack([f[0] for f in facts]).flatten()
-    colour = torch.stack([f[1] for f in facts]).flatten()
-    target = torch.zeros(len(kind), len(vocab))
-    empty = kind == 0
-    target[empty, 0] = 1.0
-    target[~empty, kind[~empty]] = 0.5
-    target[~empty, 1 + len(KINDS) + colour[~empty]] = 0.5
-    target_vec = target[:, :len(words)] @ vocab[:len(words)]
-    x = features.reshape(-1, features.shape[-1])
-    proj = policy.model.model.multi_modal_projector
-    opt = torch.optim.AdamW(proj.parameters(), lr=lr, weight_decay=0.0)
-    losses = []
-    for _ in range(steps):
-        pick = torch.randint(len(x), (batch_tokens,), generator=gen)
-        out = proj(x[pick])
-        logits = out @ vocab.T
-        loss = (1 - torch.nn.functional.cosine_similarity(out, target_vec[pick], dim=-1)).mean() \
-            + torch.nn.functional.cross_entropy(logits, target[pick])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    print(f"anchor: loss {sum(losses[:10]) / 10:.3f} -> {sum(losses[-10:]) / 10:.3f}", flush=True)
-    return losses
-
-
-@torch.no_grad()
-def word_readout(policy, features: torch.Tensor, scenes) -> dict[str, float]:
-    """How often each visual token's nearest word (by dot product, among the anchor words) is the
-    word of what its quadrant shows: kind (or " empty") on every token, colour on shape tokens."""
-    from capdpo.media.synthetic import KINDS, PALETTE
-
-    tok = policy.tokenizer
-    words = [EMPTY_WORD] + [f" {k}" for k in KINDS] + [f" {c}" for c in PALETTE]
-    vocab = policy.model.get_input_embeddings().weight.detach()[[tok(w, add_special_tokens=False)["input_ids"][0] for w in words]]
-    facts = [token_facts(s, features.shape[1]) for s in scenes]
-    kind, colour = torch.stack([f[0] for f in facts]).flatten(), torch.stack([f[1] for f in facts]).flatten()
-    out = policy.model.model.multi_modal_projector(features.reshape(-1, features.shape[-1]))
-    shown = kind > 0
-    return {"kind": float(((out @ vocab[:1 + len(KINDS)].T).argmax(1) == kind).float().mean()),
-            "colour": float(((out[shown] @ vocab[1 + len(KINDS):].T).argmax(1) == colour[shown]).float().mean()),
-            "norm": float(out.norm(dim=-1).median())}
 
 
 # ------------------------------------------------------------------------------------- questions
@@ -359,7 +253,7 @@ def train_examples(scenes, kinds: set[str], extra: bool):
     """Every question of each clip whose kind is in ``kinds`` (with ``extra``, also ``more_questions``
     of those kinds), keyed by the clip's index."""
     from capdpo.media.synthetic import scene_questions
-    from capdpo.models.sft import SFTExample
+    from sft_loop import SFTExample
 
     out = {}
     for i, scene in enumerate(scenes):
@@ -383,7 +277,7 @@ def evaluate_state(policy, args, test: torch.Tensor, test_scenes) -> None:
     """Load a saved trainable state (projector and LoRA) into a fresh model and report on it."""
     import json
 
-    from capdpo.models.sft import lora_and_projector
+    from sft_loop import lora_and_projector
 
     lora_and_projector(policy, args.lora_r, 2 * args.lora_r)
     state = torch.load(args.evaluate)
@@ -396,6 +290,30 @@ def evaluate_state(policy, args, test: torch.Tensor, test_scenes) -> None:
                            set(args.rank_kinds.split(",")), args.pass_n,
                            set(args.greedy_kinds.split(",")) if args.greedy_kinds else None)
     (args.out / f"greedy-{args.evaluate.stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+def evaluate_model(args) -> None:
+    """Greedy-evaluate a saved checkpoint (``builtin:mini``, ``builtin:mini-start`` or a folder) on
+    held-out clips rendered to mp4 and read back as any run reads its videos (decoded, sampled,
+    through the checkpoint's own tower and pooler): the path the built model serves."""
+    import json
+
+    from capdpo.config import FramesConfig
+    from capdpo.media.synthetic import make_synthetic_dataset
+    from capdpo.models.load import load_policy
+    from capdpo.policy.video import VideoEncoder
+
+    policy = load_policy(args.evaluate_model, args.cache_dir, device="cpu")
+    clips = make_synthetic_dataset(args.feature_cache / f"clips-seed{TEST_SEED}", args.test_clips, TEST_SEED)
+    encoder = VideoEncoder(policy, FramesConfig(num_frames=policy.spec.num_frames))
+    dim = policy.model.config.vision_config.hidden_size
+    features = torch.stack([encoder.tower(c.video).features.reshape(policy.spec.num_frames, -1, dim) for c in clips])
+    held_out = HeldOut(policy, features, [c.scene for c in clips], grey_video(policy, policy.spec.num_frames))
+    report = greedy_report(policy, held_out, set(args.rank_kinds.split(",")), args.pass_n,
+                           set(args.greedy_kinds.split(",")) if args.greedy_kinds else None)
+    report["model"], report["test_clips"], report["test_seed"] = args.evaluate_model, args.test_clips, TEST_SEED
+    name = args.evaluate_model.replace(":", "-").replace("/", "_")
+    (args.out / f"greedy-{name}.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 def greedy_report(policy, held_out: HeldOut, rank_kinds: set[str], pass_n: int, kinds: set[str] | None = None) -> dict:
@@ -468,6 +386,7 @@ def main() -> None:
     ap.add_argument("--features-only", action="store_true", help="fill the feature cache and stop")
     ap.add_argument("--init", type=Path, help="a state-STEP.pt to start the SFT from (use with --anchor-steps 0)")
     ap.add_argument("--evaluate", type=Path, help="a state-STEP.pt of an earlier run: greedy-evaluate it and stop")
+    ap.add_argument("--evaluate-model", help="a checkpoint (builtin:mini, builtin:mini-start or a folder): greedy-evaluate it and stop")
     ap.add_argument("--greedy-kinds", default="", help="with --evaluate: only these kinds' greedy answers (default: all)")
     ap.add_argument("--pass-n", type=int, default=0, help="with --evaluate: also pass@n on the ranked kinds")
     ap.add_argument("--save-model", action="store_true", help="merge the LoRA and save the checkpoint in --out/model")
@@ -478,11 +397,15 @@ def main() -> None:
     from transformers import get_linear_schedule_with_warmup
 
     from capdpo.models.mini import assemble_mini
-    from capdpo.models.sft import finetune_step, lora_and_projector
+    from sft_loop import finetune_step, lora_and_projector
     from capdpo.policy.base import TowerFeatures
 
     args.out.mkdir(parents=True, exist_ok=True)
+    args.feature_cache.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
+    if args.evaluate_model:
+        evaluate_model(args)
+        return
     policy = assemble_mini(Path(args.cache_dir))
     args.feature_cache.mkdir(parents=True, exist_ok=True)
     if args.pool != "average":

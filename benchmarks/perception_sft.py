@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from capdpo.media.synthetic import random_scene, scene_questions
 from capdpo.models.load import load_policy
-from capdpo.models.sft import SFTExample, example_logps
+from sft_loop import SFTExample, example_logps
 from capdpo.oracle import judge_answer
 
 TRAIN_SEED = 11  # scene seeds 11 * 100_000 + i for training; the test clips are perception_probe's

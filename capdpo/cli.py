@@ -5,6 +5,7 @@
     capdpo sample --run-dir runs/demo --set sample.n=8
     capdpo sample --run-dir runs/demo --shard 0/4        # one of 4 machines; then `capdpo sample merge --shards 4`
     capdpo judge --run-dir runs/demo
+    capdpo judge --run-dir runs/demo --engine ray        # one Ray Data job (docs/scale-out.md); also frames, sample, reference, evaluate
     capdpo reference --run-dir runs/demo                 # reference log-probs for DPO, before `capdpo train`
     capdpo sft --run-dir runs/demo -c configs/sft-mini.yaml   # caption pretraining + instruction tuning (sft.phases)
 """
@@ -46,6 +47,12 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML 
 RunDirOpt = Annotated[Optional[Path], typer.Option("--run-dir", "-r", help="Run folder (default: run_dir of the config).")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override a config field, e.g. sample.n=8 (repeatable).")]
 FailFastOpt = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first bad item instead of skipping it.")]
+EngineOpt = Annotated[Optional[str], typer.Option(help="local | ray: what runs this stage (the config's `engine`; ray: one Ray Data job, docs/scale-out.md).")]
+
+
+def _engine(overrides: list[str] | None, engine: str | None) -> list[str]:
+    """``--set`` overrides plus ``engine=...`` when ``--engine`` is given (the config validates it)."""
+    return [*(overrides or []), *([f"engine={engine}"] if engine else [])]
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -112,9 +119,10 @@ def data(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = Non
 
 
 @app.command()
-def frames(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None, fail_fast: FailFastOpt = False) -> None:
+def frames(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None, fail_fast: FailFastOpt = False,
+           engine: EngineOpt = None) -> None:
     """Write paper-style JPEG frame folders (2 fps, width 336) for every video."""
-    _run(config, run_dir, set_, fail_fast).frames()
+    _run(config, run_dir, _engine(set_, engine), fail_fast).frames()
 
 
 @app.command()
@@ -130,12 +138,13 @@ app.add_typer(sample_app, name="sample")
 @sample_app.callback(invoke_without_command=True)
 def sample(ctx: typer.Context, config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
            fail_fast: FailFastOpt = False,
-           shard: Annotated[Optional[str], typer.Option(help="i/n: sample only the questions of shard i of n (by hash of the question id) into candidates.shard-i-of-n.jsonl.")] = None) -> None:
+           shard: Annotated[Optional[str], typer.Option(help="i/n: sample only the questions of shard i of n (by hash of the question id) into candidates.shard-i-of-n.jsonl.")] = None,
+           engine: EngineOpt = None) -> None:
     """N candidate answers per training question from the policy."""
     if ctx.invoked_subcommand is None:
         from capdpo.shards import parse_shard
 
-        _run(config, run_dir, set_, fail_fast).sample(parse_shard(shard) if shard else None)
+        _run(config, run_dir, _engine(set_, engine), fail_fast).sample(parse_shard(shard) if shard else None)
 
 
 @sample_app.command("merge")
@@ -154,11 +163,12 @@ def judge(ctx: typer.Context, config: ConfigOpt = None, run_dir: RunDirOpt = Non
           retry_failed: Annotated[bool, typer.Option(help="Judge again the answers whose judgment failed.")] = False,
           dry_run: Annotated[bool, typer.Option(help="Print the requests, tokens and cost it would take; send nothing.")] = False,
           no_cache: Annotated[bool, typer.Option("--no-cache", help="Bypass the reply cache.")] = False,
-          max_requests: Annotated[Optional[int], typer.Option(help="Stop (saving everything judged) before sending more requests.")] = None) -> None:
+          max_requests: Annotated[Optional[int], typer.Option(help="Stop (saving everything judged) before sending more requests.")] = None,
+          engine: EngineOpt = None) -> None:
     """Score every candidate with the caption-grounded LLM judge."""
     if ctx.invoked_subcommand is not None:
         return
-    overrides = list(set_ or []) + (["judge.cache=false"] if no_cache else [])
+    overrides = _engine(set_, engine) + (["judge.cache=false"] if no_cache else [])
     overrides += [f"judge.max_requests={max_requests}"] if max_requests is not None else []
     plan = _run(config, run_dir, overrides, False).judge_candidates(retry_failed=retry_failed, dry_run=dry_run)
     if plan is not None:
@@ -173,7 +183,7 @@ def agree(a: Annotated[Path, typer.Argument(help="Judge A: Judgment JSONL or {id
           system: Annotated[Optional[Path], typer.Option(help="JSON {answer id: system name} for the system ranking.")] = None) -> None:
     """Agreement of two judges on the same answers: correlations, exact/within-1 and pairwise
     agreement, confusion matrix, AUROC against a 0/1 oracle, and whether system rankings match."""
-    from capdpo.agreement import agreement, format_report, load_scores
+    from capdpo.evaluation.agreement import agreement, format_report, load_scores
 
     systems = json.loads(system.read_text()) if system else None
     typer.echo(format_report(agreement(load_scores(a), load_scores(b), system=systems), name_a=name_a, name_b=name_b))
@@ -267,12 +277,13 @@ app.add_typer(reference_app, name="reference")
 def reference(ctx: typer.Context, config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = None,
               fail_fast: FailFastOpt = False,
               shard: Annotated[Optional[str], typer.Option(help="i/n: only the pairs of shard i of n (by hash of the pair id) into train/reference.shard-i-of-n.jsonl.")] = None,
-              recompute: Annotated[bool, typer.Option(help="Replace rows computed by another reference model or settings instead of stopping.")] = False) -> None:
+              recompute: Annotated[bool, typer.Option(help="Replace rows computed by another reference model or settings instead of stopping.")] = False,
+              engine: EngineOpt = None) -> None:
     """Reference log-probs of every preference pair from the policy before training (train/reference.jsonl)."""
     if ctx.invoked_subcommand is None:
         from capdpo.shards import parse_shard
 
-        _run(config, run_dir, set_, fail_fast).reference(parse_shard(shard) if shard else None, recompute=recompute)
+        _run(config, run_dir, _engine(set_, engine), fail_fast).reference(parse_shard(shard) if shard else None, recompute=recompute)
 
 
 @reference_app.command("merge")
@@ -306,31 +317,46 @@ def evaluate(ctx: typer.Context, config: ConfigOpt = None, run_dir: RunDirOpt = 
              fail_fast: FailFastOpt = False,
              tag: Annotated[str, typer.Option(help="Name of this evaluation (before, after, ...).")] = "eval",
              model: Annotated[Optional[str], typer.Option(help="Checkpoint to evaluate (default: policy.model).")] = None,
-             suite: Annotated[Optional[str], typer.Option(help="Benchmark suite (docs/evaluation.md), e.g. msvd_qa, msrvtt, activitynet_qa; default: the run's held-out questions.")] = None,
+             suite: Annotated[Optional[str], typer.Option(help="Benchmark suite (docs/evaluation.md), e.g. msvd_qa, msrvtt, activitynet_qa, or a multiple-choice benchmark: videomme, mvbench, tempcompass, nextqa, perceptiontest, synthetic_mc; default: the run's held-out questions.")] = None,
              data: Annotated[Optional[str], typer.Option(help="The suite's test file, or the folder holding it.")] = None,
              video_root: Annotated[Optional[str], typer.Option(help="Folder the suite's videos (files or frame folders) are relative to (default: the data file's folder).")] = None,
              captions: Annotated[Optional[str], typer.Option(help="Caption file of a caption-based suite whose rows carry none.")] = None,
              skip_missing: Annotated[bool, typer.Option(help="Skip (and count) questions whose video or caption is missing instead of stopping.")] = False,
              max_questions: Annotated[Optional[int], typer.Option(min=1, help="Only the first N questions of the suite.")] = None,
+             extractor: Annotated[str, typer.Option(help="Multiple-choice benchmarks: 'official' (the benchmark's own answer extractor) or 'lmms-eval' (lmms-eval 0.7.3's).")] = "official",
+             predictions: Annotated[Optional[Path], typer.Option(help="Multiple-choice benchmarks: score this predictions file again (e.g. with the other extractor); no model is loaded.")] = None,
+             llm_judge: Annotated[bool, typer.Option("--llm-judge", help="TempCompass: the run's judge decides answers its rules cannot read (and scores captioning); default: rules only (the official --disable_llm).")] = False,
              round_: Annotated[int, typer.Option("--round", min=1, help="DPO round folder the evaluation belongs to (round-K/eval).")] = 1,
-             json_: Annotated[bool, typer.Option("--json", help="Print the summary record as JSON.")] = False) -> None:
-    """Greedy answers on the held-out questions or a benchmark suite, judged with its protocol;
-    prints accuracy and mean score beside the judge model and template hash."""
+             json_: Annotated[bool, typer.Option("--json", help="Print the summary record as JSON.")] = False,
+             engine: EngineOpt = None) -> None:
+    """Greedy answers on the held-out questions or a benchmark suite, judged with its protocol
+    (prints accuracy and mean score beside the judge model and template hash), or a
+    multiple-choice benchmark scored by its rules (accuracy with its interval beside the
+    extractor, prompt, frames and pixels)."""
     if ctx.invoked_subcommand is not None:
         return
     from capdpo.config import SuiteConfig
+    from capdpo.evaluation.mc.extract import check_extractor
+    from capdpo.evaluation.mc.items import is_mc
 
-    if (suite is None) != (data is None):
+    if data is not None and suite is None:
+        raise typer.BadParameter("--data needs --suite")
+    if suite is not None and data is None and suite != "synthetic_mc":
         raise typer.BadParameter("--suite and --data go together")
+    if (predictions is not None or llm_judge or extractor != "official") and not (suite and is_mc(suite)):
+        raise typer.BadParameter("--extractor, --predictions and --llm-judge are for multiple-choice benchmarks "
+                                 "(--suite videomme, mvbench, tempcompass, nextqa, perceptiontest or synthetic_mc)")
+    check_extractor(extractor)
     check_id(tag, "tag")  # it names the evaluation's files: refused before any model loads
-    run = _run(config, run_dir, set_, fail_fast)
+    run = _run(config, run_dir, _engine(set_, engine), fail_fast)
     run.enter_round(round_)
     if model:
         run.use_policy(model)
     spec = SuiteConfig(name=suite, data=data, video_root=video_root, captions=captions, skip_missing=skip_missing,
-                       max_questions=max_questions) if suite else None
+                       max_questions=max_questions, extractor=extractor, llm_judge=llm_judge,
+                       predictions=str(predictions) if predictions else None) if suite else None
     summary = run.evaluate(tag, spec)
-    from capdpo.evaluate import format_summary
+    from capdpo.evaluation.stage import format_summary
 
     typer.echo(summary.model_dump_json(indent=1) if json_ else format_summary(summary))
 
@@ -345,8 +371,8 @@ SeedOpt = Annotated[int, typer.Option(help="Seed of the bootstrap.")]
 def evaluate_compare(systems: SystemsArg, datasets: DatasetsOpt = None, resamples: ResamplesOpt = 1000, seed: SeedOpt = 0) -> None:
     """Runs side by side per dataset (accuracy / score), with the difference to the first run and
     its bootstrap 95% confidence interval."""
-    from capdpo.compare import compare as compare_systems
-    from capdpo.compare import format_markdown, load_system
+    from capdpo.evaluation.compare import compare as compare_systems
+    from capdpo.evaluation.compare import format_markdown, load_system
 
     columns = [d.strip() for d in datasets.split(",") if d.strip()] if datasets else None
     table = compare_systems([load_system(s) for s in systems], columns, resamples=resamples, seed=seed)
@@ -363,9 +389,28 @@ def report(config: ConfigOpt = None, run_dir: RunDirOpt = None, set_: SetOpt = N
 
 
 @app.command()
-def export(fmt: Annotated[str, typer.Argument(help="trl | paper-dpo | paper-qa | sharegpt-captions")],
-           out: Annotated[Path, typer.Argument(help="Output JSONL file.")], run_dir: RunDirOpt = Path("runs/demo")) -> None:
-    """Export the run's records in another tool's row format."""
+def export(fmt: Annotated[str, typer.Argument(help="trl | paper-dpo | paper-qa | sharegpt-captions | lmms-eval-task")],
+           out: Annotated[Path, typer.Argument(help="Output JSONL file; lmms-eval-task: the task folder (lmms-eval's --include_path).")],
+           run_dir: RunDirOpt = Path("runs/demo"),
+           suite: Annotated[Optional[str], typer.Option(help="lmms-eval-task: the multiple-choice benchmark: videomme, mvbench, tempcompass, nextqa, perceptiontest, or synthetic_mc (the --run-dir's clips).")] = None,
+           data: Annotated[Optional[str], typer.Option(help="lmms-eval-task: the benchmark's test file, or the folder holding it.")] = None,
+           video_root: Annotated[Optional[str], typer.Option(help="lmms-eval-task: folder of the videos (default: the data file's folder).")] = None,
+           extractor: Annotated[str, typer.Option(help="lmms-eval-task: 'official' (the benchmark's answer extractor) or 'lmms-eval' (lmms-eval 0.7.3's).")] = "official",
+           max_new_tokens: Annotated[int, typer.Option(min=1, help="lmms-eval-task: longest answer (capdpo's evaluate.max_new_tokens, or the suite's).")] = 64,
+           max_questions: Annotated[Optional[int], typer.Option(min=1, help="lmms-eval-task: only the first N items.")] = None,
+           task: Annotated[Optional[str], typer.Option(help="lmms-eval-task: the task's name (default: capdpo_<benchmark>).")] = None) -> None:
+    """Export the run's records in another tool's row format, or a multiple-choice benchmark as an
+    lmms-eval task folder (docs/evaluation.md, "Hand-off to lmms-eval")."""
+    if fmt == "lmms-eval-task":
+        from capdpo.evaluation.mc.lmms_eval_task import export_task
+
+        if suite is None:
+            raise typer.BadParameter("lmms-eval-task needs --suite (and --data, except for synthetic_mc)")
+        typer.echo(export_task(out, suite, data=data, video_root=video_root, run_dir=run_dir, extractor=extractor,
+                               max_new_tokens=max_new_tokens, max_items=max_questions, name=task))
+        return
+    if any(x is not None for x in (suite, data, video_root, max_questions, task)):
+        raise typer.BadParameter("--suite, --data, --video-root, --max-questions and --task are for lmms-eval-task")
     from capdpo import formats
     from capdpo.records import write_jsonl
     from capdpo.rundir import RunPaths, require
@@ -389,13 +434,14 @@ def export(fmt: Annotated[str, typer.Argument(help="trl | paper-dpo | paper-qa |
 def models(cache_dir: Annotated[Optional[Path], typer.Option(help="Cache folder (default: env CAPDPO_CACHE or ~/.cache/capdpo).")] = None) -> None:
     """Build the built-in models once (SmolLM2, DINOv2, the mini video LMM with its SFT, the distilled judge)."""
     from capdpo.distill import judge_mini_dir
-    from capdpo.models.mini import mini_model_dir
+    from capdpo.models.mini import mini_model_dir, mini_start_dir
     from capdpo.packaged import dinov2_small, smollm2_dir
 
     _setup_logging()
     cache = cache_dir or Path(RunConfig().cache_dir)
     for name, build in (("smollm2 (LLM)", smollm2_dir), ("dinov2-small (vision)", dinov2_small),
-                        ("mini video LMM (policy)", mini_model_dir), ("judge-mini (distilled judge)", judge_mini_dir)):
+                        ("mini video LMM (policy)", mini_model_dir), ("its first SFT phase (builtin:mini-start)", mini_start_dir),
+                        ("judge-mini (distilled judge)", judge_mini_dir)):
         typer.echo(f"{name}: {build(cache)}")
 
 

@@ -19,6 +19,7 @@ from capdpo.prompts import load_template
 from capdpo.records import atomic_write_text
 
 BUILTIN_POLICY = "builtin:mini"
+BUILTIN_START = "builtin:mini-start"  # the mini build's first SFT phase: the miniature's DPO start, which half-sees
 BUILTIN_LLM = "builtin:smollm2"
 BUILTIN_JUDGE = "builtin:judge-mini"  # SmolLM2-135M distilled from the oracle on synthetic clips (`capdpo models`)
 PREFERENCE_LOSSES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "sft")  # capdpo.losses.LOSSES (a test keeps them equal)
@@ -97,7 +98,7 @@ class QAConfig(Section):
 
 
 class PolicyConfig(Section):
-    model: str = Field(BUILTIN_POLICY, description="Video LMM: builtin:mini, a local checkpoint or a hub id.")
+    model: str = Field(BUILTIN_POLICY, description="Video LMM: builtin:mini, builtin:mini-start (its build's first phase, the miniature's DPO start), a local checkpoint or a hub id.")
     device: str = Field("auto", description="Device: auto, cpu, cuda...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Weights dtype; auto = bf16 on GPU, fp32 on CPU.")
     attn_implementation: str | None = Field(None, description="transformers attention: sdpa, flash_attention_2, eager; None = the model's default.")
@@ -335,12 +336,22 @@ class SFTConfig(Section):
 class SuiteConfig(Section):
     """One benchmark evaluated beside the run's held-out questions (docs/evaluation.md)."""
 
-    name: str = Field(description="Suite name (capdpo.suites.SUITES), e.g. msvd_qa, msrvtt, activitynet_qa.")
-    data: str = Field(description="The suite's test file (.jsonl / .json) or the folder holding it.")
+    name: str = Field(description="Suite name (capdpo.evaluation.suites.SUITES), e.g. msvd_qa, msrvtt, activitynet_qa, or a multiple-choice benchmark (capdpo.evaluation.mc: videomme, mvbench, tempcompass, nextqa, perceptiontest, synthetic_mc).")
+    data: str | None = Field(None, description="The suite's test file (.jsonl / .json / .parquet / .csv) or the folder holding it; synthetic_mc takes none (the run's held-out synthetic questions).")
     video_root: str | None = Field(None, description="Folder the rows' videos (files or frame folders) are relative to; None = the data file's folder.")
     captions: str | None = Field(None, description="Caption file of caption-based suites when the rows carry no caption; None = <name>.caption.jsonl beside the data if present.")
     skip_missing: bool = Field(False, description="Skip questions whose video (or caption) is missing, counted as skipped; false = stop naming them.")
     max_questions: int | None = Field(None, ge=1, description="Evaluate only the first N questions of the file (quick checks); None = all.")
+    extractor: Literal["official", "lmms-eval"] = Field("official", description="Multiple-choice benchmarks: the benchmark's official answer extractor, or lmms-eval 0.7.3's.")
+    predictions: str | None = Field(None, description="Multiple-choice benchmarks: score this predictions file again (no model is loaded) instead of answering.")
+    llm_judge: bool = Field(False, description="TempCompass: the run's judge decides the answers the rules cannot read (and scores captioning); false = rules only, the official --disable_llm.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Multiple-choice benchmarks: longest answer; None = evaluate.max_new_tokens.")
+
+    @model_validator(mode="after")
+    def _data_given(self) -> SuiteConfig:
+        if self.data is None and self.name != "synthetic_mc":
+            raise ValueError(f"suite {self.name}: needs data (its test file or the folder holding it)")
+        return self
 
 
 class EvaluateConfig(Section):
@@ -361,11 +372,8 @@ class EvaluateConfig(Section):
 class ReproConfig(Section):
     """The miniature reproduction of the paper's two claims (capdpo.repro, docs/mini-repro.md)."""
 
-    sft_videos: int = Field(150, ge=0, description="Synthetic clips (own seed, outside the run's splits) whose QA trains the SFT start; 0 = start from policy.model as is.")
+    sft_videos: int = Field(150, ge=0, description="Synthetic clips (own seed, outside the run's splits) whose captions and QA train the SFT start through the run's `sft` phases; 0 = start from policy.model as is.")
     sft_seed: int = Field(1, description="Synthetic seed of the SFT clips (the run's own clips use data.synthetic_seed).")
-    sft_epochs: int = Field(1, ge=1, description="SFT passes over the SFT clips' QA.")
-    sft_batch_size: int = Field(8, ge=1, description="SFT examples per step.")
-    sft_lr: float = Field(5e-4, description="SFT learning rate (projector and LoRA on the LLM).")
     no_caption_template: str | None = Field(None, description="Claim 1's judges without the caption: the same judge and mode with this template (question + reference + answer); None = the twin of each judge's own template (caption_reward -> reward_no_caption).")
     claim1_judges: list[str] = Field(default_factory=list, description="Claim 1: judge models scored besides the run's judge, each with and without the caption, in expected mode (e.g. builtin:smollm2).")
     claim1_questions: int | None = Field(None, ge=1, description="Claim 1 scores the sampled answers to at most this many train questions (a seeded sample); None = all.")
@@ -404,6 +412,17 @@ class DistillConfig(Section):
     _template = field_validator("template")(known_template)
 
 
+class RayConfig(Section):
+    """The ray engine (``engine: ray``, docs/scale-out.md): each data-side stage as one Ray Data job."""
+
+    address: str | None = Field(None, description="Ray cluster to join: 'auto' (the cluster this node belongs to, e.g. started by `ray start`), host:port or ray://host:10001; None = start a Ray on this machine only.")
+    local_cpus: int | None = Field(None, ge=1, description="Logical CPUs of the Ray started on this machine (address None); None = the machine's count, raised to actors x num_cpus + 1 (the job's reads need a CPU the actors leave free).")
+    actors: int = Field(2, ge=1, description="Actors per stage job, each with its own model or judge (ActorPoolStrategy size).")
+    num_cpus: float = Field(1.0, gt=0, description="Logical CPUs each actor reserves.")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs each actor reserves; None = 1 for a stage that runs a model when the cluster has GPUs, else 0.")
+    batch_size: int = Field(4, ge=1, description="Rows per actor call; a row is one batch of the local engine's (sample.batch_size questions, judge.llm.batch_size answers, train.batch_size pairs, evaluate.batch_size questions) or one video (frames).")
+
+
 class RunConfig(Section):
     """A whole run: the stages' sections plus where the run lives."""
 
@@ -411,6 +430,8 @@ class RunConfig(Section):
     cache_dir: str = Field(default_factory=lambda: os.environ.get("CAPDPO_CACHE", str(Path.home() / ".cache" / "capdpo")),
                            description="Built-in models and other caches (env CAPDPO_CACHE).")
     fail_fast: bool = Field(False, description="Stop at the first bad item instead of recording it and going on.")
+    engine: Literal["local", "ray"] = Field("local", description="What runs the data-side stages (frames, sample, judge, reference, evaluate): 'local' this process (`--shard i/n` splits them over processes); 'ray' one Ray Data job each (the ray section, docs/scale-out.md).")
+    ray: RayConfig = Field(default_factory=RayConfig, description="The ray engine's cluster and actors (engine: ray).")
     rounds: int = Field(1, ge=1, description="Iterative DPO: sample -> judge -> pairs -> train -> evaluate this many times, each round from the last round's policy (round k >= 2 in run_dir/round-k).")
     data: DataConfig = Field(default_factory=DataConfig)
     frames: FramesConfig = Field(default_factory=FramesConfig)

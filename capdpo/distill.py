@@ -38,9 +38,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from capdpo.agreement import AgreementReport, agreement, format_report, save_agreement
 from capdpo.config import DistillConfig, JudgeConfig, LLMConfig, RunConfig
 from capdpo.devices import resolve_device
+from capdpo.evaluation.agreement import AgreementReport, agreement, format_report, save_agreement
 from capdpo.hashing import file_hash, sha256_json, split_test_ids
 from capdpo.judge.judge import CaptionJudge, JudgeItem, judge_items, truncate_words
 from capdpo.llm.backends import DISTILL_SUMMARY, local_weights, read_summary
@@ -551,7 +551,7 @@ def score_file_teacher(path: Path, scale: str) -> Teacher:
     """Scores already given: a judgments file of any backend, or ``{id, score}`` rows (people, an
     oracle) on ``scale``; answers without a score are not labels. A score off ``scale`` is refused
     naming its line."""
-    from capdpo.agreement import load_scores
+    from capdpo.evaluation.agreement import load_scores
 
     scores = load_scores(path, TEACHER_SCALES[scale], check_ids=True)  # its ids become TeacherLabel ids
     name = path.stem
@@ -671,7 +671,7 @@ def run_distill(cfg: RunConfig, out: Path, teacher: str, scale: str = "1-5", lab
 def _unmatched_scores(path: Path, pool: Sequence[JudgeItem]) -> int:
     """How many of a scores file's ids name no answer of the run (left out: counted and logged,
     since a file of another run's ids would otherwise leave next to nothing to learn from)."""
-    from capdpo.agreement import load_scores
+    from capdpo.evaluation.agreement import load_scores
 
     unmatched = sorted(set(load_scores(path)) - {it.target_id for it in pool})
     if unmatched:

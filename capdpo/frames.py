@@ -3,7 +3,8 @@
 Each video becomes a folder of JPEGs at ``frames.fps`` and ``frames.width``: the layout the paper's
 released data uses, which the report's thumbnails and external tools read. A video given as a
 frame folder has every frame resized and written as JPEG. A finished folder
-carries a ``.done`` marker with its settings and is skipped by a re-run.
+carries a ``.done`` marker with its settings and is skipped by a re-run. With ``engine: ray``
+(:func:`frames_on_ray`) Ray actors write the folders.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import av
 from PIL import Image
 from tqdm import tqdm
 
-from capdpo.config import FramesConfig
+from capdpo.config import FramesConfig, RayConfig
 from capdpo.errors import ITEM_ERRORS, FrameError, ItemErrors
 from capdpo.media.frames import DONE_MARKER, check_exists, list_frame_files, load_frame_image, open_video, read_done_marker
+from capdpo.ray_engine import ActorErrors, Job, Output, Row, run_job
 from capdpo.records import RecordFile, Video, atomic_dir
 from capdpo.rundir import inside
 
@@ -29,11 +31,39 @@ def run_frames(videos: RecordFile[Video], out_dir: Path, cfg: FramesConfig, *, f
     (or raised with ``fail_fast``) and the others go on."""
     errors = ItemErrors("frames", fail_fast)
     for v in tqdm(videos.all(), desc="frames", unit="video"):
-        try:
-            extract_frame_folder(v.video, inside(out_dir, v.id), fps=cfg.fps, width=cfg.width)
-        except ITEM_ERRORS as e:
-            errors.record(v.id, e)
+        video_frames(v, out_dir, cfg, errors)
     return errors
+
+
+def frames_on_ray(videos: RecordFile[Video], out_dir: Path, cfg: FramesConfig, settings: RayConfig, *,
+                  fail_fast: bool = False) -> ItemErrors:
+    """:func:`run_frames` as one Ray Data job (``engine: ray``): every video goes to the actors, which
+    skip the finished folders as the local loop does (their ``.done`` markers)."""
+    errors = ItemErrors("frames", fail_fast)
+    rows = [Row(v.id, v.model_dump_json()) for v in videos.all()]
+    run_job(Job("frames", rows, FramesWorker, (str(out_dir), cfg)), settings, errors)
+    return errors
+
+
+def video_frames(video: Video, out_dir: Path, cfg: FramesConfig, errors: ItemErrors) -> None:
+    """The stage's work on one video, whichever engine runs it: its frame folder, or its error in ``errors``."""
+    try:
+        extract_frame_folder(video.video, inside(out_dir, video.id), fps=cfg.fps, width=cfg.width)
+    except ITEM_ERRORS as e:
+        errors.record(video.id, e)
+
+
+class FramesWorker:
+    """The ray engine's frames actor; a row is a video record."""
+
+    def __init__(self, out_dir: str, cfg: FramesConfig):
+        self.out_dir, self.cfg = Path(out_dir), cfg
+
+    def __call__(self, rows: list[Row]) -> list[Output]:
+        errors = ActorErrors("frames")
+        for row in rows:
+            video_frames(Video.model_validate_json(row.payload), self.out_dir, self.cfg, errors)
+        return errors.outputs
 
 
 def extract_frame_folder(

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from capdpo.agreement import agreement, auroc
 from capdpo.distill import expected_scores, judge_item, run_items, synthetic_labels
+from capdpo.evaluation.agreement import agreement, auroc
 from capdpo.judge.judge import JudgeItem
 from capdpo.media.synthetic import load_scenes
 from capdpo.oracle import Answer, oracle_scores, run_scenes_path

@@ -672,7 +672,7 @@ class Scored:
         return "\n".join(lines)
 
     def write(self, path: str | os.PathLike) -> int:
-        """Write the rows as JSONL, readable by :func:`capdpo.agreement.load_scores`."""
+        """Write the rows as JSONL, readable by :func:`capdpo.evaluation.agreement.load_scores`."""
         return write_jsonl(path, self.rows)
 
 

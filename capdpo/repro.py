@@ -10,7 +10,7 @@ oracle (``capdpo.oracle``) decides from the scene whether any free-form answer i
 The experiment composes the ordinary stages and writes everything under the run folder:
 
     videos.jsonl, qa.jsonl, media/        data: the run's train clips (DPO questions) and test clips
-    sft/policy/                           the start: builtin:mini after SFT on ``sft_videos`` other clips
+    sft/policy/                           the start, with repro.sft_videos > 0: policy.model after the run's sft phases on other clips
     candidates.jsonl, judgments.jsonl     N sampled answers per train question, the caption judge's scores
     claim1/                               the same answers scored without the caption, by MiniLM
                                           similarity and by the oracle; agreement of each with the oracle
@@ -39,26 +39,25 @@ from typing import TypeVar
 
 import numpy as np
 
-from capdpo.agreement import load_scores
 from capdpo.config import JudgeConfig, PairsConfig, RunConfig
+from capdpo.evaluation.agreement import load_scores
 from capdpo.pipeline import Run
 from capdpo.records import (
     Candidate,
     Judgment,
+    MCPrediction,
     Prediction,
     PreferencePair,
     QAItem,
     RecordFile,
     ReferenceLogps,
     Video,
-    atomic_dir,
     atomic_write_text,
 )
 from capdpo.rundir import RunPaths
 from capdpo.stats import bootstrap_mean
 
 log = logging.getLogger("capdpo")
-DONE = ".complete"
 TIMES_FILE = "repro_times.json"
 
 
@@ -136,30 +135,23 @@ class StageTimes:
 
 # -- the starting policy ---------------------------------------------------------------------------------
 def sft_start(run: Run) -> Path:
-    """``policy.model`` after a short SFT on the QA of ``repro.sft_videos`` synthetic clips drawn with
-    their own seed (never the run's train or test clips): the policy DPO starts from and is compared to."""
+    """The policy DPO starts from and is compared to: ``policy.model``, or with ``repro.sft_videos``
+    > 0, ``policy.model`` after the run's ``sft`` phases (``capdpo sft``'s machinery) on the
+    captions and QA of that many synthetic clips drawn with their own seed (never the run's train
+    or test clips)."""
+    from capdpo.errors import ItemErrors
     from capdpo.media.synthetic import make_synthetic_dataset
-    from capdpo.models.sft import SFTExample, supervised_finetune
-    from capdpo.policy.video import VideoEncoder
+    from capdpo.models.sft import RunRecords, run_examples, run_phases
 
     cfg = run.cfg.repro
-    out = run.paths.top / "sft" / "policy"
-    if (out / DONE).exists():
-        return out
     if cfg.sft_videos == 0:
         return Path(run.policy.path)
     clips = make_synthetic_dataset(run.paths.media / "sft", cfg.sft_videos, cfg.sft_seed)
-    policy = run.policy
-    encoder = VideoEncoder(policy, run.cfg.frames)
-    pixels = {clip.video.id: encoder.pixels(clip.video) for clip in clips}
-    examples = [SFTExample(clip.video.id, q, a) for clip in clips for q, a, _ in clip.qa]
-    losses = supervised_finetune(policy, pixels, examples, epochs=cfg.sft_epochs, batch_size=cfg.sft_batch_size,
-                                 lr=cfg.sft_lr, seed=cfg.sft_seed)
-    log.info("sft: %d examples, loss %.3f -> %.3f", len(examples), losses[0], np.mean(losses[-10:]))
-    with atomic_dir(out) as tmp:
-        policy.save(tmp)
-        (tmp / DONE).write_text("")
-    return out
+    records = RunRecords.of_synthetic(clips)
+    errors = ItemErrors("sft", run.cfg.fail_fast)
+    return run_phases(run.policy, run.cfg.sft, run.cfg.frames, run.paths.top / "sft",
+                      lambda source: run_examples(source, records, run.cfg.sft.seed, errors),
+                      embed_cache=run.embedding_cache, errors=errors)
 
 
 # -- claim 1 ------------------------------------------------------------------------------------------------
@@ -285,11 +277,29 @@ def claim2_dpo(run: Run, sft: Path) -> dict:
         source = next((s for s in pairs if f"({s} pairs" in name), None)
         row["pairs"] = len(pairs[source]) if source else None
         row["headroom_closed"] = headroom_closed(row, rows["SFT"], room)
-    return {"policies": rows, "headroom": room, "accuracy_by_kind": accuracy_by_kind(evals),
+    likelihood = {policy_name(source, seed): chosen_likelihood(out / f"{source}-s{seed}" / "metrics.jsonl")
+                  for seed in cfg.seeds for source in pairs}
+    return {"policies": rows, "headroom": room, "accuracy_by_kind": accuracy_by_kind(evals), "likelihood": likelihood,
+            "multiple_choice": mc_accuracy(run, list(evals), "SFT", cfg.bootstrap, cfg.seeds[0]),
             "pairs_available": {s: len(p) for s, p in available.items()},
             "pair_orientation": {s: pair_orientation(p, oracle) for s, p in pairs.items()},
             "test_questions": len(held_out_questions(run.paths)),
             "answers_judged": answers_judged(run, cfg.grpo_seeds)}
+
+
+def chosen_likelihood(metrics: Path, window: int = 3) -> dict[str, float] | None:
+    """The policy's mean log-prob of the chosen and the rejected answers over the first and the last
+    ``window`` logged steps of a DPO run: whether training raised p(chosen) or only widened the margin
+    while both fell (likelihood displacement)."""
+    if not metrics.exists():
+        return None
+    rows = [r for r in map(json.loads, metrics.read_text().splitlines()) if "logps/chosen" in r]
+    if not rows:
+        return None
+    mean = lambda part, key: float(np.mean([r[key] for r in part]))  # noqa: E731
+    first, last = rows[:window], rows[-window:]
+    return {"chosen_first": mean(first, "logps/chosen"), "chosen_last": mean(last, "logps/chosen"),
+            "rejected_first": mean(first, "logps/rejected"), "rejected_last": mean(last, "logps/rejected"), "steps": len(rows)}
 
 
 def answers_judged(run: Run, grpo_seeds: Sequence[int]) -> dict[str, int]:
@@ -462,7 +472,7 @@ def evaluate_policy(run: Run, name: str, model_dir: Path) -> dict[str, dict]:
     0/1, "kind": kind}}``. The caption judge scores them later, with every other policy's
     (``judge_evaluations``)."""
     from capdpo.errors import ItemErrors
-    from capdpo.evaluate import predict
+    from capdpo.evaluation.stage import predict
     from capdpo.oracle import load_answers, oracle_scores
     from capdpo.policy.video import VideoEncoder
 
@@ -474,7 +484,39 @@ def evaluate_policy(run: Run, name: str, model_dir: Path) -> dict[str, dict]:
             RecordFile(d / "predictions.jsonl", Prediction), run.cfg.evaluate, ItemErrors(f"evaluate {name}", run.cfg.fail_fast))
     oracle = oracle_scores(load_answers(d / "predictions.jsonl"), {q.id: q for q in questions}, scenes(run.paths))
     oracle.write(d / "oracle.jsonl")
+    evaluate_mc(run, d)
     return {r["qa_id"]: {"oracle": r["score"], "kind": r.get("kind")} for r in oracle.rows}
+
+
+def evaluate_mc(run: Run, d: Path) -> None:
+    """The current policy on the multiple-choice versions of the held-out questions (judge-free),
+    into ``d/mc_predictions.jsonl``, when ``evaluate.suites`` lists synthetic_mc."""
+    from capdpo.evaluation.mc.synthetic import synthetic_bench
+    from capdpo.evaluation.stage import run_multiple_choice
+
+    suite = next((s for s in run.cfg.evaluate.suites if s.name == "synthetic_mc"), None)
+    if suite is not None:
+        bench = synthetic_bench(held_out_questions(run.paths), run.paths.videos.by_id(), scenes(run.paths), suite.max_questions)
+        run_multiple_choice("repro", bench, RecordFile(d / "mc_predictions.jsonl", MCPrediction), run.cfg.evaluate,
+                            run.cfg.frames, policy=lambda: run.policy, extractor=suite.extractor,
+                            max_new_tokens=suite.max_new_tokens, embed_cache=run.embedding_cache, fail_fast=run.cfg.fail_fast)
+
+
+def mc_accuracy(run: Run, names: Sequence[str], base: str, rounds: int, seed: int) -> dict[str, dict]:
+    """Per evaluated policy: multiple-choice accuracy with its bootstrap CI, and the paired
+    difference to ``base`` on the same items (none when synthetic_mc was not evaluated)."""
+    right = {}
+    for name in names:
+        rows = RecordFile(eval_dir(run, name) / "mc_predictions.jsonl", MCPrediction)
+        if rows.exists():
+            right[name] = {r.id: float(r.correct) for r in rows.read() if r.error is None}
+    out = {}
+    for name, scores in right.items():
+        common = sorted(scores.keys() & right.get(base, {}).keys())
+        out[name] = {"items": len(scores), "accuracy": bootstrap_mean(list(scores.values()), rounds, seed),
+                     "vs_base": bootstrap_mean([scores[q] - right[base][q] for q in common], rounds, seed)
+                     if name != base and common else None}
+    return out
 
 
 def judge_evaluations(run: Run, evals: Mapping[str, dict[str, dict]]) -> None:
@@ -597,6 +639,18 @@ def write_report(top: Path, results: dict) -> Path:
               "correct or both wrong): " + "; ".join(
                   f"{s} {o['right']} right, {o['reversed']} reversed, {o['tied']} tied"
                   for s, o in c2["pair_orientation"].items()) + "."]
+    if any(c2.get("likelihood", {}).values()):
+        lines += ["", "Log-probs of the training pairs' answers under the policy being trained (mean of the first and last "
+                  "3 logged steps): a chosen log-prob that falls while the margin grows is likelihood displacement.", "",
+                  "| policy | log p(chosen) first -> last | log p(rejected) first -> last | steps logged |", "|---|---|---|---|"]
+        lines += [f"| {name} | {x['chosen_first']:.2f} -> {x['chosen_last']:.2f} | {x['rejected_first']:.2f} -> "
+                  f"{x['rejected_last']:.2f} | {x['steps']} |" for name, x in c2["likelihood"].items() if x]
+    if c2.get("multiple_choice"):
+        lines += ["", "Judge-free multiple-choice accuracy (the held-out questions with options from the generator's vocabulary, "
+                  "Video-MME's prompt and official extractor; docs/evaluation.md), 95% bootstrap CIs:", "",
+                  "| policy | items | MC accuracy | vs SFT (paired) |", "|---|---|---|---|"]
+        lines += [f"| {name} | {m['items']} | {_ci(m['accuracy'])} | {_ci(m['vs_base'], signed=True)} |"
+                  for name, m in c2["multiple_choice"].items()]
     lines += ["", "Answers scored by the caption judge: " + ", ".join(f"{arm} {n}" for arm, n in c2.get("answers_judged", {}).items()) + "."]
     lines += ["", "Pairs available before equalising: " +
               ", ".join(f"{s} {n}" for s, n in c2["pairs_available"].items()) + ".",

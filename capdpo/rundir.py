@@ -11,7 +11,18 @@ from pathlib import Path
 
 from capdpo.errors import MissingInput, UnsafePath
 from capdpo.ids import check_id, shown
-from capdpo.records import Candidate, EvalSummary, Judgment, Prediction, PreferencePair, QAItem, RecordFile, ReferenceLogps, Video
+from capdpo.records import (
+    Candidate,
+    EvalSummary,
+    Judgment,
+    MCPrediction,
+    Prediction,
+    PreferencePair,
+    QAItem,
+    RecordFile,
+    ReferenceLogps,
+    Video,
+)
 
 HELD_OUT = "held-out"  # the dataset name of a run's own test split (not a suite)
 # the stage that writes each input file a later stage needs, to tell the user what to run first
@@ -116,6 +127,10 @@ class RunPaths:
     def predictions(self, tag: str, dataset: str = HELD_OUT) -> RecordFile[Prediction]:
         """An evaluation's greedy answers; ``tag`` follows the id rule (capdpo.ids), or :class:`~capdpo.ids.BadId`."""
         return RecordFile(inside(self.eval_dir(dataset), f"{check_id(tag, 'tag')}_predictions.jsonl"), Prediction)
+
+    def mc_predictions(self, tag: str, dataset: str) -> RecordFile[MCPrediction]:
+        """A multiple-choice benchmark's scored answers (``eval/<benchmark>/<tag>_predictions.jsonl``)."""
+        return RecordFile(inside(self.eval_dir(dataset), f"{check_id(tag, 'tag')}_predictions.jsonl"), MCPrediction)
 
     def eval_judgments(self, tag: str, dataset: str = HELD_OUT) -> RecordFile[Judgment]:
         return RecordFile(inside(self.eval_dir(dataset), f"{check_id(tag, 'tag')}_judgments.jsonl"), Judgment)

@@ -13,23 +13,28 @@ Two backends sample from them:
 
 Sharding (``--shard i/n``) keeps the questions whose id hashes to shard ``i`` and writes
 ``candidates.shard-i-of-n.jsonl``; ``merge_shards`` joins the shards into ``candidates.jsonl``.
+With ``engine: ray`` (:func:`sample_on_ray`) the same :class:`Sampler` runs in Ray actors, one
+generate call of the local loop's per row.
 """
 
 from __future__ import annotations
 
+import json
 import zlib
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from capdpo.config import FramesConfig, SampleConfig
+from capdpo.config import FramesConfig, PolicyConfig, RayConfig, SampleConfig
 from capdpo.errors import ITEM_ERRORS, ItemErrors, OverBudgetError
+from capdpo.models.load import policy_from_config
 from capdpo.policy.base import EncodedVideo, VideoLayout, VideoPolicy
 from capdpo.policy.video import PlannedVideo, VideoEncoder
+from capdpo.ray_engine import ActorErrors, Job, Output, Row, batches, run_job
 from capdpo.records import Candidate, QAItem, RecordFile, Video
 from capdpo.shards import read_shards, shard_file, shard_of
 
@@ -117,6 +122,51 @@ class VllmBackend:
             yield q, seed, [c.text.strip() for c in out.outputs]
 
 
+# -- the stage's work, the same for both engines ------------------------------------------------------
+class Sampler:
+    """The sample stage's work on videos and their questions: each video prepared once for its
+    questions, the questions sampled ``batch_size`` at a time (of one video or several), every answer
+    a Candidate. The local loop feeds it every video, a ray actor the videos of each row (one of the
+    local loop's generate calls); each question's seed comes from its id (:func:`question_seed`) and
+    each of its rows samples from its own generator, so both engines write the same answers."""
+
+    def __init__(self, policy: VideoPolicy, cfg: SampleConfig, frames: FramesConfig, dtype: str = "auto"):
+        self.policy, self.cfg = policy, cfg
+        self.backend = VllmBackend(policy, cfg, dtype) if cfg.backend == "vllm" else HFBackend(policy, cfg)
+        self.encoder = VideoEncoder(policy, frames)
+        self.layouts: dict[str, VideoLayout] = {}
+
+    def add(self, video: Video, questions: list[QAItem], errors: ItemErrors,
+            plan: list[QAItem] | None = None) -> tuple[int, list[list[Candidate]]]:
+        """Prepare ``video`` for ``plan`` (default: ``questions``; a ray row holds part of a video's
+        questions, the video planned for all of them as the local loop plans it) and queue
+        ``questions``. Returns how many of them were left out (an unreadable video, a question over
+        the token budget: recorded in ``errors``) and the candidates of the questions sampled by now,
+        one list per question."""
+        try:
+            prepared, fitting = prepare_questions(self.backend, self.encoder, video, plan or questions, self.cfg.max_new_tokens,
+                                                  errors)
+        except ITEM_ERRORS as e:
+            errors.record(video.id, e)
+            return len(questions), []
+        self.layouts[video.id] = prepared.layout
+        fits = {q.id for q in fitting}
+        kept = [q for q in questions if q.id in fits]
+        return len(questions) - len(kept), self._candidates(self.backend.submit(prepared, kept))
+
+    def flush(self) -> list[list[Candidate]]:
+        """The candidates of the questions still queued."""
+        return self._candidates(self.backend.flush())
+
+    def _candidates(self, results: Iterator[tuple[QAItem, int, list[str]]]) -> list[list[Candidate]]:
+        cfg = self.cfg
+        return [[Candidate(id=candidate_id(q.id, k), qa_id=q.id, video_id=q.video_id, answer=a, model=self.policy.name,
+                           seed=seed, temperature=cfg.temperature, top_p=cfg.top_p, backend=self.backend.name,
+                           num_frames=self.layouts[q.video_id].num_frames,
+                           frame_size=(self.layouts[q.video_id].height, self.layouts[q.video_id].width))
+                 for k, a in enumerate(answers)] for q, seed, answers in results]
+
+
 # -- the stage ---------------------------------------------------------------------------------------
 def run_sample(videos_file: RecordFile[Video], qa_file: RecordFile[QAItem], out: RecordFile[Candidate],
                policy: VideoPolicy, cfg: SampleConfig, frames: FramesConfig, *, split: str = "train",
@@ -130,42 +180,79 @@ def run_sample(videos_file: RecordFile[Video], qa_file: RecordFile[QAItem], out:
     errors = ItemErrors("sample", fail_fast)
     if not todo:
         return errors
-    backend = VllmBackend(policy, cfg, dtype) if cfg.backend == "vllm" else HFBackend(policy, cfg)
-    encoder = VideoEncoder(policy, frames)
-    layouts: dict[str, VideoLayout] = {}
-
-    def sampled(qa_id: str, on_disk: set[str]) -> bool:
-        return all(candidate_id(qa_id, k) in on_disk for k in range(cfg.n))
-
+    sampler = Sampler(policy, cfg, frames, dtype)
     with out.claims() as claims, tqdm(total=sum(map(len, todo.values())), desc=f"sample ({cfg.backend})",
                                       unit="question") as bar:
 
-        def write(results) -> None:
-            for q, seed, answers in results:
-                layout, on_disk = layouts[q.video_id], claims.done_ids()
-                out.append(Candidate(id=candidate_id(q.id, k), qa_id=q.id, video_id=q.video_id, answer=a, model=policy.name,
-                                     seed=seed, temperature=cfg.temperature, top_p=cfg.top_p, backend=backend.name,
-                                     num_frames=layout.num_frames, frame_size=(layout.height, layout.width))
-                           for k, a in enumerate(answers) if candidate_id(q.id, k) not in on_disk)
+        def write(sampled: list[list[Candidate]]) -> None:
+            for candidates in sampled:
+                on_disk = claims.done_ids()
+                out.append(c for c in candidates if c.id not in on_disk)
                 bar.update()
 
         for video_id, questions in todo.items():
-            mine = claims.take(questions, is_done=sampled)
+            mine = claims.take(questions, is_done=_sampled(cfg.n))
             bar.update(len(questions) - len(mine))  # done, or being done by another worker
             if not mine:
                 continue
-            questions = mine
-            try:
-                video, fitting = prepare_questions(backend, encoder, videos[video_id], questions, cfg.max_new_tokens, errors)
-            except ITEM_ERRORS as e:
-                errors.record(video_id, e)
-                bar.update(len(questions))
-                continue
-            bar.update(len(questions) - len(fitting))
-            layouts[video_id] = video.layout
-            write(backend.submit(video, fitting))
-        write(backend.flush())
+            left_out, sampled = sampler.add(videos[video_id], mine, errors)
+            bar.update(left_out)
+            write(sampled)
+        write(sampler.flush())
     return errors
+
+
+def sample_on_ray(videos_file: RecordFile[Video], qa_file: RecordFile[QAItem], out: RecordFile[Candidate],
+                  policy: PolicyConfig, cache_dir: str, cfg: SampleConfig, frames: FramesConfig, settings: RayConfig, *,
+                  split: str = "train", fail_fast: bool = False, shard: tuple[int, int] | None = None,
+                  dtype: str = "auto") -> ItemErrors:
+    """:func:`run_sample` as one Ray Data job (``engine: ray``): a row is one generate call of the
+    local loop's (``batch_size`` questions in its order, with their videos and each video's questions
+    to plan it for), each actor loads ``policy`` once and runs a :class:`Sampler` on its rows; this
+    process writes the candidates into ``out``."""
+    videos = videos_file.by_id()
+    out.drop_duplicates()
+    todo = _questions_to_sample(qa_file, out.ids(), cfg.n, split, shard)
+    errors = ItemErrors("sample", fail_fast)
+    with out.claims() as claims:
+        mine = {video_id: m for video_id, questions in todo.items() if (m := claims.take(questions, is_done=_sampled(cfg.n)))}
+        rows = []
+        for batch in batches([q for questions in mine.values() for q in questions], cfg.batch_size):
+            shown = dict.fromkeys(q.video_id for q in batch)
+            payload = {"questions": [q.model_dump(mode="json") for q in batch],
+                       "videos": {v: {"video": videos[v].model_dump(mode="json"), "plan": [q.model_dump(mode="json") for q in mine[v]]}
+                                  for v in shown}}
+            rows.append(Row(batch[0].id, json.dumps(payload)))
+        job = Job(f"sample ({cfg.backend})", rows, SampleWorker, (policy, cache_dir, cfg, frames, dtype), wants_gpu=True)
+        run_job(job, settings, errors, out, claims)
+    return errors
+
+
+class SampleWorker:
+    """The ray engine's sample actor: the policy loaded once, then a :class:`Sampler` over each row
+    (one generate call's questions), flushed at the row's end as the local loop's batch ends."""
+
+    def __init__(self, policy: PolicyConfig, cache_dir: str, cfg: SampleConfig, frames: FramesConfig, dtype: str):
+        # vLLM runs the weights itself: load only tokenizer, config and preprocessing
+        self.sampler = Sampler(policy_from_config(policy, cache_dir, weights=cfg.backend != "vllm"), cfg, frames, dtype)
+
+    def __call__(self, rows: list[Row]) -> list[Output]:
+        errors = ActorErrors("sample")
+        sampled: list[list[Candidate]] = []
+        for row in rows:
+            payload = json.loads(row.payload)
+            questions = [QAItem.model_validate(q) for q in payload["questions"]]
+            for video_id, entry in payload["videos"].items():
+                plan = [QAItem.model_validate(q) for q in entry["plan"]]
+                sampled += self.sampler.add(Video.model_validate(entry["video"]), [q for q in questions if q.video_id == video_id],
+                                            errors, plan=plan)[1]
+            sampled += self.sampler.flush()
+        return [Output(c.id, record=c.model_dump_json()) for candidates in sampled for c in candidates] + errors.outputs
+
+
+def _sampled(n: int) -> Callable[[str, set[str]], bool]:
+    """Whether a question's ``n`` candidates are all on disk (``WorkClaims.take``'s ``is_done``)."""
+    return lambda qa_id, on_disk: all(candidate_id(qa_id, k) in on_disk for k in range(n))
 
 
 def _questions_to_sample(qa_file: RecordFile[QAItem], done: set[str], n: int, split: str,

@@ -1,5 +1,5 @@
 """The percentile bootstrap behind every confidence interval of capdpo: over the questions, resampled
-with replacement, for a mean (``capdpo.repro``) and for a difference of two means (``capdpo.compare``).
+with replacement, for a mean (``capdpo.repro``) and for a difference of two means (``capdpo.evaluation.compare``).
 
 A difference is *paired* when both sides scored the same questions: each replicate resamples the
 questions once and takes both means over them, which cancels the questions' own difficulty.

@@ -10,7 +10,7 @@ from itertools import product
 import pytest
 from scipy import stats
 
-from capdpo.agreement import agreement, auroc, default_group, format_report, load_scores, round_score
+from capdpo.evaluation.agreement import agreement, auroc, default_group, format_report, load_scores, round_score
 from capdpo.records import Judgment, RecordError, RecordFile
 
 A5 = {"q#0": 1.0, "q#1": 2.0, "q#2": 3.0, "r#0": 4.0, "r#1": 5.0}

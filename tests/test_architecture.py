@@ -19,16 +19,18 @@ LAYERS: dict[str, int] = {
     "capdpo.rundir": 0, "capdpo.ids": 0,
     "capdpo.media": 1,
     "capdpo.llm": 2, "capdpo.policy": 2,
-    "capdpo.models": 3, "capdpo.judge": 3, "capdpo.training": 3,
+    "capdpo.models": 3, "capdpo.judge": 3, "capdpo.training": 3, "capdpo.ray_engine": 3,
     "capdpo.data": 4, "capdpo.frames": 4, "capdpo.qa": 4, "capdpo.sample": 4, "capdpo.judge.stage": 4,
-    "capdpo.pairs": 4, "capdpo.reference": 4, "capdpo.sft": 4, "capdpo.train": 4, "capdpo.grpo": 4, "capdpo.evaluate": 4, "capdpo.report": 4,
-    "capdpo.agreement": 4, "capdpo.compare": 4, "capdpo.oracle": 4, "capdpo.similarity": 4, "capdpo.suites": 4,
+    "capdpo.pairs": 4, "capdpo.reference": 4, "capdpo.sft": 4, "capdpo.train": 4, "capdpo.grpo": 4, "capdpo.evaluation.stage": 4, "capdpo.report": 4,
+    # the evaluation package's analyses (suites, mc, compare, agreement); its stage is listed with the stages above
+    "capdpo.evaluation": 4, "capdpo.oracle": 4, "capdpo.similarity": 4,
     "capdpo.formats": 4, "capdpo.losses": 4, "capdpo.grpo_loss": 4, "capdpo.rewards": 4, "capdpo.distill": 4, "capdpo.judge_study": 4,
     "capdpo.pipeline": 5, "capdpo.repro": 5,
     "capdpo.cli": 6,
+    "capdpo.integrations": 7,  # plugins other tools load (lmms-eval's model): the top, so nothing in capdpo imports them
 }
 STAGES = {"capdpo.data", "capdpo.frames", "capdpo.qa", "capdpo.sample", "capdpo.judge.stage", "capdpo.pairs",
-          "capdpo.reference", "capdpo.sft", "capdpo.train", "capdpo.grpo", "capdpo.evaluate", "capdpo.report"}
+          "capdpo.reference", "capdpo.sft", "capdpo.train", "capdpo.grpo", "capdpo.evaluation.stage", "capdpo.report"}
 
 
 def module_name(path: Path) -> str:

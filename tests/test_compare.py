@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from capdpo.cli import app
-from capdpo.compare import (
+from capdpo.evaluation.compare import (
     MEAN,
     DatasetResult,
     System,
@@ -168,3 +168,50 @@ def test_compare_cli(run_dir):
     same = CliRunner().invoke(app, ["evaluate", "compare", f"SFT={run_dir}@before", f"DPO-1={run_dir}@after",
                                     f"DPO-2={run_dir}@round-2/after", "--resamples", "200"], catch_exceptions=False)
     assert same.output == result.output
+
+
+# -- multiple-choice benchmarks ------------------------------------------------------------------------
+
+def mc_evaluation(paths: RunPaths, tag: str, right: list[bool], extractor: str = "official") -> None:
+    """A Video-MME evaluation of 40 items, two task types, ``right`` item by item, into ``paths``."""
+    from capdpo.evaluation.mc.items import MCItem
+    from capdpo.evaluation.mc.score import summarize_mc
+    from capdpo.records import MCPrediction
+
+    items = [MCItem(f"{i:03d}-1", ("v",), "Q?", ("a", "b", "c", "d"), "A",
+                    {"task_type": "Counting Problem" if i < 20 else "OCR Problems", "duration": "short"}) for i in range(40)]
+    rows = {item.id: MCPrediction(id=item.id, answer="A" if ok else "B", extracted="A" if ok else "B", correct=ok,
+                                  categories=item.categories, model=tag, frames=8, pixels=3136)
+            for item, ok in zip(items, right)}
+    paths.mc_predictions(tag, "videomme").write(rows.values())
+    paths.eval_summary.upsert(summarize_mc(tag, "videomme", items, rows, model=tag, categories=["duration", "task_type"],
+                                           extractor=extractor, prompt="videomme: BradyFU/Video-MME", prompt_hash="0123abcd9",
+                                           scoring="rules"))
+
+
+def test_multiple_choice_before_and_after_with_categories(tmp_path):
+    paths = RunPaths(tmp_path / "run")
+    before = [True] * 20 + [True] * 10 + [False] * 10  # counting 20/20, OCR 10/20
+    after = [True] * 8 + [False] * 12 + [True] * 10 + [False] * 10  # counting drops to 8/20, OCR unchanged
+    mc_evaluation(paths, "before", before)
+    mc_evaluation(paths, "after", after)
+    result = CliRunner().invoke(app, ["evaluate", "compare", f"SFT={paths.root}@before", f"DPO={paths.root}@after",
+                                      "--resamples", "500"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "| model | Video-MME | mean acc | judge · template hash |" in lines
+    assert "| SFT | 75.00 / – | 75.00 | official extractor · prompt 0123abcd |" in lines
+    assert next(line for line in lines if line.startswith("| DPO | -30.00 [")).endswith("(p) |")
+    assert "| SFT | 40/40 answered (0 without video) before |" in lines
+    counting = next(line for line in lines if "| Counting Problem |" in line)
+    assert counting.startswith("| Video-MME | task_type | Counting Problem | 20 | DPO | 100.00 | 40.00 | -60.00 [")
+    low = float(counting.split("[")[1].split(",")[0])
+    assert low < -30 and counting.endswith("(p) |")  # a drop confined to one task type, beyond noise
+    ocr = next(line for line in lines if "| OCR Problems |" in line)
+    assert "| 50.00 | 50.00 | +0.00 [+0.00, +0.00] (p) |" in ocr
+    assert "WARNING" not in result.output
+
+    mc_evaluation(paths, "after-lmms", after, extractor="lmms-eval")
+    flagged = CliRunner().invoke(app, ["compare", f"{paths.root}@before", f"lmms={paths.root}@after-lmms", "--resamples", "50"],
+                                 catch_exceptions=False)
+    assert "WARNING Video-MME: scored by different extractors/prompts" in flagged.output

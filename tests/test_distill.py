@@ -157,9 +157,10 @@ def test_diverse_selection_spreads_over_answers():
     assert len(select_items(items, 7, "random", seed=0)) == 7 and select_items(items, None, "random", 0) == items
 
 
-# A short judge prompt keeps the end-to-end test near a minute: the student learns the same task
-# (is the answer the reference's colour or shape?) from fewer tokens per answer.
-SHORT_TEMPLATE = "Caption: {caption}\nQuestion: {question}\nReference answer: {answer}\nAnswer to grade: {prediction}"
+# The colour and shape questions are decided by the reference answer alone, so the end-to-end
+# test's prompt leaves the caption out: a third of the tokens per answer, and the student learns
+# the task (is the answer the reference's colour or shape?) at least as fast.
+SHORT_TEMPLATE = "Question: {question}\nReference answer: {answer}\nAnswer to grade: {prediction}"
 
 
 @pytest.mark.slow
@@ -170,8 +171,11 @@ def test_distil_a_tiny_judge_end_to_end(smollm2, cache_dir, tmp_path, transforme
     template = tmp_path / "short.txt"
     template.write_text(SHORT_TEMPLATE)
     labels = [lab for lab in synthetic_labels(11, 40, 4) if lab.kind in ("shape", "colour")]
-    cfg = DistillConfig(student=str(smollm2), layers=4, template=str(template), epochs=4, lr=3e-4, batch_answers=8,
-                        held_out_fraction=0.3, save_every=0)
+    # the top 3 layers trained (embeddings frozen: no 28M-weight update a step) at lr 1e-3, 84 steps
+    # of 4 answers: held-out AUROC 0.69-0.71 on label seeds 11-13, as the whole student at lr 3e-4
+    # over 90 steps of 8 reached (0.69), in a quarter of the time
+    cfg = DistillConfig(student=str(smollm2), layers=4, train_layers=3, template=str(template), epochs=2, lr=1e-3,
+                        batch_answers=4, held_out_fraction=0.3, save_every=0)
     student = tmp_path / "student"
     summary = distill(labels, cfg, student, cache_dir)
     assert summary["agreement"]["auroc"] > 0.6, summary["agreement"]

@@ -17,7 +17,7 @@ from capdpo.models.load import load_policy
 from capdpo.policy.base import EncodedVideo, VideoLayout, VideoPolicy
 from capdpo.policy.embed_cache import EmbeddingCache, content_hash, entry_key
 from capdpo.policy.video import VideoEncoder, plan_video
-from capdpo.records import Video
+from capdpo.records import ClipWindow, Video
 
 FRAMES = FramesConfig(num_frames=4)
 
@@ -92,6 +92,8 @@ def test_key_follows_video_bytes_frame_count_and_vision_weights(policy, clip, ti
 
     fewer = layout_of(policy, clip, FramesConfig(num_frames=2))
     assert fewer.num_frames == 2 and entry_key(policy, clip.video, fewer) != key
+    part = ClipWindow(start=0.5, end=1.0)  # a part of the clip (MVBench's bounds) is another entry
+    assert entry_key(policy, clip.video, layout_of(policy, clip), window=part) != key
 
     def perturbed(part: str) -> VideoPolicy:
         fresh = load_policy(str(tiny_policy_dir), cache_dir, device="cpu")

@@ -285,36 +285,22 @@ def test_own_preprocessing_matches_transformers(family_dir, cache_dir):
     assert (a.pixel_values - b.pixel_values).abs().mean() < 0.05  # PIL vs torchvision bicubic
 
 
-def test_sft_trains_projector_and_lora_then_merges(family_dir, cache_dir):
-    from capdpo.models.sft import SFTExample, supervised_finetune
-
-    policy = load_policy(str(family_dir[1]), cache_dir, device=DEVICE, dtype=DTYPE, processor="capdpo")
-    before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
-    pixels = {"a": policy.preprocess(frames(7)), "b": policy.preprocess(frames(8, n=2))}
-    examples = [SFTExample("a", "What is shown?", "A red square."), SFTExample("b", "Describe it.", "Two circles.")]
-    losses = supervised_finetune(policy, pixels, examples, batch_size=1, lr=1e-2, lora_r=4)  # step 1 is warm-up (lr 0)
-    changed = {policy.parts.part_of(n) for n, p in policy.model.named_parameters() if not torch.equal(p, before[n])}
-    assert len(losses) == 2 and np.isfinite(losses).all()
-    assert changed == {"projector", "llm"}  # vision frozen; LoRA merged back into the LLM's weights
-    assert set(dict(policy.model.named_parameters())) == set(before)  # a plain checkpoint again
-
-
 def test_sft_packs_a_video_s_examples_in_one_row_with_the_numbers_of_one_row_each(policy):
-    from capdpo.models.sft import SFTExample, example_logps
+    """SFT's answer log-probs (``answer_logps``): the examples of one video share a packed row, and
+    each answer's log-prob and token count equal those of its own unpacked row, in the order given."""
+    from capdpo.policy.logps import answer_logps
     from capdpo.policy.packing import video_grouped_order
 
-    pixels = {"a": policy.preprocess(frames(7)), "b": policy.preprocess(frames(8, n=2))}
-    batch = [SFTExample("a", "What is shown?", "A red square."), SFTExample("b", "Describe it.", "Two circles."),
-             SFTExample("a", "How many shapes are there?", "One.")]
     with torch.no_grad():
-        packed, counts = example_logps(policy, pixels, batch, 16)
-        videos = {k: policy.encode(v) for k, v in pixels.items()}
-        rows, n = policy.sequence_logps([videos[e.video_key] for e in batch],
-                                        [policy.prompt_ids(e.prompt, videos[e.video_key].layout) for e in batch],
-                                        [policy.response_ids(e.response, 16) for e in batch])
-    # grouped by video: a, a, b
-    torch.testing.assert_close(packed, rows[[0, 2, 1]], atol=1e-4, rtol=0)
-    assert counts.tolist() == n[[0, 2, 1]].tolist()
+        videos = {"a": policy.encode(policy.preprocess(frames(7))), "b": policy.encode(policy.preprocess(frames(8, n=2)))}
+        batch = [("a", "What is shown?", "A red square."), ("b", "Describe it.", "Two circles."),
+                 ("a", "How many shapes are there?", "One.")]
+        prompts = [policy.prompt_ids(q, videos[k].layout) for k, q, _ in batch]
+        responses = [policy.response_ids(r, 16) for _, _, r in batch]
+        packed, counts = answer_logps(policy, [videos[k] for k, _, _ in batch], prompts, responses)
+        rows, n = policy.sequence_logps([videos[k] for k, _, _ in batch], prompts, responses)
+    torch.testing.assert_close(packed, rows, atol=1e-4, rtol=0)
+    assert counts.tolist() == n.tolist()
     order = video_grouped_order(["a", "b", "a", "c", "b"], 0)
     keys = [["a", "b", "a", "c", "b"][i] for i in order]
     assert sorted(order) == list(range(5)) and len([k for j, k in enumerate(keys) if j == 0 or keys[j - 1] != k]) == 3

@@ -18,12 +18,13 @@ from capdpo.errors import FrameError
 from capdpo.frames import extract_frame_folder
 from capdpo.media.frames import (
     count_frames,
+    frame_indices,
     list_frame_files,
     resize_center_crop,
     sample_frames,
     sample_indices,
 )
-from capdpo.records import ForeignFolderError
+from capdpo.records import ClipWindow, ForeignFolderError
 
 SHARED = Path(__file__).parents[1].parent / "shared"
 STEP, OFFSET = 6, 5  # grey level of frame i is OFFSET + STEP * i
@@ -114,6 +115,23 @@ def test_frame_folder_samples_like_the_video(tmp_path, mp4):
     assert [p.name for p in list_frame_files(folder)][9:11] == ["frame_9.png", "frame_10.png"]
     from_folder = [index_of(f) for f in sample_frames(folder, 8)]
     assert from_folder == [index_of(f) for f in sample_frames(mp4, 8)] == sample_indices(24, 8)
+
+
+def test_time_window_samples_only_its_frames(tmp_path, mp4):
+    # MVBench's bounds: frames round(start * fps) .. round(end * fps), then the paper's linspace over them
+    window = ClipWindow(start=0.5, end=1.5)  # the 10 fps clip's frames 5 .. 15
+    assert [index_of(f) for f in sample_frames(mp4, 4, window=window)] == [5, 8, 12, 15] == frame_indices(24, 4, 10, window)
+    assert [index_of(f) for f in sample_frames(mp4, 3, window=ClipWindow(start=2.0, end=60))] == [20, 22, 23]  # clipped
+    with pytest.raises(FrameError, match=r"clip.mp4: time window 3-4 s lies outside the video \(24 frames at 10 fps"):
+        sample_frames(mp4, 4, window=ClipWindow(start=3, end=4))
+    folder = tmp_path / "tvqa_frames"
+    folder.mkdir()
+    for i in range(24):
+        Image.new("RGB", (64, 48), (grey(i),) * 3).save(folder / f"{i + 1:05d}.jpg", quality=100)
+    with pytest.raises(FrameError, match="frame rate unknown"):  # a frame folder without capdpo's marker
+        sample_frames(folder, 4, window=window)
+    at_3fps = ClipWindow(start=2.0, end=5.0, fps=3)  # MVBench's TVQA frames: frames 6 .. 15
+    assert [index_of(f) for f in sample_frames(folder, 4, window=at_3fps)] == [6, 9, 12, 15]
 
 
 def test_missing_file_names_the_path(tmp_path):

@@ -9,8 +9,8 @@ import random
 import pytest
 from typer.testing import CliRunner
 
-from capdpo.agreement import agreement, load_scores
 from capdpo.cli import app
+from capdpo.evaluation.agreement import agreement, load_scores
 from capdpo.media.synthetic import QUESTION_KINDS, random_scene, scene_questions
 from capdpo.oracle import JUDGES, Answer, Unscorable, find_question, judge_answer, oracle_scores, parse_answer
 from capdpo.records import Candidate, QAItem, RecordFile

@@ -102,15 +102,18 @@ def test_malformed_row_is_named(tmp_path, tiny_policy_dir, cache_dir):
 
 @pytest.mark.slow
 def test_sigkill_during_judge_resumes_to_the_same_judgments(tmp_path, tiny_policy_dir, cache_dir):
-    # free-form judging is slow enough on CPU to be killed mid-stage
+    # free-form judging is slow enough on CPU to be killed mid-stage: 4 answers in two batches of 2,
+    # killed once the first is written, while the second is being judged (retries 0: the tiny
+    # budget's replies rarely parse, and asking each again would double every judge run)
     config = write_config(tmp_path / "k.yaml", tmp_path / "run", tiny_policy_dir, cache_dir,
-                          data={"synthetic_videos": 2, "synthetic_questions": 3, "test_fraction": 0.0}, sample={"n": 2},
-                          judge={"mode": "generate", "llm": {"batch_size": 2, "max_new_tokens": 24}})
+                          data={"synthetic_videos": 1, "synthetic_questions": 2, "test_fraction": 0.0}, sample={"n": 2},
+                          judge={"mode": "generate", "retries": 0, "llm": {"batch_size": 2, "max_new_tokens": 24}})
     runner = CliRunner()
     for stage in ("data", "qa", "sample"):
         assert runner.invoke(app, [stage, "--config", str(config)], catch_exceptions=False).exit_code == 0
     paths = RunPaths(tmp_path / "run")
     expected = {c.id for c in paths.candidates.all()}
+    assert len(expected) == 4, "1 clip x 2 questions x 2 answers"
     reference = tmp_path / "uninterrupted"
     shutil.copytree(paths.root, reference)
 

@@ -175,8 +175,29 @@ def test_rounds_and_suites_in_report(run: RunPaths) -> None:
     assert not re.search(r"https?://", page)
 
 
+def test_multiple_choice_in_report(run: RunPaths) -> None:
+    from capdpo.evaluation.mc.items import MCItem
+    from capdpo.evaluation.mc.score import summarize_mc
+    from capdpo.records import MCPrediction
+
+    items = [MCItem(f"action_sequence_{i}", ("v",), "Q?", ("a", "b"), "A", {"task": "action_sequence"}) for i in range(6)]
+    for tag, right in (("before", 5), ("after", 2)):
+        rows = {item.id: MCPrediction(id=item.id, answer="(A)", extracted="A" if k < right else "B", correct=k < right,
+                                      categories=item.categories, frames=16, pixels=50176) for k, item in enumerate(items)}
+        run.mc_predictions(tag, "mvbench").write(rows.values())
+        run.eval_summary.upsert(summarize_mc(tag, "mvbench", items, rows, model="pol", categories=["task"], extractor="official",
+                                             prompt="mvbench: OpenGVLab/Ask-Anything mvbench.ipynb", prompt_hash="feed", scoring="rules"))
+    page = write_report(run, RunConfig(run_dir=str(run.root))).read_text()
+    assert "Multiple-choice benchmarks (scored by rules, no judge)" in page
+    assert "<td>MVBench</td><td>1</td><td>before</td><td>pol</td><td>6</td><td>6</td><td>0</td><td>83.3% [" in page
+    assert "<td>official (rules)</td><td>mvbench: OpenGVLab/Ask-Anything mvbench.ipynb feed</td><td>16</td><td>50176</td>" in page
+    assert "<td>MVBench</td><td>after vs before</td><td>6</td><td>83.3%</td><td>33.3%</td><td>-50.0 [" in page
+    assert "<td>MVBench</td><td>task</td><td>action_sequence</td><td>6</td><td>83.3%</td><td>33.3%</td>" in page
+    assert "judge  / " not in page  # a rule-scored evaluation names no judge in the header
+
+
 def test_agreement_section(run: RunPaths) -> None:
-    from capdpo.agreement import agreement, save_agreement
+    from capdpo.evaluation.agreement import agreement, save_agreement
 
     a = {"q1#0": 5.0, "q1#1": 1.0, "q2#0": 4.0, "q2#1": None}
     b = {"q1#0": 4.0, "q1#1": 2.0, "q2#0": 4.0, "q2#1": 3.0}
@@ -191,7 +212,7 @@ def test_agreement_section(run: RunPaths) -> None:
 def test_a_distilled_judges_held_out_agreement_is_shown(run: RunPaths, tmp_path: Path) -> None:
     """A run judged by a `capdpo judge distill` folder shows how that student agreed with its
     teacher on held-out videos (its folder's agreement.json)."""
-    from capdpo.agreement import agreement, save_agreement
+    from capdpo.evaluation.agreement import agreement, save_agreement
 
     student = tmp_path / "student"
     student.mkdir()

@@ -115,7 +115,7 @@ def write_evaluation(paths: RunPaths, tag: str, dataset: str, answers: dict[str,
 def report(tmp_path) -> Path:
     """A two-round run: four pairs in round 1 and two in round 2, training curves, held-out and
     MSVD-QA evaluations before and after each round, and a judge-agreement study."""
-    from capdpo.agreement import agreement, save_agreement
+    from capdpo.evaluation.agreement import agreement, save_agreement
 
     paths = RunPaths(tmp_path / "demo-run")
     for k, (question, chosen, *_) in enumerate(PAIRS):

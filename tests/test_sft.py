@@ -21,6 +21,7 @@ from capdpo.models.sft import Example
 from capdpo.policy.embed_cache import EmbeddingCache
 from capdpo.records import QAItem, RecordError, RecordFile, Video
 from capdpo.training import DONE, MixtureSampler, latest_checkpoint, mixture_quotas, parameter_groups, set_trainable
+from test_families import FAMILIES
 
 FRAMES = FramesConfig(num_frames=4)
 
@@ -270,10 +271,14 @@ def test_bad_rows_are_named_by_file_and_line_and_the_others_go_on(run_files, tin
         sft_once(run_files, tiny_policy_dir, cache_dir, tmp_path / "fail-fast", cfg, fail_fast=True)
 
 
-def test_a_qwen2_vl_policy_takes_sft_steps(run_files, smollm2, cache_dir, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_takes_sft_steps_training_projector_and_lora_then_merging(family, run_files, smollm2, cache_dir,
+                                                                               tmp_path):
+    """The phases on a tiny random checkpoint of each family: the projector and the LLM change (LoRA
+    merged back: a plain checkpoint), the vision tower does not, and each step is logged."""
     from test_families import build
 
-    model_dir = build("qwen2_vl", tmp_path / "qwen2-vl", smollm2)
+    model_dir = build(family, tmp_path / family, smollm2)
     cfg = SFTConfig(phases=[SFTPhase(name="instruct", sources=[SFTSource(kind="qa")], lr={"projector": 1e-3, "llm": 1e-2},
                                      lora_r=4, lora_alpha=8, batch_size=4, max_steps=2)], save_every=0, max_response_tokens=16)
     out = sft_once(run_files, model_dir, cache_dir, tmp_path / "sft", cfg)

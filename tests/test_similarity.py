@@ -7,8 +7,8 @@ import importlib.util
 import pytest
 from typer.testing import CliRunner
 
-from capdpo.agreement import load_scores
 from capdpo.cli import app
+from capdpo.evaluation.agreement import load_scores
 from capdpo.oracle import Answer
 from capdpo.records import Candidate, QAItem, RecordFile
 

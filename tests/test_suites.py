@@ -12,11 +12,11 @@ import pytest
 from PIL import Image
 
 from capdpo.config import JudgeConfig, LLMConfig
-from capdpo.evaluate import accuracy_of, format_summary, summarize
+from capdpo.evaluation.stage import accuracy_of, format_summary, summarize
+from capdpo.evaluation.suites import SUITES, MissingMediaError, load_suite, resolve_video
 from capdpo.judge.judge import CaptionJudge
 from capdpo.llm import Reply
 from capdpo.records import Judgment, RecordError
-from capdpo.suites import SUITES, MissingMediaError, load_suite, resolve_video
 
 
 class FunctionLLM:

@@ -66,9 +66,13 @@ class JudgeBudget:
         tokens = {p: count_tokens(llm, p) for p in set(prompts)}
         return self.usage(llm.model_id, len(prompts), sum(tokens[p] for p in prompts), max_new_tokens * len(prompts))
 
+    def total(self) -> Usage:
+        """The spend the ceilings hold for: this judge's (a :class:`PooledBudget`'s: its pool's)."""
+        return self.used
+
     def over(self, planned: Usage) -> str | None:
         """Why sending ``planned`` on top of what was spent would pass a ceiling; None if it fits."""
-        total = self.used + planned
+        total = self.total() + planned
         if self.max_requests is not None and total.requests > self.max_requests:
             return f"judge.max_requests={self.max_requests}: this run would need {total.requests} requests"
         tokens = total.prompt_tokens + total.completion_tokens
@@ -86,8 +90,43 @@ class JudgeBudget:
         return reason
 
     def spend(self, model: str, replies: list[Reply]) -> None:
-        self.used += self.usage(model, len(replies), sum(r.prompt_tokens for r in replies),
-                                sum(r.completion_tokens for r in replies))
+        self.add(self.usage(model, len(replies), sum(r.prompt_tokens for r in replies),
+                            sum(r.completion_tokens for r in replies)))
+
+    def add(self, usage: Usage) -> None:
+        """Count ``usage`` as spent."""
+        self.used += usage
+
+
+class UsagePool:
+    """The spend of several judges judging one run at once (the actors of one ray judge job)."""
+
+    def __init__(self):
+        self.used = Usage()
+
+    def add(self, usage: Usage) -> None:
+        self.used += usage
+
+    def total(self) -> Usage:
+        return self.used
+
+
+class PooledBudget(JudgeBudget):
+    """A judge's budget whose ceilings hold for the spend of every judge sharing ``pool`` (a
+    :class:`UsagePool`, or a proxy of one); ``used`` is still this judge's own. The judges check
+    before they send and count after, so together they may pass a ceiling by the requests they had
+    in flight at once (at most one batch each)."""
+
+    def __init__(self, cfg: JudgeConfig, pool):
+        super().__init__(cfg)
+        self.pool = pool
+
+    def total(self) -> Usage:
+        return self.pool.total()
+
+    def add(self, usage: Usage) -> None:
+        super().add(usage)
+        self.pool.add(usage)
 
 
 def count_tokens(llm, text: str) -> int:

@@ -129,6 +129,25 @@ class _Request:
 
 
 
+def judge_batch_size(cfg: JudgeConfig) -> int:
+    """Items per judge call when judging many: a remote backend needs at least ``concurrency`` of
+    them to keep that many requests in flight."""
+    llm = cfg.llm
+    return max(llm.batch_size, llm.concurrency) if llm.backend == "openai" else llm.batch_size
+
+
+def protocol_config(cfg: JudgeConfig, protocol: str) -> JudgeConfig:
+    """The judge settings ``cfg`` for ``protocol``: with that protocol's own template when it is not
+    ``cfg.protocol`` (:meth:`CaptionJudge.for_protocol`)."""
+    if protocol == cfg.protocol:
+        return cfg
+    if protocol != "caption_reward" and cfg.mode != "generate":
+        raise ValueError(f"protocol {protocol} is judged from a free reply, but judge.mode={cfg.mode}; "
+                         "evaluate this suite with --set judge.mode=generate")
+    # validated like a loaded config: the combination checks live in config.JudgeConfig
+    return JudgeConfig.model_validate({**cfg.model_dump(), "protocol": protocol, "template": None})
+
+
 def default_template(cfg: JudgeConfig, cache_dir: str | Path) -> str:
     """The template a judge uses when ``judge.template`` is unset: the one a distilled judge was
     trained on, else the protocol's own (``caption_reward_frames`` with ``evidence=frames``)."""
@@ -170,11 +189,7 @@ class CaptionJudge:
         behind the same reply cache, so judging the same answers again sends nothing - and its
         budget: one spend, one set of ceilings for everything judged in a process."""
         if protocol not in self._by_protocol:
-            if protocol != "caption_reward" and self.cfg.mode != "generate":
-                raise ValueError(f"protocol {protocol} is judged from a free reply, but judge.mode={self.cfg.mode}; "
-                                 "evaluate this suite with --set judge.mode=generate")
-            # validated like a loaded config: the combination checks live in config.JudgeConfig
-            cfg = JudgeConfig.model_validate({**self.cfg.model_dump(), "protocol": protocol, "template": None})
+            cfg = protocol_config(self.cfg, protocol)
             self._by_protocol[protocol] = CaptionJudge(cfg, self.cache_dir, llm=self.llm, budget=self.budget,
                                                        members=[jl.llm for jl in self.judges[1:]])
         return self._by_protocol[protocol]
@@ -221,10 +236,8 @@ class CaptionJudge:
 
     @property
     def batch_size(self) -> int:
-        """Items per :meth:`judge` call when judging many: a remote backend needs at least
-        ``concurrency`` of them to keep that many requests in flight."""
-        llm = self.cfg.llm
-        return max(llm.batch_size, llm.concurrency) if llm.backend == "openai" else llm.batch_size
+        """Items per :meth:`judge` call when judging many (:func:`judge_batch_size`)."""
+        return judge_batch_size(self.cfg)
 
     def render(self, item: JudgeItem) -> str:
         return self.template.render(caption=item.caption, question=item.question, answer=item.reference,
@@ -412,7 +425,7 @@ class CaptionJudge:
         """The reply is the digit distribution after 'Score: '; the score its argmax
         (``constrained``) or its mean (``expected``): always valid, never a parse guess."""
         dists = self.llm.choose(prompts, "Score: ", ["1", "2", "3", "4", "5"])
-        self.budget.used += Usage(requests=len(prompts))  # one forward pass each; no tokens generated
+        self.budget.add(Usage(requests=len(prompts)))  # one forward pass each; no tokens generated
         results = []
         for item, prompt, probs in zip(items, prompts, dists):
             if self.cfg.mode == "expected":
@@ -530,13 +543,30 @@ def _reply_text(reply: Reply) -> str:
 
 # -- judging many, resumably -----------------------------------------------------------------
 
-def check_same_judge(judge: CaptionJudge, out: RecordFile[Judgment]) -> None:
+@dataclass(frozen=True)
+class JudgeIdentity:
+    """What a judgment records of the judge that made it."""
+
+    backend: str
+    model: str
+    protocol: str
+    template: str
+    template_hash: str
+    params: dict
+
+    @classmethod
+    def of(cls, judge: CaptionJudge) -> JudgeIdentity:
+        return cls(judge.llm.backend, judge.model_id, judge.cfg.protocol, judge.template.name, judge.template.hash, judge.params)
+
+
+def check_same_judge(judge: CaptionJudge | JudgeIdentity, out: RecordFile[Judgment]) -> None:
     """Resuming must not mix two judges' scores in one file: refuse when the recorded judge,
     template or scoring parameters differ from the current ones."""
     first = next(out.read(), None)
     if first is None:
         return
-    now = (judge.llm.backend, judge.model_id, judge.template.hash, judge.params)
+    judge = judge if isinstance(judge, JudgeIdentity) else JudgeIdentity.of(judge)
+    now = (judge.backend, judge.model, judge.template_hash, judge.params)
     was = (first.judge_backend, first.judge_model, first.template_hash, first.params)
     if now != was:
         raise ValueError(f"{out.path}: made by another judge ({was[0]}:{was[1]}, template {was[2]}, {was[3]}); "
@@ -544,10 +574,9 @@ def check_same_judge(judge: CaptionJudge, out: RecordFile[Judgment]) -> None:
                          "Use another run folder or move the file away to judge again.")
 
 
-def check_evidence(judge: CaptionJudge, items: list[JudgeItem]) -> None:
+def check_evidence(cfg: JudgeConfig, items: list[JudgeItem]) -> None:
     """Refuse, before sending anything, answers whose video has an empty caption under protocol
     caption_reward: the judge would grade them with no evidence and they would become pairs."""
-    cfg = judge.cfg
     if cfg.protocol != "caption_reward" or cfg.evidence != "caption" or cfg.allow_missing_caption:
         return
     bare = [it for it in items if not it.caption.strip()]
@@ -574,33 +603,39 @@ def judge_items(judge: CaptionJudge, items: list[JudgeItem], out: RecordFile[Jud
     saved, then :class:`BudgetExceeded` is raised: nothing judged is lost, and running again
     (with a fresh or larger budget) goes on from there."""
     batch_size = batch_size or judge.batch_size
-    check_evidence(judge, items)
+    check_evidence(judge.cfg, items)
     out.drop_duplicates()
     if retry_failed and out.exists():
-        _drop_failures(judge, items, out)
+        judge.forget(drop_failures(items, out))  # and their cached replies, so they are asked again
     check_same_judge(judge, out)
     judge.budget.exhausted = None  # set again below only if this call hits a ceiling
     by_id = {it.target_id: it for it in items}
     with out.claims() as claims, tqdm(total=len(items), initial=len(claims.done_ids() & by_id.keys()), desc=desc,
                                       unit="answer") as bar:
         while batch_ids := claims.claim(list(by_id), limit=batch_size):
-            batch = [by_id[i] for i in batch_ids]
-            fits = judge.affordable(batch)
-            if fits:
-                out.append(judge.judge(batch[:fits]))
-                bar.update(fits)
-            if fits < len(batch) or judge.budget.exhausted:
+            judged = judge_affordable(judge, [by_id[i] for i in batch_ids])
+            out.append(judged)
+            bar.update(len(judged))
+            if len(judged) < len(batch_ids) or judge.budget.exhausted:
                 _stop_for_budget(judge, out, left=len(by_id.keys() - claims.done_ids()))
     return [j for j in out.read() if j.target_id in by_id]
 
 
-def _drop_failures(judge: CaptionJudge, items: list[JudgeItem], out: RecordFile[Judgment]) -> None:
-    """``--retry-failed``: remove the recorded failures from ``out`` and their cached replies."""
+def judge_affordable(judge: CaptionJudge, batch: list[JudgeItem]) -> list[Judgment]:
+    """The judgments of the first items of ``batch`` the budget lets the judge send (all of them
+    without ceilings): the judge's work on a batch, the same in the local loop and in a ray actor."""
+    fits = judge.affordable(batch)
+    return judge.judge(batch[:fits]) if fits else []
+
+
+def drop_failures(items: list[JudgeItem], out: RecordFile[Judgment]) -> list[JudgeItem]:
+    """Remove the recorded failures from ``out``; returns the items they judged (whose cached
+    replies the judge must forget, :meth:`CaptionJudge.forget`)."""
     with out.lock():
         judgments = out.all()
         failed = {j.target_id for j in judgments if j.failure is not None}
         out.write([j for j in judgments if j.failure is None])
-    judge.forget([it for it in items if it.target_id in failed])
+    return [it for it in items if it.target_id in failed]
 
 
 def _stop_for_budget(judge: CaptionJudge, out: RecordFile[Judgment], left: int) -> None:

@@ -1,16 +1,20 @@
 """Stage 6: judge the sampled candidates (``capdpo judge``).
 
 Every candidate answer becomes a :class:`~capdpo.judge.judge.JudgeItem` and is judged into
-``judgments.jsonl``, resumably; ``--dry-run`` (:func:`dry_run_judge`) sizes what would be sent
-instead of sending it.
+``judgments.jsonl``, resumably, in this process or, with ``engine: ray``, by Ray actors
+(:func:`judge_on_ray`); ``--dry-run`` (:func:`dry_run_judge`) sizes what would be sent instead of
+sending it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 
+from capdpo.config import JudgeConfig, RayConfig
 from capdpo.judge.budget import Usage
 from capdpo.judge.judge import CaptionJudge, JudgeItem, judge_items
+from capdpo.judge.on_ray import judge_items_on_ray
 from capdpo.records import Candidate, Judgment, QAItem, RecordFile, Video
 
 
@@ -45,6 +49,14 @@ def run_judge(videos: RecordFile[Video], qa: RecordFile[QAItem], candidates: Rec
     """The ``judge`` stage: every candidate not yet in ``out`` judged into it; returns the
     judgments of all candidates (failures kept, with their reason)."""
     return judge_items(judge, _items(videos, qa, candidates), out, retry_failed=retry_failed)
+
+
+def judge_on_ray(videos: RecordFile[Video], qa: RecordFile[QAItem], candidates: RecordFile[Candidate],
+                 out: RecordFile[Judgment], cfg: JudgeConfig, cache_dir: str | Path, reply_cache: Path | None,
+                 settings: RayConfig, *, retry_failed: bool = False) -> list[Judgment]:
+    """:func:`run_judge` as one Ray Data job (``engine: ray``): each actor holds its own judge."""
+    return judge_items_on_ray(cfg, cache_dir, reply_cache, _items(videos, qa, candidates), out, settings,
+                              retry_failed=retry_failed)[0]
 
 
 def dry_run_judge(videos: RecordFile[Video], qa: RecordFile[QAItem], candidates: RecordFile[Candidate],

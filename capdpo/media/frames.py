@@ -4,6 +4,10 @@ A "video" is either a file PyAV can decode (mp4, webm, avi, mkv...) or a folder 
 (jpg/jpeg/png/webp) whose natural sort order is the frame order. Both are sampled the same way:
 ``numpy.linspace(0, n-1, num_frames).round()`` over all ``n`` frames, as in the paper (method.md,
 step 1). Videos are decoded in one pass that keeps only the frames it needs.
+
+A :class:`~capdpo.records.ClipWindow` (MVBench's time bounds) restricts the sampling to the frames
+between its ``start`` and ``end`` seconds: ``round(start * fps)`` to ``round(end * fps)``, clipped
+to the video, as MVBench's own loader bounds it; the same linspace then runs over those frames.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from capdpo.errors import FrameError
+from capdpo.records import ClipWindow
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 DONE_MARKER = ".done"  # written last into a finished frame folder; its JSON holds the settings
@@ -116,6 +121,29 @@ def sample_indices(n: int, num_frames: int) -> list[int]:
     return [int(i) for i in np.linspace(0, n - 1, num_frames).round()]
 
 
+def window_bounds(n: int, fps: float, window: ClipWindow, where: str | os.PathLike) -> tuple[int, int]:
+    """First and last frame index of ``window`` in a video of ``n`` frames at ``fps``; a window
+    wholly outside the video is a FrameError naming ``where``."""
+    first, last = max(0, round(window.start * fps)), min(round(window.end * fps), n - 1)
+    if first > last:
+        raise FrameError(f"{where}: time window {window.start:g}-{window.end:g} s lies outside the video "
+                         f"({n} frames at {fps:g} fps, {n / fps:.1f} s)")
+    return first, last
+
+
+def frame_indices(n: int, num_frames: int, fps: float | None = None, window: ClipWindow | None = None,
+                  where: str | os.PathLike = "video") -> list[int]:
+    """The ``num_frames`` indices sampled from ``n`` frames: uniform over all of them, or over the
+    frames of ``window`` (which needs the frame rate ``fps``)."""
+    if window is None:
+        return sample_indices(n, num_frames)
+    if not fps:
+        raise FrameError(f"{where}: frame rate unknown, so the time window {window.start:g}-{window.end:g} s cannot be "
+                         "placed (a frame folder needs capdpo's marker or the window's fps)")
+    first, last = window_bounds(n, fps, window, where)
+    return [first + i for i in sample_indices(last - first + 1, num_frames)]
+
+
 def frame_rate(path: str | os.PathLike) -> float | None:
     """Frames per second of a video file, or of a frame folder written by ``extract_frame_folder``
     (read from its marker); None when unknown."""
@@ -151,24 +179,32 @@ def load_frame_image(path: Path) -> Image.Image:
         raise FrameError(f"{path}: cannot read image ({e})") from None
 
 
-def _sample_video(path: Path, num_frames: int) -> list[Image.Image]:
+def _sample_video(path: Path, num_frames: int, window: ClipWindow | None) -> list[Image.Image]:
     # Some containers (webm, mkv) carry no frame count: count by decoding first.
     n = _declared_frames(path) or _decode(path, set())[1]
     if n == 0:
         raise FrameError(f"{path}: video stream has no frames")
-    idx = sample_indices(n, num_frames)
+    fps = frame_rate(path) if window is not None else None
+    idx = frame_indices(n, num_frames, fps, window, path)
     kept, decoded = _decode(path, set(idx))
     if decoded != n:
         # The header's count was wrong (edit lists, dropped frames): resample on the true count.
         if decoded == 0:
             raise FrameError(f"{path}: video stream has no frames")
-        idx = sample_indices(decoded, num_frames)
+        idx = frame_indices(decoded, num_frames, fps, window, path)
         kept, _ = _decode(path, set(idx))
     return [kept[i] for i in idx]
 
 
-def sample_frames(path: str | os.PathLike, num_frames: int = 8, size: int | None = None) -> list[Image.Image]:
-    """Sample ``num_frames`` RGB frames uniformly over a video file or a frame folder.
+def folder_frame_rate(folder: Path, window: ClipWindow | None) -> float | None:
+    """A frame folder's frame rate: the window's ``fps`` when given, else capdpo's marker's."""
+    return window.fps if window is not None and window.fps else frame_rate(folder)
+
+
+def sample_frames(path: str | os.PathLike, num_frames: int = 8, size: int | None = None,
+                  window: ClipWindow | None = None) -> list[Image.Image]:
+    """Sample ``num_frames`` RGB frames uniformly over a video file or a frame folder, or over
+    the part of it ``window`` names.
 
     With ``size``, each frame is resized to short side ``size`` and centre-cropped to a square.
     Raises :class:`FrameError` (message starting with the path) for anything unreadable.
@@ -179,9 +215,10 @@ def sample_frames(path: str | os.PathLike, num_frames: int = 8, size: int | None
     check_exists(path)
     if path.is_dir():
         files = list_frame_files(path)
-        frames = [load_frame_image(files[i]) for i in sample_indices(len(files), num_frames)]
+        idx = frame_indices(len(files), num_frames, folder_frame_rate(path, window), window, path)
+        frames = [load_frame_image(files[i]) for i in idx]
     else:
-        frames = _sample_video(path, num_frames)
+        frames = _sample_video(path, num_frames, window)
     if size is not None:
         frames = [resize_center_crop(f, size) for f in frames]
     return frames

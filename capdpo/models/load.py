@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from capdpo.config import BUILTIN_POLICY, PolicyConfig
+from capdpo.config import BUILTIN_POLICY, BUILTIN_START, PolicyConfig
 from capdpo.devices import pick_dtype, resolve_device
 from capdpo.policy.base import VideoPolicy
 from capdpo.policy.llava import LlavaNextVideoPolicy, OneVisionPolicy, VideoLlavaPolicy
@@ -33,11 +33,11 @@ def adapter_class(model_type: str) -> type[VideoPolicy]:
 
 
 def checkpoint_dir(model: str, cache_dir: str | Path) -> Path:
-    """Local folder of a policy: the built-in mini model (built on first use), a path, or a hub id."""
-    if model == BUILTIN_POLICY:
-        from capdpo.models.mini import mini_model_dir  # builds the model on first use: only when asked for
+    """Local folder of a policy: the built-in mini model or its start (built on first use), a path, or a hub id."""
+    if model in (BUILTIN_POLICY, BUILTIN_START):
+        from capdpo.models.mini import mini_model_dir, mini_start_dir  # built on first use: only when asked for
 
-        return mini_model_dir(Path(cache_dir))
+        return (mini_model_dir if model == BUILTIN_POLICY else mini_start_dir)(Path(cache_dir))
     if Path(model).exists():
         return Path(model)
     from huggingface_hub import snapshot_download

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a video policy: the phases of ``capdpo sft`` and the built-in model's short SFT.
+"""Supervised fine-tuning of a video policy: the phases of ``capdpo sft``.
 
 ``run_phases`` is the stage's machinery (capdpo/sft.py describes the stage): every phase of an
 ``SFTConfig`` in order, each training the parts it names at their own learning rates on a
@@ -8,10 +8,6 @@ of a model (``capdpo.models.mini``) can train through the same phases:
 
     examples = lambda source: run_examples(source, RunRecords(videos, questions), cfg.seed, errors)
     checkpoint = run_phases(policy, cfg, frames, out_dir, examples)
-
-``supervised_finetune`` is the built-in mini model's earlier routine (projector in full and LoRA
-on the LLM, one learning rate, in memory), kept with ``SFTExample`` and ``example_logps`` for the
-benchmarks that call them.
 """
 
 from __future__ import annotations
@@ -24,17 +20,14 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from peft import LoraConfig, get_peft_model
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from capdpo.config import FramesConfig, SFTConfig, SFTPhase, SFTSource, TrainConfig
 from capdpo.errors import ITEM_ERRORS, ItemErrors
-from capdpo.policy.base import EncodedVideo, TowerFeatures, VideoInputs, VideoPolicy
+from capdpo.policy.base import EncodedVideo, TowerFeatures, VideoPolicy
 from capdpo.policy.embed_cache import EmbeddingCache
 from capdpo.policy.logps import answer_logps
-from capdpo.policy.packing import video_grouped_order
 from capdpo.policy.video import VideoEncoder
 from capdpo.records import QAItem, RecordFile, Video
 from capdpo.training import (
@@ -53,82 +46,6 @@ from capdpo.training import (
 )
 
 log = logging.getLogger(__name__)
-
-
-# -- the built-in model's earlier routine ----------------------------------------------------------------
-@dataclass(frozen=True)
-class SFTExample:
-    video_key: str  # key of the preprocessed video handed to `supervised_finetune`
-    prompt: str
-    response: str
-
-
-def example_logps(policy: VideoPolicy, inputs: dict[str, VideoInputs | TowerFeatures], batch: list[SFTExample],
-                  max_response_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs and token counts of the batch's responses, grouped by video (the loss only
-    sums them). Each video is encoded once (with autograd: the projector learns), from its pixels
-    or its tower features, and its examples share one packed row: the video tokens and the
-    prompts' common start run once, each example's question rest and response behind them."""
-    keys = list(dict.fromkeys(e.video_key for e in batch))
-    videos = {k: policy.embeddings(inputs[k]) for k in keys}
-    grouped = [e for k in keys for e in batch if e.video_key == k]
-    return answer_logps(policy, [videos[e.video_key] for e in grouped],
-                        [policy.prompt_ids(e.prompt, videos[e.video_key].layout) for e in grouped],
-                        [policy.response_ids(e.response, max_response_tokens) for e in grouped])
-
-
-def lora_and_projector(policy: VideoPolicy, r: int, alpha: int):
-    """``policy.model`` wrapped with LoRA on the language model's linear layers, the projector
-    trained in full and the vision tower frozen; returns the PEFT model."""
-    policy.model.requires_grad_(False)
-    peft_model = get_peft_model(policy.model, LoraConfig(r=r, lora_alpha=alpha, target_modules=policy.parts.lora_targets(),
-                                                         lora_dropout=0.0))
-    for name, p in policy.model.named_parameters():
-        if policy.parts.part_of(name) == "projector":
-            p.requires_grad_(True)
-    return peft_model
-
-
-def finetune_step(policy: VideoPolicy, inputs: dict[str, VideoInputs | TowerFeatures], batch: list[SFTExample],
-             max_response_tokens: int, opt: torch.optim.Optimizer, sched, trainable: list[torch.nn.Parameter]) -> float:
-    """One optimizer step on the mean token NLL of ``batch``'s answers (gradients clipped at 1); returns the loss."""
-    logps, n_tokens = example_logps(policy, inputs, batch, max_response_tokens)
-    loss = -(logps.sum() / n_tokens.sum())
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-    opt.step()
-    sched.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.item()
-
-
-def supervised_finetune(policy: VideoPolicy, pixels: dict[str, VideoInputs], examples: list[SFTExample], *,
-                        epochs: int = 1, batch_size: int = 4, lr: float = 1e-3, lora_r: int = 32, seed: int = 0,
-                        max_response_tokens: int = 128) -> list[float]:
-    """Train projector + LoRA(LLM), merge the adapters into ``policy.model``; returns step losses.
-    Batches hold whole videos where they fit (``video_grouped_order``), whose examples share one
-    packed row (``example_logps``)."""
-    torch.manual_seed(seed)
-    model = policy.model
-    peft_model = lora_and_projector(policy, lora_r, lora_r)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    with torch.no_grad():  # the frozen tower runs once per video, the projector every step
-        inputs = {k: policy.tower_features(v) for k, v in pixels.items()} if policy.splits_projector else pixels
-    opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
-    sched = get_linear_schedule_with_warmup(opt, max(1, steps // 10), steps)
-    model.train()
-    losses: list[float] = []
-    with tqdm(total=steps, desc="sft", unit="step") as bar:
-        for epoch in range(epochs):
-            order = video_grouped_order([e.video_key for e in examples], seed * 1_000_003 + epoch)
-            for start in range(0, len(order), batch_size):
-                batch = [examples[i] for i in order[start : start + batch_size]]
-                losses.append(finetune_step(policy, inputs, batch, max_response_tokens, opt, sched, trainable))
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-                bar.update()
-    policy.model = peft_model.merge_and_unload().eval()
-    return losses
 
 
 # -- the phases of `capdpo sft` -------------------------------------------------------------------------
@@ -191,6 +108,17 @@ class RunRecords:
     def read(cls, videos_file: RecordFile[Video] | None, qa_file: RecordFile[QAItem] | None) -> RunRecords:
         have = lambda f: f is not None and f.exists()  # noqa: E731
         return cls(videos_file.by_id() if have(videos_file) else {}, qa_file.all() if have(qa_file) else [])
+
+    @classmethod
+    def of_synthetic(cls, clips, kinds: Sequence[str] | None = None) -> RunRecords:
+        """Synthetic clips (``capdpo.media.synthetic.SyntheticClip``) as a run's train records: every
+        video in the train split with its exact caption, and its exact questions of ``kinds`` (None:
+        all) tagged ``scene:<kind>`` as ``capdpo data`` tags them."""
+        videos = {c.video.id: c.video.model_copy(update={"split": "train"}) for c in clips}
+        questions = [QAItem(id=f"{c.video.id}_{i}", video_id=c.video.id, question=q, answer=a, source=f"scene:{kind}",
+                            split="train")
+                     for c in clips for i, (q, a, kind) in enumerate(c.qa) if kinds is None or kind in kinds]
+        return cls(videos, questions)
 
     def held_out(self, video_path: str) -> bool:
         """Whether a foreign row's video is one of the run's test videos (same file, or its id as the file's stem)."""

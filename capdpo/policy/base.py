@@ -40,6 +40,7 @@ from transformers import GenerationMixin, LogitsProcessorList
 from capdpo.errors import OverBudgetError
 from capdpo.policy.packing import TREE_MASK_ATTENTION, Branch, behind_shared_prefix, pack_branches, tree_mask
 from capdpo.policy.sampling import RowSampler
+from capdpo.prompts import ChatPrompt
 
 logger = logging.getLogger(__name__)
 # transformers renamed generate's and forward's past_key_values to cache (the old name is deprecated)
@@ -341,27 +342,32 @@ class VideoPolicy:
         """What the chat template writes for a video, before expansion to the video's tokens."""
         return self.tokenizer.convert_ids_to_tokens(self.video_token_id)
 
-    def prompt_text(self, question: str) -> str:
-        """The chat-formatted user turn with one unexpanded video placeholder (vLLM's prompt format).
+    def prompt_text(self, question: str | ChatPrompt) -> str:
+        """The chat-formatted user turn with one unexpanded video placeholder (vLLM's prompt format);
+        a :class:`~capdpo.prompts.ChatPrompt` adds its system turn before it and its prefill after
+        the generation prompt.
 
         A multimodal chat template renders ``{"type": "video"}`` content itself; a text-only one gets
         the family's inline form (``<video>\\n{question}`` for LLaVA models)."""
-        tried = ([{"type": "video"}, {"type": "text", "text": question}], self.inline_video.format(video=self.video_placeholder, question=question))
+        prompt = question if isinstance(question, ChatPrompt) else ChatPrompt(question)
+        system = [{"role": "system", "content": prompt.system}] if prompt.system is not None else []
+        tried = ([{"type": "video"}, {"type": "text", "text": prompt.text}],
+                 self.inline_video.format(video=self.video_placeholder, question=prompt.text))
         for content in tried:
             try:
-                text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                text = self.tokenizer.apply_chat_template([*system, {"role": "user", "content": content}], tokenize=False,
                                                           add_generation_prompt=True)
             except (TypeError, TemplateError):  # a text-only template may choke on list content; the inline form follows
                 continue
             if text.count(self.video_placeholder) == 1:
-                return text
+                return text + prompt.prefill
         raise ValueError(f"{self.name}: the chat template does not render the video placeholder {self.video_placeholder!r}")
 
     def video_text(self, layout: VideoLayout) -> str:
         """The placeholder expanded to one token per visual embedding (and any markers around them)."""
         return self.video_placeholder * layout.n_visual
 
-    def prompt_ids(self, question: str, layout: VideoLayout) -> list[int]:
+    def prompt_ids(self, question: str | ChatPrompt, layout: VideoLayout) -> list[int]:
         """Token ids of the chat-formatted question with the video expanded for ``layout``."""
         text = self.prompt_text(question).replace(self.video_placeholder, self.video_text(layout), 1)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -377,14 +383,14 @@ class VideoPolicy:
         return ids + [self.tokenizer.eos_token_id]
 
     # -- token budget ------------------------------------------------------------------------------
-    def tokens_needed(self, layout: VideoLayout, prompts: Sequence[str], new_tokens: int) -> int:
+    def tokens_needed(self, layout: VideoLayout, prompts: Sequence[str | ChatPrompt], new_tokens: int) -> int:
         """Longest prompt (visual tokens included) plus ``new_tokens`` answer tokens."""
         return max((len(self.prompt_ids(p, layout)) for p in prompts), default=self.video_tokens(layout)) + new_tokens
 
     def video_tokens(self, layout: VideoLayout) -> int:
         return len(self.tokenizer(self.video_text(layout), add_special_tokens=False)["input_ids"])
 
-    def check_budget(self, layout: VideoLayout, prompts: Sequence[str], new_tokens: int, item: str) -> None:
+    def check_budget(self, layout: VideoLayout, prompts: Sequence[str | ChatPrompt], new_tokens: int, item: str) -> None:
         need = self.tokens_needed(layout, prompts, new_tokens)
         if need > self.max_tokens:
             raise OverBudgetError(
@@ -402,13 +408,13 @@ class VideoPolicy:
         return answers
 
     @torch.inference_mode()
-    def generate_batch(self, requests: Sequence[tuple[EncodedVideo, str]], *, n: int = 1, temperature: float = 0.0,
+    def generate_batch(self, requests: Sequence[tuple[EncodedVideo, str | ChatPrompt]], *, n: int = 1, temperature: float = 0.0,
                        top_p: float = 1.0, max_new_tokens: int = 64, seeds: Sequence[int] | None = None) -> list[list[str]]:
         """``generate_ids``' answers as text."""
         groups = self.generate_ids(requests, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seeds=seeds)
         return [[self.tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in group] for group in groups]
 
-    def generate_ids(self, requests: Sequence[tuple[EncodedVideo, str]], *, n: int = 1, temperature: float = 0.0,
+    def generate_ids(self, requests: Sequence[tuple[EncodedVideo, str | ChatPrompt]], *, n: int = 1, temperature: float = 0.0,
                      top_p: float = 1.0, max_new_tokens: int = 64, seeds: Sequence[int] | None = None,
                      synced_gpus: bool = False) -> list[list[list[int]]]:
         """The token ids of ``n`` answers to each ``(video, question)`` request (ending with the

@@ -50,7 +50,7 @@ from safetensors.torch import save
 from capdpo.hashing import file_hash, sha256_json
 from capdpo.media.frames import list_frame_files
 from capdpo.policy.base import EncodedVideo, TowerFeatures, VideoLayout, VideoPolicy, read_processor_config, spec_from_dict
-from capdpo.records import Video, atomic_path
+from capdpo.records import ClipWindow, Video, atomic_path
 
 log = logging.getLogger("capdpo")
 
@@ -101,11 +101,13 @@ def encoder_fingerprint(policy: VideoPolicy, stage: str = "embeddings") -> str:
     } | ({} if stage == "embeddings" else {"stage": stage}))
 
 
-def entry_key(policy: VideoPolicy, video_path: str | os.PathLike, layout: VideoLayout, stage: str = "embeddings") -> str:
-    """The cache key of one video encoded with ``layout`` by ``policy``'s encoder (``stage``
-    "embeddings"), or by its vision tower only ("tower")."""
+def entry_key(policy: VideoPolicy, video_path: str | os.PathLike, layout: VideoLayout, stage: str = "embeddings",
+              window: ClipWindow | None = None) -> str:
+    """The cache key of one video (or the part ``window`` names) encoded with ``layout`` by
+    ``policy``'s encoder (``stage`` "embeddings"), or by its vision tower only ("tower")."""
+    part = {} if window is None else {"window": window.model_dump()}  # a whole clip keeps the key it always had
     return sha256_json({"format": ENTRY_FORMAT, "content": content_hash(video_path), "layout": asdict(layout),
-                        "encoder": encoder_fingerprint(policy, stage)})
+                        "encoder": encoder_fingerprint(policy, stage)} | part)
 
 
 class EmbeddingCache:
@@ -131,7 +133,7 @@ class EmbeddingCache:
 
     def put(self, policy: VideoPolicy, video: Video, encoded: EncodedVideo) -> None:
         """Store ``video`` as ``policy``'s encoder encoded it (with ``encoded.layout``)."""
-        self._write(self.path(entry_key(policy, video.video, encoded.layout)), encoded, video)
+        self._write(self.path(entry_key(policy, video.video, encoded.layout, window=video.window)), encoded, video)
 
     def get_tower(self, policy: VideoPolicy, video: Video, layout: VideoLayout) -> TowerFeatures | None:
         """``video``'s tower features (``VideoPolicy.tower_features``) with ``layout``, or None."""
@@ -140,12 +142,12 @@ class EmbeddingCache:
 
     def put_tower(self, policy: VideoPolicy, video: Video, features: TowerFeatures) -> None:
         """Store ``video``'s tower features (with ``features.layout``)."""
-        self._write(self.path(entry_key(policy, video.video, features.layout, "tower")),
+        self._write(self.path(entry_key(policy, video.video, features.layout, "tower", video.window)),
                     EncodedVideo(features.layout, features.features), video)
 
     def _lookup(self, policy: VideoPolicy, video: Video, layout: VideoLayout, stage: str) -> EncodedVideo | None:
         """The ``stage`` entry of ``video`` on the policy's device and dtype, or None (counted)."""
-        path = self.path(entry_key(policy, video.video, layout, stage))
+        path = self.path(entry_key(policy, video.video, layout, stage, video.window))
         if path.exists():
             try:
                 stored = self._read(path, layout)

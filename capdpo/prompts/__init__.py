@@ -27,6 +27,17 @@ class Template:
         return self.text.format(**fields)
 
 
+@dataclass(frozen=True)
+class ChatPrompt:
+    """What a video LMM is asked, beyond a bare question: the user turn's ``text``, an optional
+    ``system`` turn, and ``prefill``, the start of the answer the model continues from (MVBench's
+    official "Best option:("). A plain ``str`` question is a ChatPrompt with only ``text``."""
+
+    text: str
+    system: str | None = None
+    prefill: str = ""
+
+
 def load_template(name_or_path: str) -> Template:
     """A built-in template by name (``caption_reward``) or any ``.txt`` file by path."""
     path = Path(name_or_path)

@@ -104,7 +104,7 @@ class QARow:
 
 @dataclass
 class Benchmark:
-    """A suite's questions whose media were found, ready for :func:`capdpo.evaluate.run_evaluate`."""
+    """A suite's questions whose media were found, ready for :func:`capdpo.evaluation.stage.run_evaluate`."""
 
     suite: Suite
     source: Path

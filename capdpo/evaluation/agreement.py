@@ -392,7 +392,7 @@ def format_report(report: AgreementReport, *, name_a: str = "A", name_b: str = "
 
 def save_agreement(path: Path, report: AgreementReport, name_a: str, name_b: str) -> None:
     """Add one judge-agreement study to ``agreement.json`` (a list of ``{name_a, name_b, report}``
-    with ``report`` the :class:`~capdpo.agreement.AgreementReport`'s fields), replacing an earlier
+    with ``report`` the :class:`~capdpo.evaluation.agreement.AgreementReport`'s fields), replacing an earlier
     study of the same two judges."""
     studies = [s for s in read_agreement(path) if (s.get("name_a"), s.get("name_b")) != (name_a, name_b)]
     studies.append({"name_a": name_a, "name_b": name_b, "report": dataclasses.asdict(report)})

@@ -14,6 +14,12 @@ The interval resamples questions with replacement (``resamples`` times, seeded):
 same resampled questions for both systems - when both judged exactly the same questions, else
 each system's questions independently (*unpaired*). Failed judgments are left out of every
 number (they are counted in the coverage table), as in the evaluation itself.
+
+Multiple-choice benchmarks (capdpo.evaluation.mc) are compared the same way on their items'
+right/wrong (no mean score; items without a readable video left out), with the extractor and
+prompt in place of the judge, and per category (Video-MME task type and duration, MVBench task,
+TempCompass dimension, NExT-QA type...): :attr:`Comparison.category_diff`, so a drop confined to
+one task shows.
 """
 
 from __future__ import annotations
@@ -26,10 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
-from capdpo.records import EvalSummary, Judgment
+from capdpo.evaluation.mc.items import BENCHMARKS, benchmark_of
+from capdpo.evaluation.mc.items import dataset_title as mc_title
+from capdpo.evaluation.suites import SUITES, suite_title
+from capdpo.records import EvalSummary, Judgment, MCPrediction
 from capdpo.rundir import HELD_OUT
 from capdpo.stats import bootstrap_diff, percentile_interval
-from capdpo.suites import SUITES, suite_title
 
 TAG_ORDER = {"before": 0, "after": 2}  # any other tag sits between them
 MEAN = "mean"  # the mean-accuracy column's key among the datasets of a Comparison's differences
@@ -49,8 +57,11 @@ class DatasetResult:
     questions: int = 0
     failed: int = 0
     skipped: int = 0
-    judge: str = ""  # "model · template hash": what produced the numbers
+    judge: str = ""  # "model · template hash": what produced the numbers (multiple choice: extractor and prompt)
     evaluation: str = ""  # which evaluation of the run this is (e.g. "round 2 after")
+    multiple_choice: bool = False  # rule-scored: ``correct`` holds every item with a readable video, ``scores`` nothing
+    answered: int = 0  # multiple choice: items an answer was read from
+    categories: dict[str, dict[str, str]] = field(default_factory=dict)  # multiple choice: item id -> {field: value}
 
     @property
     def accuracy(self) -> float | None:
@@ -77,6 +88,20 @@ class Difference:
     paired: bool | None = None  # None: no interval
 
 
+@dataclass(frozen=True)
+class CategoryDifference:
+    """One value of one category field of a multiple-choice dataset (e.g. task_type = Counting
+    Problem): both systems' accuracy on its items and the difference with its interval."""
+
+    dataset: str
+    field: str
+    value: str
+    items: int  # items of this value the baseline scored
+    base: float | None
+    other: float | None
+    difference: Difference
+
+
 @dataclass
 class Comparison:
     datasets: list[str]
@@ -84,6 +109,8 @@ class Comparison:
     # by system label (all but the first), then dataset (or MEAN): accuracy and score differences
     accuracy_diff: dict[str, dict[str, Difference]] = field(default_factory=dict)
     score_diff: dict[str, dict[str, Difference]] = field(default_factory=dict)
+    # by system label (all but the first): per multiple-choice category, its accuracy difference
+    category_diff: dict[str, list[CategoryDifference]] = field(default_factory=dict)
     resamples: int = 1000
     level: float = 0.95
 
@@ -133,7 +160,31 @@ def compare(systems: Sequence[System], datasets: Sequence[str] | None = None, *,
             per_dataset.append(reps)
         acc[MEAN] = _mean_difference(table, base, other, per_dataset, level)
         table.accuracy_diff[other.label], table.score_diff[other.label] = acc, score
+        table.category_diff[other.label] = _category_differences(table.datasets, base, other, seed, resamples, level)
     return table
+
+
+def _category_differences(datasets: Sequence[str], base: System, other: System, seed: int, resamples: int,
+                          level: float) -> list[CategoryDifference]:
+    """Per multiple-choice dataset both systems have, per category field and value, the accuracy
+    difference on that value's items (paired when both scored the same ones)."""
+    out = []
+    for d in datasets:
+        a, b = base.results.get(d), other.results.get(d)
+        if a is None or b is None or not (a.multiple_choice and b.multiple_choice):
+            continue
+        groups: dict[tuple[str, str], list[str]] = {}
+        for item, fields in {**b.categories, **a.categories}.items():
+            for name, value in fields.items():
+                groups.setdefault((name, value), []).append(item)
+        for (name, value), ids in sorted(groups.items()):
+            a_part = {i: a.correct[i] for i in ids if i in a.correct}
+            b_part = {i: b.correct[i] for i in ids if i in b.correct}
+            a_acc = statistics.fmean(a_part.values()) if a_part else None
+            b_acc = statistics.fmean(b_part.values()) if b_part else None
+            diff, _ = _difference(a_acc, b_acc, a_part, b_part, _rng(seed, other.label, d, name, value), resamples, level)
+            out.append(CategoryDifference(d, name, value, len(a_part), a_acc, b_acc, diff))
+    return out
 
 
 def _difference(a_value, b_value, a: dict, b: dict, rng, resamples: int, level: float) -> tuple[Difference, np.ndarray | None]:
@@ -157,8 +208,13 @@ def dataset_order(systems: Sequence[System]) -> list[str]:
     """Every dataset any system has: held-out first, then the suites in their registry order
     (the paper's MSVD, MSRVTT, TGIF), then any other name alphabetically."""
     names = {d for s in systems for d in s.results}
-    rank = {name: i for i, name in enumerate([HELD_OUT, *SUITES])}
-    return sorted(names, key=lambda d: (rank.get(d, len(rank)), d))
+    rank = {name: i for i, name in enumerate([HELD_OUT, *SUITES, *BENCHMARKS])}
+    return sorted(names, key=lambda d: (rank.get(d.split("_")[0] if d.startswith("tempcompass_") else d, len(rank)), d))
+
+
+def dataset_title(dataset: str) -> str:
+    """Column header of a dataset: a suite's or multiple-choice benchmark's title, else the name itself."""
+    return mc_title(dataset) or suite_title(dataset)
 
 
 # -- reading run folders ----------------------------------------------------------------------
@@ -200,7 +256,13 @@ def load_system(spec: str) -> System:
     results = {}
     for dataset in dict.fromkeys(s.dataset for s in summaries):
         s = _pick([x for x in summaries if x.dataset == dataset], evaluation)
-        if s is not None:
+        if s is not None and s.protocol == "multiple_choice":
+            predictions = paths.round(s.round).mc_predictions(_tag(s), dataset)
+            if not predictions.exists():
+                raise FileNotFoundError(f"{predictions.path}: predictions of {s.id} (round {s.round}) missing; "
+                                        "the comparison needs the per-item predictions")
+            results[dataset] = mc_result(s, predictions.all())
+        elif s is not None:
             judgments = paths.round(s.round).eval_judgments(_tag(s), dataset)
             if not judgments.exists():
                 raise FileNotFoundError(f"{judgments.path}: judgments of {s.id} (round {s.round}) missing; "
@@ -210,6 +272,19 @@ def load_system(spec: str) -> System:
         what = f"evaluation {evaluation!r}" if evaluation else "evaluation"
         raise ValueError(f"{run_dir}: no {what} found (run `capdpo evaluate` first)")
     return System(label or (run_dir.name + (f"@{evaluation}" if evaluation else "")), results)
+
+
+def mc_result(s: EvalSummary, predictions: list[MCPrediction]) -> DatasetResult:
+    """Per-item right/wrong of a multiple-choice evaluation (items without a readable video left out)."""
+    rows = [p for p in predictions if p.error is None]
+    evaluation = _evaluation_name(s).replace("round-", "round ").replace("/", " ")
+    scoring = "" if s.scoring in ("", "rules") else f" · {s.scoring}"
+    benchmark = benchmark_of(s.dataset)
+    fields = benchmark.categories if benchmark else ()  # the fields its summary reports (Video-MME: not its 30 sub-categories)
+    categories = {p.id: {k: v for k, v in p.categories.items() if k in fields} for p in rows}
+    return DatasetResult(s.dataset, {p.id: float(p.correct) for p in rows}, {}, s.questions, 0, s.skipped,
+                         f"{s.extractor} extractor · prompt {s.prompt_hash[:8]}{scoring}", evaluation, multiple_choice=True,
+                         answered=sum(p.answered for p in rows), categories=categories)
 
 
 def dataset_result(s: EvalSummary, judgments: list[Judgment]) -> DatasetResult:
@@ -268,7 +343,7 @@ def _judges(system: System, datasets: list[str]) -> str:
 def format_markdown(table: Comparison) -> str:
     """The comparison as Markdown: the paper's table (accuracy % / mean score, mean accuracy,
     judge), the differences to the first system with intervals, and what each number covers."""
-    titles = [suite_title(d) for d in table.datasets]
+    titles = [dataset_title(d) for d in table.datasets]
     rows = []
     for s in table.systems:
         cells = [f"{_pct(r.accuracy)} / {_num(r.mean_score)}" if (r := s.results.get(d)) else "–" for d in table.datasets]
@@ -288,11 +363,27 @@ def format_markdown(table: Comparison) -> str:
             cells = [f"{signed_difference(acc[d], 100, 2)} / {signed_difference(score[d], 1, 2)}{_pairing(acc[d])}" for d in table.datasets]
             diff_rows.append([s.label, *cells, signed_difference(acc[MEAN], 100, 2) + _pairing(acc[MEAN])])
         lines += _table(["model", *titles, "mean acc"], diff_rows)
-    lines += ["", "Coverage: judged / questions (failed judgments, questions skipped for missing media), evaluation used.", ""]
+    lines += ["", "Coverage: judged / questions (failed judgments, questions skipped for missing media), evaluation used; "
+              "multiple choice: answered / items (items without a readable video).", ""]
     lines += _table(["model", *titles], [[s.label, *(_coverage(s.results.get(d)) for d in table.datasets)]
                                          for s in table.systems])
+    lines += _category_table(table)
     lines += _judge_warnings(table)
     return "\n".join(lines) + "\n"
+
+
+def _category_table(table: Comparison) -> list[str]:
+    """Multiple-choice accuracy per category, each system against the first, with the interval."""
+    rows = [[dataset_title(c.dataset), c.field, c.value, str(c.items), label, _pct(c.base), _pct(c.other),
+             signed_difference(c.difference, 100, 2) + _pairing(c.difference)]
+            for label, cats in table.category_diff.items() for c in cats]
+    if not rows:
+        return []
+    base = table.systems[0].label
+    legend = (f"Multiple-choice accuracy (%) per category, vs {base}: difference in points [{table.level:.0%} bootstrap CI] "
+              "over that category's items, paired (p) when both scored the same items.")
+    return ["", legend, ""] + _table(["dataset", "category", "value", "items", "model", f"{base} (%)", "model (%)",
+                                      "difference"], rows)
 
 
 def _pairing(d: Difference) -> str:
@@ -302,6 +393,8 @@ def _pairing(d: Difference) -> str:
 def _coverage(r: DatasetResult | None) -> str:
     if r is None:
         return "–"
+    if r.multiple_choice:
+        return f"{r.answered}/{r.questions} answered ({r.skipped} without video) {r.evaluation}"
     return f"{len(r.scores)}/{r.questions} ({r.failed} failed, {r.skipped} skipped) {r.evaluation}"
 
 
@@ -311,6 +404,10 @@ def _judge_warnings(table: Comparison) -> list[str]:
     for d in table.datasets:
         judges = {s.results[d].judge for s in table.systems if d in s.results}
         if len(judges) > 1:
-            out.append(f"- WARNING {suite_title(d)}: judged by different judges/templates ({'; '.join(sorted(judges))}): "
-                       "differences mix judge and model effects.")
+            if any(s.results[d].multiple_choice for s in table.systems if d in s.results):
+                what, mixed = "scored by different extractors/prompts", "extractor"
+            else:
+                what, mixed = "judged by different judges/templates", "judge"
+            out.append(f"- WARNING {dataset_title(d)}: {what} ({'; '.join(sorted(judges))}): "
+                       f"differences mix {mixed} and model effects.")
     return ["", *out] if out else []
