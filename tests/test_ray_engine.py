@@ -68,11 +68,16 @@ def limited():
 def cluster():
     """The module's Ray; its address lets a driver in another process join it. The judge's API key
     is in the environment before Ray starts, so that every worker process inherits it."""
+    before = os.environ.get(KEY_ENV)
     os.environ[KEY_ENV] = PLANTED_KEY
     with time_limit(LIMIT_S):
         ray.init(num_cpus=4, include_dashboard=False, logging_level=logging.WARNING)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    if before is None:
+        del os.environ[KEY_ENV]
+    else:
+        os.environ[KEY_ENV] = before
 
 
 def corrupt_video(root: Path, video_id: str = "vbad") -> Video:
