@@ -73,6 +73,23 @@ def tiny_policy_dir(tmp_path_factory, smollm2) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory, smollm2) -> Path:
+    """A 1-layer random Llama with SmolLM2's tokenizer and chat template, built in a second: the
+    judge (or distillation student) of tests that need a local LLM but not SmolLM2's answers, which
+    cost some 0.3 s of CPU a judged answer. Read only: tests must not write into it."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llm")
+    tok = AutoTokenizer.from_pretrained(smollm2)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                 intermediate_size=64, vocab_size=len(tok), pad_token_id=tok.pad_token_id)).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def pair_files(tmp_path_factory):
     """The trainer tests' data: three synthetic clips and six pairs whose answers differ in length and content."""
     from capdpo.media.synthetic import make_synthetic_dataset

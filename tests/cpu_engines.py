@@ -34,8 +34,15 @@ class DeepSpeedRun:
     """``deepspeed.initialize`` on the scorer with the zero2/zero3.yaml settings, fp32 (exact comparison)."""
 
     def __init__(self, scorer: torch.nn.Module, policy: VideoPolicy, settings: dict, cfg: TrainConfig):
+        import importlib
+
         import deepspeed
 
+        # DeepSpeed's CPU accelerator compiles a shared-memory all-reduce kernel when its comm starts
+        # (C++ with ninja: about half a minute of a 2-core machine, on every fresh machine); it is a
+        # CPU-only fast path, no part of a GPU run, so these tests reduce through gloo instead.
+        # (importlib: the attribute deepspeed.comm.torch is the torch package, not that module)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         ds = settings["deepspeed_config"]
         self.stage = ds["zero_stage"]
         config = {"train_micro_batch_size_per_gpu": cfg.batch_size, "gradient_accumulation_steps": cfg.grad_accum,

@@ -220,20 +220,6 @@ def test_hf_choose_shares_prompt_prefixes_exactly(smollm2, tmp_path):
 
 
 @pytest.fixture
-def tiny_student(smollm2, tmp_path_factory):
-    """A 1-layer random Llama with SmolLM2's tokenizer and chat template: a student in seconds."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-student")
-    tok = AutoTokenizer.from_pretrained(smollm2)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                 intermediate_size=64, vocab_size=len(tok), pad_token_id=tok.pad_token_id)).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-@pytest.fixture
 def labelled_run(tmp_path):
     """A run folder with videos, questions and candidates taken from oracle-labelled variants."""
     from capdpo.records import Candidate, QAItem, RecordFile, Video
@@ -251,7 +237,7 @@ def labelled_run(tmp_path):
     return paths, labels
 
 
-def test_cli_distils_from_a_score_file_within_a_teacher_budget(labelled_run, tiny_student, tmp_path):
+def test_cli_distils_from_a_score_file_within_a_teacher_budget(labelled_run, tiny_llm, tmp_path):
     from typer.testing import CliRunner
 
     from capdpo.cli import app
@@ -263,7 +249,7 @@ def test_cli_distils_from_a_score_file_within_a_teacher_budget(labelled_run, tin
     result = CliRunner().invoke(app, ["judge", "distill", "--run-dir", str(paths.root), "--out", str(out),
                                       "--teacher", str(tmp_path / "people.jsonl"), "--teacher-scale", "0-1",
                                       "--teacher-budget", "60", "--select", "random",
-                                      "--set", f"distill.student={tiny_student}", "--set", "distill.held_out_fraction=0.34"])
+                                      "--set", f"distill.student={tiny_llm}", "--set", "distill.held_out_fraction=0.34"])
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "distill.json").read_text())
     assert summary["labels"] == 60 and summary["train"] + summary["held_out"] == 60
@@ -307,7 +293,7 @@ def test_a_labels_file_score_off_its_scale_is_refused_naming_its_line(tmp_path):
                                             "score: 7.0 is outside the label's scale 0-1")
 
 
-def test_the_runs_judge_as_teacher_labels_only_the_budget(labelled_run, tiny_student, tmp_path):
+def test_the_runs_judge_as_teacher_labels_only_the_budget(labelled_run, tiny_llm, tmp_path):
     """--teacher judge: the run's configured judge is asked about the chosen answers only, its
     judgments kept beside the student; a second call reuses them (nothing asked again)."""
     from capdpo.config import RunConfig
@@ -315,14 +301,14 @@ def test_the_runs_judge_as_teacher_labels_only_the_budget(labelled_run, tiny_stu
     from capdpo.records import Judgment, RecordFile
 
     paths, _ = labelled_run
-    cfg = RunConfig(run_dir=str(paths.root), judge={"mode": "expected", "llm": {"model": str(tiny_student)}},
-                    distill={"student": str(tiny_student), "teacher_budget": 20, "select": "diverse"})
+    cfg = RunConfig(run_dir=str(paths.root), judge={"mode": "expected", "llm": {"model": str(tiny_llm)}},
+                    distill={"student": str(tiny_llm), "teacher_budget": 20, "select": "diverse"})
     judge = CaptionJudge(cfg.judge, tmp_path)
     teacher_file = tmp_path / "student.teacher.jsonl"
     summary = distill_from_pool(run_items(paths), judge_teacher(judge, teacher_file), cfg.distill, tmp_path / "student", tmp_path)
     judged = list(RecordFile(teacher_file, Judgment).read())
     assert len(judged) == 20 and summary["labels"] == 20 and judge.budget.used.requests == 20
-    assert summary["teachers"] == [str(tiny_student)]
+    assert summary["teachers"] == [str(tiny_llm)]
 
 
 # -- a student is tied to its inputs ---------------------------------------------------------------
@@ -351,7 +337,7 @@ def two_teachers(tmp_path):
     return _labels_file(tmp_path / "oracle.jsonl", labels), _labels_file(tmp_path / "contrarian.jsonl", other)
 
 
-def test_an_interrupted_distillation_resumes_only_with_its_own_teacher_and_settings(two_teachers, tiny_student, tmp_path, monkeypatch):
+def test_an_interrupted_distillation_resumes_only_with_its_own_teacher_and_settings(two_teachers, tiny_llm, tmp_path, monkeypatch):
     oracle, contrarian = two_teachers
     out = tmp_path / "student"
 
@@ -361,48 +347,48 @@ def test_an_interrupted_distillation_resumes_only_with_its_own_teacher_and_setti
     def killed(*_, **__):
         raise Killed  # after training, before the student is measured: the checkpoint is kept
     monkeypatch.setattr("capdpo.distill.student_scores", killed)
-    assert isinstance(_distill_cli(oracle, out, tiny_student).exception, Killed)
+    assert isinstance(_distill_cli(oracle, out, tiny_llm).exception, Killed)
     assert (out / ".distill-state" / "state.pt").is_file() and not (out / "distill.json").exists()
     monkeypatch.undo()
 
     def never(*_):
         raise AssertionError("the student was loaded")
     with mock.patch("capdpo.distill.load_student", never):  # refused before the student loads
-        other_lr = _distill_cli(oracle, out, tiny_student, "--set", "distill.lr=0.001")
-        other_teacher = _distill_cli(contrarian, out, tiny_student)
+        other_lr = _distill_cli(oracle, out, tiny_llm, "--set", "distill.lr=0.001")
+        other_teacher = _distill_cli(contrarian, out, tiny_llm)
     for result, differs in ((other_lr, "distill.lr 0.0001 -> 0.001"), (other_teacher, "teacher 'labels file sha256:")):
         message = str(result.exception)
         assert isinstance(result.exception, ValueError) and "interrupted distillation" in message, result.output
         assert differs in message and "--fresh" in message
     assert (out / ".distill-state" / "state.pt").is_file()  # nothing lost
 
-    resumed = _distill_cli(oracle, out, tiny_student)
+    resumed = _distill_cli(oracle, out, tiny_llm)
     assert resumed.exit_code == 0, resumed.output
     summary = json.loads((out / "distill.json").read_text())
     assert summary["inputs"]["teacher"].startswith("labels file sha256:") and summary["held_out"] > 0
 
 
-def test_a_finished_student_is_returned_only_for_its_own_teacher_and_fresh_starts_over(two_teachers, tiny_student, tmp_path):
+def test_a_finished_student_is_returned_only_for_its_own_teacher_and_fresh_starts_over(two_teachers, tiny_llm, tmp_path):
     from capdpo.records import RecordFile
 
     oracle, contrarian = two_teachers
     out = tmp_path / "student"
-    assert _distill_cli(oracle, out, tiny_student).exit_code == 0
+    assert _distill_cli(oracle, out, tiny_llm).exit_code == 0
     first = (out / "distill.json").read_text()
-    assert _distill_cli(oracle, out, tiny_student).exit_code == 0 and (out / "distill.json").read_text() == first
+    assert _distill_cli(oracle, out, tiny_llm).exit_code == 0 and (out / "distill.json").read_text() == first
 
-    refused = _distill_cli(contrarian, out, tiny_student)
+    refused = _distill_cli(contrarian, out, tiny_llm)
     assert isinstance(refused.exception, ValueError) and "distilled from other inputs" in str(refused.exception)
     assert "teacher 'labels file sha256:" in str(refused.exception) and (out / "distill.json").read_text() == first
 
-    fresh = _distill_cli(contrarian, out, tiny_student, "--fresh")
+    fresh = _distill_cli(contrarian, out, tiny_llm, "--fresh")
     assert fresh.exit_code == 0, fresh.output
     summary = json.loads((out / "distill.json").read_text())
     assert summary["teachers"] == ["contrarian"] and summary["inputs"] != json.loads(first)["inputs"]
 
     labels = list(RecordFile(oracle, TeacherLabel).read())
     broken = _labels_file(tmp_path / "broken.jsonl", [*labels, labels[0].model_copy(update={"score": 1.0 - labels[0].score})])
-    assert _distill_cli(broken, out, tiny_student, "--fresh").exit_code != 0
+    assert _distill_cli(broken, out, tiny_llm, "--fresh").exit_code != 0
     assert json.loads((out / "distill.json").read_text()) == summary  # a bad input costs no finished student
 
 
@@ -425,21 +411,21 @@ def test_fresh_deletes_only_what_capdpo_distilled(tmp_path):
     assert (foreign / "notes.txt").is_file() and (foreign / "distill.json").is_file()
 
 
-def test_duplicate_label_ids_are_refused_naming_the_line_or_read_once(tmp_path, tiny_student):
+def test_duplicate_label_ids_are_refused_naming_the_line_or_read_once(tmp_path, tiny_llm):
     labels = synthetic_labels(12, 4, 2)
     conflicting = _labels_file(tmp_path / "conflicting.jsonl", [*labels, labels[0].model_copy(update={"score": 1.0 - labels[0].score})])
-    result = _distill_cli(conflicting, tmp_path / "a", tiny_student)
+    result = _distill_cli(conflicting, tmp_path / "a", tiny_llm)
     assert result.exit_code != 0 and f"conflicting.jsonl:{len(labels) + 1}" in str(result.exception), result.output
 
     repeated = _labels_file(tmp_path / "repeated.jsonl", [*labels, labels[0], labels[1]])
     with mock.patch("capdpo.distill.distill", side_effect=lambda given, *_, **__: {"labels": len(given), "held_out": 0,
                                                                                      "train": 0, "agreement": None, "seconds": 0}):
-        result = _distill_cli(repeated, tmp_path / "b", tiny_student)
+        result = _distill_cli(repeated, tmp_path / "b", tiny_llm)
     assert result.exit_code == 0, result.output
     assert json.loads(result.output[: result.output.rindex("}") + 1])["labels"] == len(labels)
 
 
-def test_teacher_scores_of_unknown_answers_are_counted_and_logged(labelled_run, tiny_student, tmp_path, caplog):
+def test_teacher_scores_of_unknown_answers_are_counted_and_logged(labelled_run, tiny_llm, tmp_path, caplog):
     from typer.testing import CliRunner
 
     from capdpo.cli import app
@@ -451,7 +437,7 @@ def test_teacher_scores_of_unknown_answers_are_counted_and_logged(labelled_run, 
     out = tmp_path / "student"
     result = CliRunner().invoke(app, ["judge", "distill", "--run-dir", str(paths.root), "--out", str(out),
                                       "--teacher", str(tmp_path / "people.jsonl"), "--teacher-scale", "0-1",
-                                      "--teacher-budget", "30", "--select", "random", "--set", f"distill.student={tiny_student}"])
+                                      "--teacher-budget", "30", "--select", "random", "--set", f"distill.student={tiny_llm}"])
     assert result.exit_code == 0, result.output
     assert json.loads((out / "distill.json").read_text())["dropped_teacher_ids"] == 5
     assert "5 teacher score(s) name no answer of the run" in caplog.text and "elsewhere_0#0" in caplog.text

@@ -1,4 +1,5 @@
-"""The whole pipeline on a tiny random policy and the packaged SmolLM2 judge, through the CLI."""
+"""The whole pipeline on a tiny random policy through the CLI: with a tiny random judge end to end
+(SmolLM2 would be over half its time), with the packaged SmolLM2 judge on the real clips."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from capdpo.cli import app
 from capdpo.rundir import RunPaths
 
 
-def test_run_end_to_end_and_rerun_skips(tmp_path, tiny_policy_dir, cache_dir):
-    config = write_config(tmp_path / "run.yaml", tmp_path / "run", tiny_policy_dir, cache_dir)
+def test_run_end_to_end_and_rerun_skips(tmp_path, tiny_policy_dir, tiny_llm, cache_dir):
+    config = write_config(tmp_path / "run.yaml", tmp_path / "run", tiny_policy_dir, cache_dir,
+                          judge={"llm": {"model": str(tiny_llm), "batch_size": 4}})
     result = CliRunner().invoke(app, ["run", str(config)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     paths = RunPaths(tmp_path / "run")
@@ -30,9 +32,9 @@ def test_run_end_to_end_and_rerun_skips(tmp_path, tiny_policy_dir, cache_dir):
     assert len({c.id for c in candidates}) == len(candidates)
     judgments = paths.judgments.all()
     assert {j.target_id for j in judgments} == {c.id for c in candidates}
-    assert all(j.template_hash and j.judge_model == "builtin:smollm2" for j in judgments)
+    assert all(j.template_hash and j.judge_model == str(tiny_llm) for j in judgments)
     pairs = paths.pairs.all()
-    assert pairs, "a 1-5 judge over 3 samples per question should produce some strict preference"
+    assert pairs, "a 1-5 judge's expected scores over 3 samples per question should produce some strict preference"
     for name in ("pairs_trl.jsonl", "pairs_paper.jsonl"):
         rows = [json.loads(line) for line in (paths.root / name).read_text().splitlines()]
         assert len(rows) == len(pairs)
@@ -53,7 +55,8 @@ def test_run_end_to_end_and_rerun_skips(tmp_path, tiny_policy_dir, cache_dir):
 
 
 def test_stages_run_alone_on_real_clips(tmp_path, tiny_policy_dir, cache_dir, shared_data):
-    """frames, sample and judge on the shared real clips with their human captions and QA."""
+    """frames, sample and judge (the packaged SmolLM2) on the shared real clips with their human
+    captions and QA."""
     config = write_config(tmp_path / "real.yaml", tmp_path / "real", tiny_policy_dir, cache_dir,
                           data={"synthetic_videos": 0, "videos": str(shared_data / "real_videos.jsonl"), "test_fraction": 0.0},
                           sample={"n": 2})
@@ -65,6 +68,7 @@ def test_stages_run_alone_on_real_clips(tmp_path, tiny_policy_dir, cache_dir, sh
     ids = [v.id for v in paths.videos.all()]
     assert len(ids) == 5 and all(len(list((paths.frames / i).glob("*.jpg"))) > 0 for i in ids)
     assert len(paths.judgments.all()) == len(paths.candidates.all()) == 2 * len(paths.qa.all())
+    assert {j.judge_model for j in paths.judgments.all()} == {"builtin:smollm2"}
 
 
 def test_corrupt_video_is_named_and_others_go_on(tmp_path, tiny_policy_dir, cache_dir):

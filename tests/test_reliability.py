@@ -270,14 +270,15 @@ def test_a_scene_renders_to_the_same_bytes_every_time(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_fresh_runs_of_one_config_write_the_same_records(tmp_path, tiny_policy_dir, cache_dir):
+def test_two_fresh_runs_of_one_config_write_the_same_records(tmp_path, tiny_policy_dir, tiny_llm, cache_dir):
     """Same config, same seed, same machine: the same clips (bytes), candidates, judgments, pairs,
     reference log-probs, metrics and trained weights. The embedding cache is off so that both runs
-    encode the videos themselves."""
+    encode the videos themselves. The judge is a tiny random LLM: its scores differ from answer to
+    answer as SmolLM2's do, through the same judge code, without SmolLM2's cost (over half a run's)."""
     runs = []
     for name in ("a", "b"):
         config = write_config(tmp_path / f"{name}.yaml", tmp_path / name, tiny_policy_dir, cache_dir,
-                              train={"embedding_cache": False})
+                              train={"embedding_cache": False}, judge={"llm": {"model": str(tiny_llm), "batch_size": 4}})
         result = CliRunner().invoke(app, ["run", str(config)], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         runs.append(RunPaths(tmp_path / name))

