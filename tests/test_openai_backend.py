@@ -480,21 +480,23 @@ def test_vllm_missing_says_how_to_install(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# a real server: `transformers serve` with the local SmolLM2, offline
+# a real server: `transformers serve` with a local checkpoint folder, offline (a tiny random LLM with
+# SmolLM2's tokenizer: the server and the client are tested here; a served student that replies a
+# score is in test_distill.py)
 
 
 @pytest.mark.slow
-def test_transformers_serve_judges_a_few_items(smollm2, tmp_path, transformers_serve):
-    with transformers_serve(smollm2) as port:
+def test_transformers_serve_judges_a_few_items(tiny_llm, tmp_path, transformers_serve):
+    with transformers_serve(tiny_llm) as port:
         # The server names a model preloaded from a folder by that folder's path. It generates
         # one request at a time on CPU, and a request the client gave up on still runs to its
         # end: one request in flight and a generous timeout keep a busy machine from cascading.
-        cfg = JudgeConfig(llm=LLMConfig(backend="openai", model=str(smollm2), base_url=f"http://127.0.0.1:{port}/v1",
+        cfg = JudgeConfig(llm=LLMConfig(backend="openai", model=str(tiny_llm), base_url=f"http://127.0.0.1:{port}/v1",
                                         max_new_tokens=32, timeout_s=300, concurrency=1, max_tries=2), retries=0)
         items = [judge_item(i) for i in range(3)]
         judged = judge_items(CaptionJudge(cfg, tmp_path), items, RecordFile(tmp_path / "j.jsonl", Judgment), batch_size=3)
         assert_complete(judged, items)
         for j in judged:
-            assert j.judge_backend == "openai" and j.judge_model == str(smollm2)
+            assert j.judge_backend == "openai" and j.judge_model == str(tiny_llm)
             assert j.failure is None or j.failure.startswith(("no valid score", "judge backend failed: ")), j.failure
         assert any(j.raw_reply for j in judged), "the server replied nothing at all"
