@@ -24,10 +24,11 @@ becomes one error per row. The driver records them as the local engine does (``I
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
@@ -35,7 +36,7 @@ from tqdm import tqdm
 
 from capdpo.config import RayConfig
 from capdpo.errors import ITEM_ERRORS, ItemErrors
-from capdpo.records import RecordFile, WorkClaims
+from capdpo.records import QAItem, RecordFile, Video, WorkClaims
 
 log = logging.getLogger("capdpo")
 T = TypeVar("T")
@@ -103,6 +104,29 @@ def batches(items: Sequence[T], size: int) -> list[list[T]]:
 
 
 # -- the cluster -------------------------------------------------------------------------------------
+def question_rows(mine: dict[str, list[QAItem]], videos: dict[str, Video], size: int) -> list[Row]:
+    """The local loop's generate calls as rows: ``size`` questions a row in order, with each of
+    their videos and the questions that video is planned for (all of ``mine[video id]``), so an
+    actor plans and batches exactly as the local loop does."""
+    rows = []
+    for batch in batches([q for questions in mine.values() for q in questions], size):
+        shown = dict.fromkeys(q.video_id for q in batch)
+        payload = {"questions": [q.model_dump(mode="json") for q in batch],
+                   "videos": {v: {"video": videos[v].model_dump(mode="json"), "plan": [q.model_dump(mode="json") for q in mine[v]]}
+                              for v in shown}}
+        rows.append(Row(batch[0].id, json.dumps(payload)))
+    return rows
+
+
+def row_videos(row: Row) -> Iterator[tuple[Video, list[QAItem], list[QAItem]]]:
+    """A :func:`question_rows` row back: each video with its questions in the row and its plan."""
+    payload = json.loads(row.payload)
+    questions = [QAItem.model_validate(q) for q in payload["questions"]]
+    for video_id, entry in payload["videos"].items():
+        yield (Video.model_validate(entry["video"]), [q for q in questions if q.video_id == video_id],
+               [QAItem.model_validate(q) for q in entry["plan"]])
+
+
 def connect(settings: RayConfig):
     """The ``ray`` module, initialised once per process: joined to ``ray.address`` when set, else a
     Ray on this machine with :func:`local_cpus` logical CPUs. A Ray the caller started is used as it is."""

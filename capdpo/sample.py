@@ -19,7 +19,6 @@ generate call of the local loop's per row.
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
@@ -34,7 +33,7 @@ from capdpo.errors import ITEM_ERRORS, ItemErrors, OverBudgetError
 from capdpo.models.load import policy_from_config
 from capdpo.policy.base import EncodedVideo, VideoLayout, VideoPolicy
 from capdpo.policy.video import PlannedVideo, VideoEncoder
-from capdpo.ray_engine import ActorErrors, Job, Output, Row, batches, run_job
+from capdpo.ray_engine import ActorErrors, Job, Output, Row, question_rows, row_videos, run_job
 from capdpo.records import Candidate, QAItem, RecordFile, Video
 from capdpo.shards import read_shards, shard_file, shard_of
 
@@ -216,13 +215,7 @@ def sample_on_ray(videos_file: RecordFile[Video], qa_file: RecordFile[QAItem], o
     errors = ItemErrors("sample", fail_fast)
     with out.claims() as claims:
         mine = {video_id: m for video_id, questions in todo.items() if (m := claims.take(questions, is_done=_sampled(cfg.n)))}
-        rows = []
-        for batch in batches([q for questions in mine.values() for q in questions], cfg.batch_size):
-            shown = dict.fromkeys(q.video_id for q in batch)
-            payload = {"questions": [q.model_dump(mode="json") for q in batch],
-                       "videos": {v: {"video": videos[v].model_dump(mode="json"), "plan": [q.model_dump(mode="json") for q in mine[v]]}
-                                  for v in shown}}
-            rows.append(Row(batch[0].id, json.dumps(payload)))
+        rows = question_rows(mine, videos, cfg.batch_size)
         job = Job(f"sample ({cfg.backend})", rows, SampleWorker, (policy, cache_dir, cfg, frames, dtype), wants_gpu=True)
         run_job(job, settings, errors, out, claims)
     return errors
@@ -240,12 +233,8 @@ class SampleWorker:
         errors = ActorErrors("sample")
         sampled: list[list[Candidate]] = []
         for row in rows:
-            payload = json.loads(row.payload)
-            questions = [QAItem.model_validate(q) for q in payload["questions"]]
-            for video_id, entry in payload["videos"].items():
-                plan = [QAItem.model_validate(q) for q in entry["plan"]]
-                sampled += self.sampler.add(Video.model_validate(entry["video"]), [q for q in questions if q.video_id == video_id],
-                                            errors, plan=plan)[1]
+            for video, questions, plan in row_videos(row):
+                sampled += self.sampler.add(video, questions, errors, plan=plan)[1]
             sampled += self.sampler.flush()
         return [Output(c.id, record=c.model_dump_json()) for candidates in sampled for c in candidates] + errors.outputs
 

@@ -23,7 +23,6 @@ item whose video is missing or unreadable is recorded with its error (and tried 
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -49,7 +48,7 @@ from capdpo.models.load import policy_from_config
 from capdpo.policy.base import EncodedVideo, VideoPolicy
 from capdpo.policy.embed_cache import EmbeddingCache
 from capdpo.policy.video import VideoEncoder
-from capdpo.ray_engine import ActorErrors, Job, Output, Row, batches, run_job
+from capdpo.ray_engine import ActorErrors, Job, Output, Row, question_rows, row_videos, run_job
 from capdpo.records import EvalSummary, Judgment, MCPrediction, Prediction, QAItem, RecordError, RecordFile, Video
 from capdpo.rundir import HELD_OUT
 
@@ -205,13 +204,7 @@ def evaluate_on_ray(tag: str, videos: dict[str, Video], questions: list[QAItem],
     errors = ItemErrors(f"evaluate {dataset}", fail_fast)
     with predictions.claims() as claims:
         mine = {video_id: m for video_id, qs in questions_to_answer(questions, predictions).items() if (m := claims.take(qs))}
-        rows = []
-        for batch in batches([q for qs in mine.values() for q in qs], cfg.batch_size):
-            shown = dict.fromkeys(q.video_id for q in batch)
-            payload = {"questions": [q.model_dump(mode="json") for q in batch],
-                       "videos": {v: {"video": videos[v].model_dump(mode="json"), "plan": [q.model_dump(mode="json") for q in mine[v]]}
-                                  for v in shown}}
-            rows.append(Row(batch[0].id, json.dumps(payload)))
+        rows = question_rows(mine, videos, cfg.batch_size)
         cache_root = str(embed_cache.root) if embed_cache is not None else None
         job = Job(f"evaluate: answer ({dataset})", rows, AnswerWorker, (policy, cache_dir, cfg, frames, cache_root), wants_gpu=True)
         run_job(job, settings, errors, predictions, claims)
@@ -234,12 +227,8 @@ class AnswerWorker:
         errors = ActorErrors("evaluate")
         answered: list[Prediction] = []
         for row in rows:
-            payload = json.loads(row.payload)
-            questions = [QAItem.model_validate(q) for q in payload["questions"]]
-            for video_id, entry in payload["videos"].items():
-                plan = [QAItem.model_validate(q) for q in entry["plan"]]
-                answered += self.answerer.add(Video.model_validate(entry["video"]), [q for q in questions if q.video_id == video_id],
-                                              errors, plan=plan)[1]
+            for video, questions, plan in row_videos(row):
+                answered += self.answerer.add(video, questions, errors, plan=plan)[1]
             answered += self.answerer.flush()
         return [Output(p.id, record=p.model_dump_json()) for p in answered] + errors.outputs
 
