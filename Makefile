@@ -40,8 +40,11 @@ mini-repro: models
 mini-repro-grpo: models
 	$(VENV)/bin/capdpo repro configs/mini-repro.yaml --set "repro.grpo_seeds=[0]"
 
+# two pytest-xdist workers, whole test files each (module fixtures built once), one OpenMP thread each:
+# two threads a process on 2 cores stall at barriers whenever the other process runs. TEST_WORKERS=0: one process
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"

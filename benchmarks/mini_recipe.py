@@ -231,38 +231,16 @@ def trainable_state(policy) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
 
 
-def more_questions(scene) -> list[tuple[str, str, str]]:
-    """``(question, answer, kind)`` in the generator's own phrasings (``scene_questions``), asked of
-    every shape and count the scene has rather than one drawn at random: each count template, the
-    count of each kind present, the shape of each shape by its first colour, the colour of each."""
-    n = len(scene.shapes)
-    out = [(q, _count_answer(q, n, "shape"), "count")
-           for q in ("How many shapes appear in the video?", "How many shapes are visible at the end of the video?")]
-    for kind in dict.fromkeys(s.kind for s in scene.shapes):
-        q = f"How many {kind}s are there in the video?"
-        out.append((q, _count_answer(q, sum(s.kind == kind for s in scene.shapes), kind), "count"))
-    for s in scene.shapes:
-        who = f"the object that is {s.colour} at first" if s.change else f"the {s.colour} object"
-        first = " when it first appears" if s.change else ""
-        out.append((f"What shape is {who}?", f"It is a {s.kind}.", "shape"))
-        out.append((f"What colour is the {s.kind} in the {s.region} of the frame{first}?", f"It is {s.colour}{first}.", "colour"))
-    return out
-
-
 def train_examples(scenes, kinds: set[str], extra: bool):
-    """Every question of each clip whose kind is in ``kinds`` (with ``extra``, also ``more_questions``
-    of those kinds), keyed by the clip's index."""
-    from capdpo.media.synthetic import scene_questions
+    """Every question of each clip whose kind is in ``kinds`` (with ``extra``, every count, shape and
+    colour question the generator can ask of it: ``synthetic.every_question``), keyed by the clip's index."""
+    from capdpo.media.synthetic import every_question, scene_questions
     from sft_loop import SFTExample
 
     out = {}
     for i, scene in enumerate(scenes):
-        qa = [q.as_tuple() for q in scene_questions(scene)] + (more_questions(scene) if extra else [])
-        asked: dict[str, str] = {}
-        for q, a, kind in qa:
-            if kind in kinds:
-                asked.setdefault(q, a)  # each question once, the scene's own phrasing of the answer first
-        out[str(i)] = [SFTExample(str(i), q, a) for q, a in asked.items()]
+        asked = every_question(scene, sorted(kinds)) if extra else [q for q in scene_questions(scene) if q.kind in kinds]
+        out[str(i)] = [SFTExample(str(i), q.question, q.answer) for q in asked]
     return out
 
 
@@ -365,7 +343,7 @@ def main() -> None:
     ap.add_argument("--test-clips", type=int, default=60)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--kinds", default="colour,shape,count,motion,order,change,detail", help="question kinds trained on")
-    ap.add_argument("--extra-questions", action="store_true", help="also train on more_questions of the trained kinds")
+    ap.add_argument("--extra-questions", action="store_true", help="train on every count, shape and colour question of each clip (synthetic.every_question)")
     ap.add_argument("--pool", default="average", choices=("average", "max"))
     ap.add_argument("--standardise", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--target-norm", type=float, default=3.2)

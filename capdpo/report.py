@@ -26,7 +26,6 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from capdpo.config import BUILTIN_JUDGE, RunConfig
 from capdpo.errors import FrameError, UnsafePath
@@ -37,10 +36,7 @@ from capdpo.evaluation.suites import SUITES
 from capdpo.ids import BadId
 from capdpo.media.frames import sample_frames
 from capdpo.records import Judgment, RecordFile, atomic_write_text
-from capdpo.rundir import HELD_OUT
-
-if TYPE_CHECKING:
-    from capdpo.rundir import RunPaths
+from capdpo.rundir import HELD_OUT, RunPaths
 
 MAX_PAIRS, MAX_EVAL_EXAMPLES, THUMBS, THUMB_WIDTH = 200, 8, 4, 112
 SCORES = (1, 2, 3, 4, 5)
@@ -315,6 +311,8 @@ def eval_difference(run_dir: Path) -> dict | None:
         rows.append((dataset_title(d), f"{b.evaluation} vs {a.evaluation}", len(a.correct.keys() & b.correct.keys()),
                      fmt(a.accuracy, ".1%"), fmt(b.accuracy, ".1%"), signed_difference(acc[d], 100, 1),
                      signed_difference(score[d], 1, 2), "paired" if acc[d].paired else "unpaired"))
+    if oracle := oracle_difference(run_dir, table.resamples):  # beside the judged held-out row it re-grades
+        rows.insert(next((i + 1 for i, r in enumerate(rows) if r[0] == dataset_title(HELD_OUT)), len(rows)), oracle)
     head = ["dataset", "evaluations", "questions in both", "accuracy before", "accuracy after",
             "difference, points [95% CI]", "mean score difference [95% CI]", "bootstrap"]
     categories = [(dataset_title(c.dataset), c.field, c.value, c.items, fmt(c.base, ".1%"), fmt(c.other, ".1%"),
@@ -324,6 +322,30 @@ def eval_difference(run_dir: Path) -> dict | None:
                      "bootstrap"]
     return {"head": head, "rows": rows, "resamples": table.resamples, "category_head": category_head,
             "categories": categories} if rows else None
+
+
+def oracle_difference(run_dir: Path, resamples: int) -> tuple | None:
+    """The held-out row again, graded by the oracle instead of the judge: the before and after
+    answers to the questions of synthetic clips (whose truth the scene knows), after minus before
+    with its paired bootstrap interval. None for a run without synthetic clips."""
+    from capdpo.evaluation.compare import Difference, signed_difference
+    from capdpo.media.synthetic import load_scenes
+    from capdpo.oracle import load_answers, oracle_scores, run_scenes_path
+    from capdpo.stats import bootstrap_mean
+
+    paths = RunPaths(run_dir)
+    scenes_file, files = run_scenes_path(run_dir), [paths.predictions(tag).path for tag in ("before", "after")]
+    if not scenes_file.exists() or not all(f.exists() for f in files) or not paths.qa.exists():
+        return None
+    scenes, questions = load_scenes(scenes_file), paths.qa.by_id()
+    before, after = ({r["qa_id"]: r["score"] for r in oracle_scores(load_answers(f), questions, scenes).rows} for f in files)
+    both = sorted(before.keys() & after.keys())
+    if not both:
+        return None
+    value, low, high = bootstrap_mean([after[q] - before[q] for q in both], resamples, 0)
+    return ("held-out, graded by the oracle (synthetic clips)", "after vs before", len(both),
+            fmt(sum(before[q] for q in both) / len(both), ".1%"), fmt(sum(after[q] for q in both) / len(both), ".1%"),
+            signed_difference(Difference(value, low, high, True), 100, 1), "–", "paired")
 
 
 def mc_rows(summaries, many: bool) -> list[tuple]:

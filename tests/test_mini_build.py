@@ -15,12 +15,13 @@ from capdpo.packaged import MARKER, dinov2_small, smollm2_dir
 
 @pytest.fixture
 def small_build(monkeypatch, cache_dir, tmp_path):
-    """A cache folder holding only the packaged weights, and the build cut to 4 clips, 3 anchoring
-    steps and one SFT step a phase."""
+    """A cache folder holding only the packaged weights, and the build cut to 4 + 3 clips, 3
+    anchoring steps and one SFT step a phase."""
     cache = tmp_path / "cache"
     for source in (smollm2_dir(cache_dir), dinov2_small(cache_dir)):
         shutil.copytree(source, cache / source.name)
     monkeypatch.setattr(mini, "TRAIN_CLIPS", 4)
+    monkeypatch.setattr(mini, "MORE_CLIPS", 3)
     monkeypatch.setattr(mini, "ANCHOR_STEPS", 3)
     recipe = mini.mini_sft_config
 
@@ -45,6 +46,38 @@ def test_the_build_writes_the_start_and_the_model_as_plain_checkpoints_that_see_
     assert pa.keys() == pb.keys(), "LoRA merged: the same plain parameters"
     changed = {a.parts.part_of(k) for k in pa if not torch.equal(pa[k], pb[k])}
     assert changed == {"projector", "llm"}, "the second phase trains the projector and the LLM (LoRA), never the tower"
+
+
+@pytest.mark.slow
+def test_a_build_killed_after_its_first_phase_goes_on_from_that_phase_s_saved_weights(small_build):
+    work = mini.build_mini(small_build)
+    first = {n: t.clone() for n, t in load_policy(str(work / "more" / "policy"), small_build, device="cpu").model.state_dict().items()}
+    start_files = {p: p.stat().st_mtime_ns for p in (work / "start").rglob("*") if p.is_file()}
+    shutil.rmtree(work / "more")  # as if killed before the second phase saved anything
+    assert mini.build_mini(small_build) == work
+    assert {p: p.stat().st_mtime_ns for p in (work / "start").rglob("*") if p.is_file()} == start_files, "the first phase is not redone"
+    again = load_policy(str(work / "more" / "policy"), small_build, device="cpu").model.state_dict()
+    assert all(torch.allclose(first[n], again[n], atol=1e-6) for n in first), "the resumed phase starts from the first phase's weights"
+
+
+def test_the_second_phase_trains_on_fresh_clips_asked_every_count_and_shape_question():
+    from capdpo.media.synthetic import random_scene
+    from capdpo.models.sft import RunRecords
+
+    class Clip:  # what of_synthetic reads of a SyntheticClip
+        def __init__(self, i):
+            from capdpo.media.synthetic import scene_qa
+            from capdpo.records import Video
+
+            self.scene = random_scene(mini.TRAIN_SEED * 100_000 + i)
+            self.video, self.qa = Video(id=f"synth_{i:04d}", video=f"/v/{i}.mp4", caption="c", source="synthetic"), scene_qa(self.scene)
+
+    clips = [Clip(i) for i in range(mini.TRAIN_CLIPS, mini.TRAIN_CLIPS + 20)]
+    own, every = RunRecords.of_synthetic(clips, mini.TRAIN_KINDS), RunRecords.of_synthetic(clips, mini.TRAIN_KINDS, exhaustive=True)
+    assert len(own.questions) == 2 * len(clips), "the first phase's kind of clip: one count and one shape question"
+    assert len(every.questions) > 2 * len(own.questions), "every count phrasing and the shape of every shape"
+    assert {q.source for q in every.questions} == {"scene:count", "scene:shape"}
+    assert {q.question for q in own.questions} <= {q.question for q in every.questions}
 
 
 def test_token_facts_name_each_quadrant_s_shape_on_the_sampled_frames():

@@ -107,6 +107,26 @@ def test_full_report(run: RunPaths) -> None:
     assert not re.search(r"https?://", page)
 
 
+def test_synthetic_clips_held_out_answers_are_graded_by_the_oracle_after_minus_before(run: RunPaths) -> None:
+    from capdpo.media.synthetic import random_scene, scene_questions
+    from capdpo.oracle import run_scenes_path
+    from capdpo.records import write_jsonl
+
+    scene = random_scene(5)
+    asked = [q for q in scene_questions(scene) if q.kind in ("colour", "shape", "count")]
+    write_jsonl(run_scenes_path(run.root), [{"id": "s0", "video": "s0.mp4", "scene": scene.to_dict()}])
+    synthetic = [QAItem(id=f"s0_{i}", video_id="s0", question=q.question, answer=q.answer, split="test") for i, q in enumerate(asked)]
+    run.qa.write(run.qa.all() + synthetic)
+    for tag, answer in (("before", lambda q: "I cannot tell."), ("after", lambda q: q.answer)):
+        rows = run.predictions(tag).all() + [Prediction(id=item.id, qa_id=item.id, video_id="s0", answer=answer(q), model=tag)
+                                             for item, q in zip(synthetic, asked)]
+        run.predictions(tag).write(rows)
+    page = write_report(run, RunConfig(run_dir=str(run.root))).read_text()
+    row = (f"<td>held-out, graded by the oracle (synthetic clips)</td><td>after vs before</td><td>{len(asked)}</td>"
+           "<td>0.0%</td><td>100.0%</td><td>+100.0 [+100.0, +100.0]</td>")
+    assert row in page, "only the synthetic clips' questions, each right after and wrong before"
+
+
 def html_escaped(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 

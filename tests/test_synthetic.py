@@ -20,6 +20,7 @@ from capdpo.media.synthetic import (
     caption_scene,
     check_unambiguous,
     draw_frame,
+    every_question,
     load_scenes,
     make_synthetic_dataset,
     random_scene,
@@ -198,6 +199,26 @@ def test_question_facts_agree_with_the_scene():
                 assert q.full_answer.startswith(f"The {s.size} {s.name} {q.answer[3:-1]}, and ")
                 assert q.full_answer.endswith(f"changes colour to {s.change.colour}." if s.change
                                               else "keeps its colour the whole time.")
+
+
+def test_every_question_asks_each_count_shape_and_colour_a_scene_allows_and_the_oracle_accepts_each_answer():
+    from capdpo.oracle import judge_answer
+
+    for seed in SEEDS:
+        scene = random_scene(seed, max_shapes=4)
+        asked = every_question(scene, ("count", "shape", "colour"))
+        texts = [q.question for q in asked]
+        assert len(texts) == len(set(texts)), "each question once"
+        own = [q for q in scene_questions(scene) if q.kind in ("count", "shape", "colour")]
+        assert asked[:len(own)] == own, "the scene's own questions first, in its own phrasing"
+        kinds = {s.kind for s in scene.shapes}
+        assert {"How many shapes appear in the video?", "How many shapes are visible at the end of the video?"} <= set(texts)
+        assert {f"How many {k}s are there in the video?" for k in kinds} <= set(texts)
+        assert sum(q.kind == "shape" for q in asked) >= len(scene.shapes), "the shape of each shape"
+        assert sum(q.kind == "colour" for q in asked) >= len(scene.shapes), "the colour of each shape"
+        for q in asked:
+            assert judge_answer(q.facts, q.kind, q.answer).correct, (seed, q.question, q.answer)
+    assert {q.kind for q in every_question(random_scene(0), ("count",))} == {"count"}
 
 
 def test_ambiguous_scenes_are_refused():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -415,17 +416,7 @@ def scene_questions(scene: Scene) -> list[SceneQuestion]:
     qa.append(SceneQuestion(q, ans, "shape", {"shape": s.kind}))
 
     n = len(shapes)
-    kind = rng.choice([s.kind for s in shapes])
-    k = sum(s.kind == kind for s in shapes)
-    n_shapes, appear = _count(n, "shape"), "appears" if n == 1 else "appear"
-    qa.append(rng.choice([
-        SceneQuestion("How many shapes appear in the video?", f"{n_shapes.capitalize()} {appear} in the video.", "count",
-                      {"count": n, "noun": "shape"}),
-        SceneQuestion("How many shapes are visible at the end of the video?", f"There {_is(n)} {n_shapes} at the end.",
-                      "count", {"count": n, "noun": "shape"}),
-        SceneQuestion(f"How many {kind}s are there in the video?", f"There {_is(k)} {_count(k, kind)}.", "count",
-                      {"count": k, "noun": kind}),
-    ]))
+    qa.append(rng.choice(count_questions(scene, rng.choice([s.kind for s in shapes]))))
 
     s = rng.choice(shapes)
     yes_no = {"direction": s.direction, "asks": "yes_no"}
@@ -483,6 +474,48 @@ def _detail_question(scene: Scene, rng: random.Random) -> SceneQuestion:
     facts = {"shape": s.kind, "colour": s.colour, "size": s.size, "direction": s.direction,
              "change_to": s.change.colour if s.change else None}
     return SceneQuestion(q, f"It {motion}.", "detail", facts, full_answer=f"The {s.size} {s.name} {motion}, and {colour}.")
+
+
+def count_questions(scene: Scene, kind: str) -> list[SceneQuestion]:
+    """The generator's three count questions of ``scene``: the shapes that appear, the shapes visible
+    at the end, and the shapes of ``kind``."""
+    n = len(scene.shapes)
+    k = sum(s.kind == kind for s in scene.shapes)
+    n_shapes, appear = _count(n, "shape"), "appears" if n == 1 else "appear"
+    return [
+        SceneQuestion("How many shapes appear in the video?", f"{n_shapes.capitalize()} {appear} in the video.", "count",
+                      {"count": n, "noun": "shape"}),
+        SceneQuestion("How many shapes are visible at the end of the video?", f"There {_is(n)} {n_shapes} at the end.",
+                      "count", {"count": n, "noun": "shape"}),
+        SceneQuestion(f"How many {kind}s are there in the video?", f"There {_is(k)} {_count(k, kind)}.", "count",
+                      {"count": k, "noun": kind}),
+    ]
+
+
+def every_question(scene: Scene, kinds: Sequence[str] = ("colour", "shape", "count")) -> list[SceneQuestion]:
+    """The scene's own questions of ``kinds`` (:func:`scene_questions`) and every other count, shape
+    and colour question the generator could have asked of it: each count phrasing, with the count of
+    each kind present; the shape of each shape, named by its first colour; the colour of each, named
+    by its kind and quadrant. Each question text once, the scene's own phrasing first. Many exact
+    questions a clip, for teaching a model (``capdpo.models.mini``); unambiguous for any scene that
+    :func:`check_unambiguous` accepts (no two shapes share a colour or a quadrant)."""
+    more: list[SceneQuestion] = []
+    if "count" in kinds:
+        for kind in dict.fromkeys(s.kind for s in scene.shapes):
+            more += count_questions(scene, kind)
+    for s in scene.shapes:
+        first = " when it first appears" if s.change else ""
+        if "shape" in kinds:
+            who = f"the object that is {s.colour} at first" if s.change else f"the {s.colour} object"
+            more.append(SceneQuestion(f"What shape is {who}?", f"It is a {s.kind}.", "shape", {"shape": s.kind}))
+        if "colour" in kinds:
+            more.append(SceneQuestion(f"What colour is the {s.kind} in the {s.region} of the frame{first}?",
+                                      f"It is {s.colour}{first}.", "colour",
+                                      {"colour": s.colour, "later_colour": s.change.colour if s.change else None}))
+    asked: dict[str, SceneQuestion] = {}
+    for q in [q for q in scene_questions(scene) if q.kind in kinds] + more:
+        asked.setdefault(q.question, q)
+    return list(asked.values())
 
 
 def scene_qa(scene: Scene) -> list[tuple[str, str, str]]:

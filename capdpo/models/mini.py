@@ -17,9 +17,10 @@ held-out evaluation uses that seed):
    of what its quadrant shows (" empty", or the shape's kind and colour). Those per-quadrant kinds
    and colours are generator facts used as training labels, like the QA answers;
 2. **instruction tuning through ``capdpo sft``'s phases** (``run_phases``): LoRA (r 16) on every LLM
-   linear layer and the projector in full, each at its own learning rate, on the clips' count and
-   shape questions, loss on answer tokens only. Two phases: ``instruct`` (the DPO start, which
-   half-sees: ``builtin:mini-start``) and ``instruct-more`` (``builtin:mini``).
+   linear layer and the projector in full, each at its own learning rate, loss on answer tokens
+   only. Two phases: ``instruct`` on the clips' own count and shape questions (the DPO start, which
+   half-sees: ``builtin:mini-start``), then ``instruct-more`` on ``MORE_CLIPS`` fresh clips, each
+   asked every count and shape question the generator can ask of it (``builtin:mini``).
 
 Nothing about an answer reaches the model at inference: it sees 8 frames and the question.
 docs/mini-model.md has the held-out accuracies with blind controls (benchmarks/mini_recipe.py).
@@ -40,22 +41,28 @@ from capdpo.policy.llava import LlavaNextVideoPolicy
 
 log = logging.getLogger(__name__)
 
-MINI_NAME = "mini-video-lmm-v4"  # v4: max pooling, word-anchored projector, SFT through capdpo sft's phases
-MINI_START_NAME = "mini-video-lmm-v4-start"  # the first phase's result: the DPO start that half-sees
+MINI_NAME = "mini-video-lmm-v5"  # v5: the second phase on fresh clips, every count and shape question of each
+# the first phase's result, the DPO start that half-sees: its recipe is v4's, unchanged (a cache that
+# holds it keeps it, and the reproduction's and the demo's figures stay its)
+MINI_START_NAME = "mini-video-lmm-v4-start"
 IMAGE_TOKEN = "<image>"
 SPEC = VisionSpec(image_size=112, num_frames=8, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 POOL = "max"  # 4x4 max pooling keeps a quadrant's colour (word readout 0.85 held out; average pooling 0.49)
-TRAIN_CLIPS = 300
+TRAIN_CLIPS = 300  # the projector's initialisation and the first phase
+MORE_CLIPS = 300  # the second phase's fresh clips (the next scene seeds)
 TRAIN_SEED = 7  # clip i uses scene seed 7 * 100_000 + i; the demo and reproduction use 0, held-out checks 13
 TRAIN_KINDS = ("count", "shape")
 TOKEN_NORM = 3.2  # median L2 norm of SmolLM2's word embeddings: visual tokens enter at a word's scale
 ANCHOR_STEPS, ANCHOR_LR = 150, 3e-3
+MORE_STEPS = 100  # the second phase's steps (70 left count at 0.79, docs/results/mini-recipe-2026-12-07.md)
 
 
 def mini_sft_config():
-    """The instruction-tuning phases of the build, as a ``capdpo sft`` config (configs/sft-mini.yaml
-    is the same recipe for a run folder). 16 examples a step are 8 clips' two questions, each
-    clip's questions in one packed row."""
+    """The instruction-tuning phases of the build, as a ``capdpo sft`` config. The build runs each
+    phase on its own clips (``build_mini``): ``instruct`` on the first ``TRAIN_CLIPS`` clips' own
+    count and shape questions, 16 examples a step (8 clips' two questions, each clip's in one packed
+    row); ``instruct-more`` on ``MORE_CLIPS`` fresh clips, each asked every count and shape question
+    the generator can ask of it (about 6 a clip, so a step holds 2-3 clips)."""
     from capdpo.config import SFTConfig, SFTPhase, SFTSource
 
     def phase(name: str, steps: int, warmup: float) -> SFTPhase:
@@ -63,7 +70,7 @@ def mini_sft_config():
                         lr={"projector": 1e-3, "llm": 5e-4}, lora=True, lora_r=16, lora_alpha=32,
                         epochs=2, max_steps=steps, batch_size=16, warmup_ratio=warmup)
 
-    return SFTConfig(enabled=True, phases=[phase("instruct", 30, 0.15), phase("instruct-more", 40, 0.05)],
+    return SFTConfig(enabled=True, phases=[phase("instruct", 30, 0.15), phase("instruct-more", MORE_STEPS, 0.05)],
                      max_response_tokens=32, seed=0, save_every=10, keep_checkpoints=1)
 
 
@@ -222,8 +229,8 @@ def initialise_projector(policy: LlavaNextVideoPolicy, features: torch.Tensor, s
 # -- the build -----------------------------------------------------------------------------------------
 def build_mini(cache_dir: Path) -> Path:
     """Train the mini model in ``cache_dir/<MINI_NAME>.work`` (resumable: a killed build goes on
-    from its last finished step); returns that folder, whose ``sft/instruct/policy`` is the start
-    and ``sft/policy`` the model."""
+    from its last finished step); returns that folder, whose ``start/policy`` is the start (the
+    first phase) and ``more/policy`` the model (the second)."""
     from capdpo.config import FramesConfig
     from capdpo.errors import ItemErrors
     from capdpo.media.synthetic import make_synthetic_dataset
@@ -235,7 +242,8 @@ def build_mini(cache_dir: Path) -> Path:
     work = Path(cache_dir) / f"{MINI_NAME}.work"
     work.mkdir(parents=True, exist_ok=True)
     (work / ".capdpo").touch()  # capdpo's own folder: remove_own_dir may delete it
-    clips = make_synthetic_dataset(work / "clips", TRAIN_CLIPS, TRAIN_SEED)
+    clips = make_synthetic_dataset(work / "clips", TRAIN_CLIPS + MORE_CLIPS, TRAIN_SEED)
+    first, fresh = clips[:TRAIN_CLIPS], clips[TRAIN_CLIPS:]
     frames = FramesConfig(num_frames=SPEC.num_frames)
     cache = EmbeddingCache(work / "embeddings")  # tower features: computed once, read by the SFT phases too
     policy = assemble_mini(Path(cache_dir))
@@ -246,15 +254,22 @@ def build_mini(cache_dir: Path) -> Path:
         encoder = VideoEncoder(policy, frames, cache)
         dim = policy.model.config.vision_config.hidden_size
         features = torch.stack([encoder.tower(c.video).features.reshape(SPEC.num_frames, -1, dim)
-                                for c in tqdm(clips, desc="mini: tower features", unit="video")])
-        initialise_projector(policy, features, [c.scene for c in clips])
+                                for c in tqdm(first, desc="mini: tower features", unit="video")])
+        initialise_projector(policy, features, [c.scene for c in first])
         policy.save(initialised)
         (initialised / DONE).write_text("")
     cfg = mini_sft_config()
     errors = ItemErrors("mini", fail_fast=True)  # the build's own clips: any bad one is a bug
-    records = RunRecords.of_synthetic(clips, TRAIN_KINDS)
-    run_phases(policy, cfg, frames, work / "sft", lambda source: run_examples(source, records, cfg.seed, errors),
-               embed_cache=cache, errors=errors)
+    # each phase is a `capdpo sft` run of its own on its own clips; the second starts from the first's weights
+    runs = [("start", RunRecords.of_synthetic(first, TRAIN_KINDS)),
+            ("more", RunRecords.of_synthetic(fresh, TRAIN_KINDS, exhaustive=True))]
+    previous = initialised
+    for (folder, records), phase in zip(runs, cfg.phases):
+        if not (work / folder / "policy" / DONE).exists():
+            load_weights(policy, previous)  # a resumed build: the model in memory may not hold the previous phase's weights
+        previous = run_phases(policy, cfg.model_copy(update={"phases": [phase]}), frames, work / folder,
+                              lambda source, records=records: run_examples(source, records, cfg.seed, errors),
+                              embed_cache=cache, errors=errors)
     return work
 
 
@@ -263,18 +278,18 @@ def _copy_model(source: Path, out: Path) -> None:
 
 
 def _built(cache_dir: Path, name: str) -> Path:
-    """``cache_dir/name`` (the start or the model), building both first if either is missing."""
+    """``cache_dir/name`` (the start or the model), built first if it is missing (with the other one,
+    when that is missing too: one build trains both)."""
     from capdpo.records import exclusive
 
     cache_dir = Path(cache_dir)
-    built = lambda: all((cache_dir / n / MARKER).is_file() for n in (MINI_NAME, MINI_START_NAME))  # noqa: E731
-    if not built():
+    if not (cache_dir / name / MARKER).is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
         with exclusive(cache_dir / f".{MINI_NAME}.lock"):  # one build at a time shares the work folder
-            if not built():
+            if not (cache_dir / name / MARKER).is_file():
                 work = build_mini(cache_dir)
-                cached_build(cache_dir, MINI_START_NAME, lambda out: _copy_model(work / "sft" / "instruct" / "policy", out))
-                cached_build(cache_dir, MINI_NAME, lambda out: _copy_model(work / "sft" / "policy", out))
+                cached_build(cache_dir, MINI_START_NAME, lambda out: _copy_model(work / "start" / "policy", out))
+                cached_build(cache_dir, MINI_NAME, lambda out: _copy_model(work / "more" / "policy", out))
                 shutil.rmtree(work)
     return cache_dir / name
 

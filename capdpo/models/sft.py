@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from capdpo.config import FramesConfig, SFTConfig, SFTPhase, SFTSource, TrainConfig
 from capdpo.errors import ITEM_ERRORS, ItemErrors
+from capdpo.media.synthetic import QUESTION_KINDS, every_question
 from capdpo.policy.base import EncodedVideo, TowerFeatures, VideoPolicy
 from capdpo.policy.embed_cache import EmbeddingCache
 from capdpo.policy.logps import answer_logps
@@ -110,14 +111,17 @@ class RunRecords:
         return cls(videos_file.by_id() if have(videos_file) else {}, qa_file.all() if have(qa_file) else [])
 
     @classmethod
-    def of_synthetic(cls, clips, kinds: Sequence[str] | None = None) -> RunRecords:
+    def of_synthetic(cls, clips, kinds: Sequence[str] | None = None, *, exhaustive: bool = False) -> RunRecords:
         """Synthetic clips (``capdpo.media.synthetic.SyntheticClip``) as a run's train records: every
         video in the train split with its exact caption, and its exact questions of ``kinds`` (None:
-        all) tagged ``scene:<kind>`` as ``capdpo data`` tags them."""
+        all) tagged ``scene:<kind>`` as ``capdpo data`` tags them. ``exhaustive``: each scene's every
+        count, shape and colour question in every phrasing (``synthetic.every_question``), not only
+        the ones its clip was given."""
         videos = {c.video.id: c.video.model_copy(update={"split": "train"}) for c in clips}
+        asked = lambda c: [q.as_tuple() for q in every_question(c.scene, kinds or QUESTION_KINDS)] if exhaustive else c.qa  # noqa: E731
         questions = [QAItem(id=f"{c.video.id}_{i}", video_id=c.video.id, question=q, answer=a, source=f"scene:{kind}",
                             split="train")
-                     for c in clips for i, (q, a, kind) in enumerate(c.qa) if kinds is None or kind in kinds]
+                     for c in clips for i, (q, a, kind) in enumerate(asked(c)) if kinds is None or kind in kinds]
         return cls(videos, questions)
 
     def held_out(self, video_path: str) -> bool:
