@@ -47,7 +47,7 @@ test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # lmms-eval 0.7.3 in a venv of its own: its pins (wandb==0.25.0, av<16, antlr4 4.7.2 through latex2sympy2)
 # clash with ours, and `make test` never installs it (docs/evaluation.md, "Hand-off to lmms-eval").

@@ -117,8 +117,10 @@ class RunRecords:
         all) tagged ``scene:<kind>`` as ``capdpo data`` tags them. ``exhaustive``: each scene's every
         count, shape and colour question in every phrasing (``synthetic.every_question``), not only
         the ones its clip was given."""
+        def asked(clip) -> list[tuple[str, str, str]]:
+            return [q.as_tuple() for q in every_question(clip.scene, kinds or QUESTION_KINDS)] if exhaustive else clip.qa
+
         videos = {c.video.id: c.video.model_copy(update={"split": "train"}) for c in clips}
-        asked = lambda c: [q.as_tuple() for q in every_question(c.scene, kinds or QUESTION_KINDS)] if exhaustive else c.qa  # noqa: E731
         questions = [QAItem(id=f"{c.video.id}_{i}", video_id=c.video.id, question=q, answer=a, source=f"scene:{kind}",
                             split="train")
                      for c in clips for i, (q, a, kind) in enumerate(asked(c)) if kinds is None or kind in kinds]
