@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr-llm", type=float, default=5e-4)
     ap.add_argument("--lr-projector", type=float, default=1e-3)
+    ap.add_argument("--full", action="store_true", help="train every LLM weight instead of a LoRA (use a lower --lr-llm)")
     args = ap.parse_args()
 
     started = time.perf_counter()
@@ -49,7 +50,8 @@ def main() -> None:
     print(f"{len(clips)} clips, {len(records.questions)} questions ({time.perf_counter() - started:.0f} s)", flush=True)
     cfg = mini_sft_config()
     phase = cfg.phases[1].model_copy(update={"max_steps": args.steps, "batch_size": args.batch_size,
-                                             "lr": {"projector": args.lr_projector, "llm": args.lr_llm}})
+                                             "lr": {"projector": args.lr_projector, "llm": args.lr_llm},
+                                             "lora": not args.full})
     cfg = cfg.model_copy(update={"phases": [phase]})
     policy = load_policy("builtin:mini-start", args.cache_dir, device="cpu")
     errors = ItemErrors("phase 2", fail_fast=True)

@@ -45,30 +45,13 @@ def capdpo(*args: str) -> float:
 
 
 def tiny_policy(out: Path, cache_dir: str) -> Path:
-    """The tests' tiny random LLaVA-NeXT-Video (tests/conftest.py ``tiny_policy_dir``) in ``out``."""
-    import torch
-    from transformers import AutoTokenizer, Dinov2Config, LlamaConfig, LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
+    """The tests' tiny random LLaVA-NeXT-Video (tests/tiny_models.py) in ``out``."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_models import save_tiny_policy
 
     from capdpo.packaged import smollm2_dir
-    from capdpo.policy.base import VIDEO_TOKEN, VisionSpec
 
-    tok = AutoTokenizer.from_pretrained(smollm2_dir(cache_dir))
-    tok.add_special_tokens({"additional_special_tokens": [VIDEO_TOKEN, "<image>"]})
-    torch.manual_seed(0)
-    config = LlavaNextVideoConfig(
-        vision_config=Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                   patch_size=14, image_size=56),
-        text_config=LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                intermediate_size=128, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        video_token_index=tok.convert_tokens_to_ids(VIDEO_TOKEN), image_token_index=tok.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default", vision_feature_layer=-1, spatial_pool_stride=2,
-        image_grid_pinpoints=[[56, 56]],
-    )
-    LlavaNextVideoForConditionalGeneration(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    VisionSpec(image_size=56, num_frames=4).save(out)
-    return out
+    return save_tiny_policy(out, smollm2_dir(cache_dir))
 
 
 def main() -> None:
