@@ -102,7 +102,9 @@ def test_full_report(run: RunPaths) -> None:
     assert "before: a dog" in page and "after: a cat" in page and "after reply" in page
     # after minus before on the held-out question, with its paired bootstrap interval
     assert "After minus before" in page
-    assert "<td>0.0%</td><td>100.0%</td><td>+100.0 [+100.0, +100.0]</td><td>+2.00 [+2.00, +2.00]</td><td>paired</td>" in page
+    row = "<td>0.0%</td><td>100.0%</td><td>+100.0 [+100.0, +100.0]</td><td>+2.00 [+2.00, +2.00]</td><td>paired</td>"
+    # shown twice: at a glance under the header, and in the evaluation section
+    assert page.count(row) == 2 and page.index('id="result"') < page.index(row) < page.index("Records per stage")
     assert "<tr><td>4</td><td>1</td><td>0.29</td>" in page  # 4 steps: the torn last metrics line is skipped
     assert not re.search(r"https?://", page)
 
